@@ -1,0 +1,104 @@
+"""Decoded kernel events: the contract between capture and conntrack.
+
+The kernel side (bpf/include/events.h) emits fixed-layout records; capture/reader.py
+turns each into one of the three classes below. Conntrack consumes only these, so it
+can be driven by synthetic events in unit tests with no kernel at all.
+
+Timestamps are kernel monotonic nanoseconds (bpf_ktime_get_ns == CLOCK_MONOTONIC);
+conntrack converts them to wall clock once, with the offset captured at start-up.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import IntEnum
+
+# The same numbers as the EVENT_* / ROLE_* / DIR_* / SOURCE_* macros in bpf/include/events.h.
+
+
+class EventKind(IntEnum):
+    CONN_OPEN = 1
+    DATA = 2
+    CONN_CLOSE = 3
+
+
+class Role(IntEnum):
+    UNKNOWN = 0  # opened before we attached: conntrack infers it from /proc or the bytes
+    SERVER = 1  # the socket came from accept/accept4
+    CLIENT = 2  # the socket came from connect
+
+
+class Direction(IntEnum):
+    INGRESS = 0  # bytes the traced process received (read/recv*/SSL_read)
+    EGRESS = 1  # bytes the traced process sent (write/send*/sendfile/SSL_write)
+
+
+class Source(IntEnum):
+    SYSCALL = 0  # plaintext seen at the socket syscalls
+    OPENSSL = 1  # plaintext seen at SSL_read/SSL_write (the stream is TLS on the wire)
+
+
+# A connection is (tgid, fd, generation): the generation changes whenever the fd number
+# is reused, so a reused fd is a new connection. For TLS streams with no fd tied to
+# them, capture uses a synthetic negative fd derived from the SSL* pointer.
+ConnKey = tuple[int, int, int]
+
+
+@dataclass(slots=True)
+class ConnOpenEvent:
+    timestamp_ns: int
+    tgid: int
+    tid: int
+    fd: int
+    generation: int
+    role: Role
+    source: Source
+    # Addresses as the kernel saw them; None when not known (e.g. accept with a NULL
+    # sockaddr). Conntrack fills gaps from /proc when it can.
+    local_address: str | None = None
+    local_port: int | None = None
+    remote_address: str | None = None
+    remote_port: int | None = None
+
+    @property
+    def key(self) -> ConnKey:
+        return (self.tgid, self.fd, self.generation)
+
+
+@dataclass(slots=True)
+class DataEvent:
+    timestamp_ns: int  # when the syscall (or SSL call) returned
+    tgid: int
+    tid: int
+    fd: int
+    generation: int
+    direction: Direction
+    source: Source
+    position: int  # byte offset of this chunk's first byte in its direction's stream
+    size: int  # bytes the call really moved (>= len(data))
+    data: bytes  # the captured prefix; len(data) < size means the rest was not captured
+
+    @property
+    def key(self) -> ConnKey:
+        return (self.tgid, self.fd, self.generation)
+
+    @property
+    def truncated(self) -> bool:
+        return len(self.data) < self.size
+
+
+@dataclass(slots=True)
+class ConnCloseEvent:
+    timestamp_ns: int
+    tgid: int
+    tid: int
+    fd: int
+    generation: int
+    source: Source = Source.SYSCALL
+
+    @property
+    def key(self) -> ConnKey:
+        return (self.tgid, self.fd, self.generation)
+
+
+Event = ConnOpenEvent | DataEvent | ConnCloseEvent

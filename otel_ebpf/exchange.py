@@ -1,0 +1,74 @@
+"""HttpExchange: the central record, the contract between protocols and telemetry.
+
+One request paired with its response (or with the reason it has none). Produced by
+protocols/http1 from conntrack's byte streams; consumed by telemetry (spans, metrics)
+and by the console/jsonl sinks. Immutable and slotted: one is built per exchange on
+the hot path.
+
+Timing (DESIGN.md): a server exchange starts when the syscall that returned the first
+request byte completes and ends when the syscall that sent the last response byte
+completes; a client exchange starts at the write of the first request byte and ends
+at the read of the last response byte. Times are wall clock (unix ns), converted from
+kernel monotonic time once, in conntrack.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import Enum
+
+from otel_ebpf.capture.events import Role
+
+
+class Outcome(str, Enum):
+    OK = "ok"  # a complete response was seen
+    TIMEOUT = "timeout"  # no (complete) response before the configured timeout
+    CONNECTION_CLOSED = "connection_closed"  # closed before the response completed
+    CONNECTION_RESET = "connection_reset"  # reset (ECONNRESET/EPIPE) mid-exchange
+    TRUNCATED = "truncated"  # bytes were lost (kernel gap) so framing is uncertain
+
+
+Headers = tuple[tuple[str, str], ...]
+
+
+@dataclass(frozen=True, slots=True)
+class HttpExchange:
+    pid: int  # tgid of the process that served or sent it
+    tid: int  # thread that read the request (server) or wrote it (client)
+    role: Role  # SERVER or CLIENT (UNKNOWN only when it could not be inferred)
+    local_address: str | None
+    local_port: int | None
+    remote_address: str | None
+    remote_port: int | None
+    scheme: str  # "http" or "https"
+    protocol_version: str  # "1.0" or "1.1" as on the request line
+    method: str  # as on the wire (may be an unknown method)
+    target: str  # request-target as on the wire: path and query
+    host: str | None  # Host header
+    user_agent: str | None
+    traceparent: str | None
+    tracestate: str | None
+    request_body_size: int  # exact, from framing, even when the bytes were not captured
+    response_body_size: int | None  # None when there is no response
+    status_code: int | None  # final status (never a 1xx); None when there is no response
+    start_time_unix_nano: int
+    end_time_unix_nano: int
+    outcome: Outcome = Outcome.OK
+    error_reason: str | None = None  # short detail for the unhappy outcomes
+    request_headers: Headers = ()  # allow-listed captured headers, lower-case names
+    response_headers: Headers = ()
+    request_body_prefix: bytes | None = None  # opt-in body capture
+    response_body_prefix: bytes | None = None
+
+    @property
+    def duration_ns(self) -> int:
+        return self.end_time_unix_nano - self.start_time_unix_nano
+
+    @property
+    def path(self) -> str:
+        return self.target.split("?", 1)[0]
+
+    @property
+    def query(self) -> str | None:
+        _, sep, query = self.target.partition("?")
+        return query if sep else None

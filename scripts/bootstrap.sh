@@ -1,0 +1,71 @@
+#!/usr/bin/env bash
+# Idempotent set-up of everything otel-ebpf needs on a Debian 12 host, run as root:
+# system packages (BCC, headers, test peers), the kernel-headers link BCC insists on,
+# tracefs, and a virtualenv (.venv) that sees Debian's BCC module.
+# Each step is skipped when already done, so calling it before every run costs ~1 s.
+set -euo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+VENV="${OTEL_EBPF_VENV:-$ROOT/.venv}"
+WITH_TEST_PEERS="${1:-}"
+
+log() { printf 'bootstrap: %s\n' "$*" >&2; }
+
+if [ "$(id -u)" -ne 0 ]; then
+  log "must run as root (loading eBPF needs CAP_BPF/CAP_SYS_ADMIN); try: sudo $0 $*"
+  exit 1
+fi
+
+# 1. System packages. BCC comes from Debian (python3-bpfcc); the 6.1 headers serve
+#    tracepoint/uprobe programs on other kernels (see shared/PLATFORM.md).
+need=(bpfcc-tools python3-bpfcc linux-headers-amd64 python3-venv libssl3 openssl curl)
+if [ "$WITH_TEST_PEERS" = "--test-peers" ]; then
+  need+=(nginx-light wrk nodejs golang-go apache2-utils iproute2)
+fi
+missing=()
+for p in "${need[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+# nodejs may come from another repository (NodeSource); any installed `node` will do.
+if command -v node >/dev/null; then
+  missing=("${missing[@]/nodejs}")
+fi
+missing=($(printf '%s\n' "${missing[@]}" | grep -v '^$' || true))
+if [ "${#missing[@]}" -gt 0 ]; then
+  log "installing ${missing[*]}"
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq
+  apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+
+# 2. Headers: BCC looks in /lib/modules/$(uname -r)/build. Link the newest installed
+#    Debian headers tree when the running kernel ships none.
+KREL="$(uname -r)"
+if [ ! -e "/lib/modules/$KREL/build" ]; then
+  hdr="$(ls -d /usr/src/linux-headers-*-amd64 2>/dev/null | sort -V | tail -n 1 || true)"
+  if [ -n "$hdr" ]; then
+    mkdir -p "/lib/modules/$KREL"
+    ln -sfn "$hdr" "/lib/modules/$KREL/build"
+    ln -sfn "$(ls -d /usr/src/linux-headers-*-common 2>/dev/null | sort -V | tail -n 1)" "/lib/modules/$KREL/source" 2>/dev/null || true
+    log "linked /lib/modules/$KREL/build -> $hdr"
+  else
+    log "no kernel headers found under /usr/src; BCC compilation will fail"
+  fi
+fi
+
+# 3. tracefs: may be unmounted on a fresh boot.
+if [ ! -e /sys/kernel/tracing/events ]; then
+  mount -t tracefs tracefs /sys/kernel/tracing 2>/dev/null || log "could not mount tracefs at /sys/kernel/tracing"
+fi
+
+# 4. Virtualenv from Debian's python3, so `import bcc` works.
+if [ ! -x "$VENV/bin/python" ]; then
+  log "creating $VENV"
+  /usr/bin/python3 -m venv --system-site-packages "$VENV"
+fi
+stamp="$VENV/.otel-ebpf-installed"
+if [ ! -f "$stamp" ] || [ "$ROOT/pyproject.toml" -nt "$stamp" ]; then
+  log "installing otel-ebpf and its Python dependencies into $VENV"
+  "$VENV/bin/pip" install -q --upgrade pip >/dev/null
+  "$VENV/bin/pip" install -q -e "$ROOT[test]"
+  touch "$stamp"
+fi
