@@ -1,0 +1,181 @@
+"""The `otel-ebpf` command: argument parsing and exit codes only.
+
+    otel-ebpf run      capture HTTP exchanges and export them (default: console)
+    otel-ebpf check    what this kernel and machine allow, and what follows from it
+    otel-ebpf version
+
+Exit codes: 0 success; 1 unexpected runtime error; 2 bad usage or configuration;
+3 capture impossible on this machine (the diagnosis says why and how to fix it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from collections.abc import Sequence
+
+from otel_ebpf import __version__
+
+EXIT_OK = 0
+EXIT_RUNTIME_ERROR = 1
+EXIT_CONFIG_ERROR = 2
+EXIT_CAPTURE_IMPOSSIBLE = 3
+
+log = logging.getLogger("otel_ebpf")
+
+
+def _port(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a port number") from None
+    if not 1 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"{value} is not a port number (1-65535)")
+    return value
+
+
+def _pid(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a process id") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"{value} is not a process id")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="otel-ebpf",
+        description="Zero-instrumentation HTTP observability: eBPF capture of HTTP/1.x "
+        "exchanges, exported as OpenTelemetry spans and metrics.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser(
+        "run",
+        help="capture and export HTTP exchanges",
+        description="Capture every HTTP/1.x exchange on this host and export it. Settings "
+        "come from defaults < YAML (--config) < environment (OTEL_*) < these options.",
+    )
+    run.add_argument("--config", metavar="PATH", help="YAML configuration file")
+    run.add_argument(
+        "--exporter",
+        choices=("console", "jsonl", "otlp", "none"),
+        help="where exchanges go (default: otlp when an OTLP endpoint is configured, "
+        "else console)",
+    )
+    run.add_argument("--output", metavar="PATH", help="jsonl output file ('-' = stdout)")
+    run.add_argument("--pid", type=_pid, action="append", metavar="N",
+                     help="trace only this process (repeatable)")
+    run.add_argument("--port", type=_port, action="append", metavar="N",
+                     help="trace only connections whose local or remote port is N (repeatable)")
+    run.add_argument("--otlp-endpoint", metavar="URL",
+                     help="OTLP endpoint (same as OTEL_EXPORTER_OTLP_ENDPOINT)")
+    run.add_argument("--otlp-protocol", choices=("grpc", "http/protobuf"),
+                     help="OTLP protocol (same as OTEL_EXPORTER_OTLP_PROTOCOL)")
+    run.add_argument("--no-tls", action="store_true",
+                     help="do not attach OpenSSL uprobes (plaintext capture only)")
+    run.add_argument("--health-file", metavar="PATH",
+                     help="touch this file while the capture loop is alive")
+    run.add_argument("--health-listen", metavar="HOST:PORT",
+                     help="serve /healthz, /readyz and /stats on this local address")
+    run.add_argument("--log-level", choices=("debug", "info", "warning", "error"))
+
+    check = sub.add_parser("check", help="diagnose what this kernel and machine allow")
+    check.add_argument("--no-tls", action="store_true", help="skip the TLS library scan")
+    sub.add_parser("version", help="print the version")
+    return parser
+
+
+def run_overrides(args: argparse.Namespace) -> dict[str, object]:
+    """Command-line values as dotted YAML keys, the highest-precedence layer."""
+    overrides: dict[str, object] = {}
+    pairs = {
+        "output.exporter": args.exporter,
+        "output.path": args.output,
+        "capture.pids": tuple(args.pid) if args.pid else None,
+        "capture.ports": tuple(args.port) if args.port else None,
+        "export.otlp.endpoint": args.otlp_endpoint,
+        "export.otlp.protocol": args.otlp_protocol,
+        "capture.tls": False if args.no_tls else None,
+        "health.file": args.health_file,
+        "health.listen": args.health_listen,
+        "log_level": args.log_level,
+    }
+    for key, value in pairs.items():
+        if value is not None:
+            overrides[key] = value
+    return overrides
+
+
+def _setup_logging(level: str) -> None:
+    logging.basicConfig(
+        level=getattr(logging, level.upper(), logging.INFO),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from otel_ebpf.capture import CaptureError
+    from otel_ebpf.config import ConfigError, load
+    from otel_ebpf.daemon import Daemon
+
+    try:
+        config = load(args.config, os.environ, run_overrides(args))
+    except ConfigError as exc:
+        print(f"otel-ebpf: configuration error: {exc}", file=sys.stderr)
+        return EXIT_CONFIG_ERROR
+    _setup_logging(config.log_level)
+    try:
+        return Daemon(config).run()
+    except CaptureError as exc:
+        print(f"otel-ebpf: cannot capture: {exc}", file=sys.stderr)
+        return EXIT_CAPTURE_IMPOSSIBLE
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    from otel_ebpf.preflight import capture_possible, diagnose
+
+    _setup_logging("warning")
+    checks = diagnose()
+    width = max(len(c.name) for c in checks)
+    for c in checks:
+        mark = "ok " if c.ok else "NO "
+        print(f"[{mark}] {c.name:<{width}}  {c.detail}")
+        if not c.ok:
+            if c.consequence:
+                print(f"      {'':<{width}}  consequence: {c.consequence}")
+            if c.fix:
+                print(f"      {'':<{width}}  fix: {c.fix}")
+    if not args.no_tls:
+        _print_tls_coverage()
+    possible = capture_possible(checks)
+    print("capture: possible" if possible else "capture: IMPOSSIBLE on this machine (see above)")
+    return EXIT_OK if possible else EXIT_CAPTURE_IMPOSSIBLE
+
+
+def _print_tls_coverage() -> None:
+    try:
+        from otel_ebpf.capture.tls import coverage_report
+    except ImportError:  # TLS support not built into this version
+        return
+    for line in coverage_report():
+        print(line)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.command == "version":
+        print(f"otel-ebpf {__version__}")
+        return EXIT_OK
+    if args.command == "check":
+        return cmd_check(args)
+    return cmd_run(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

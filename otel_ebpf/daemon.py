@@ -1,0 +1,243 @@
+"""Wiring, the capture loop, signals and ordered shutdown.
+
+One thread does the per-exchange work, in pipeline order:
+
+    capture (ring buffer poll) -> conntrack/http1 (ConnectionTable.handle)
+        -> sinks (console | jsonl | telemetry -> OTLP exporter)
+
+Between polls the same loop does the periodic work: request timeouts and idle expiry,
+TLS library rescans, span batch and metric flushes, the stats line, the liveness mark.
+Network I/O to the collector happens on the exporter's own thread behind a bounded
+queue, so a slow or absent collector never stalls capture.
+
+Shutdown order (SIGINT/SIGTERM): detach every probe first (no new events), drain what
+the ring buffer still holds, close the connection table (pending requests become
+exchanges with their outcome), then flush telemetry and the exporter, then health.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+import time
+from collections.abc import Callable
+
+from otel_ebpf.capture.loader import Capture
+from otel_ebpf.config import Config
+from otel_ebpf.conntrack import ConnectionTable
+from otel_ebpf.exchange import HttpExchange
+from otel_ebpf.process import ProcessResolver
+from otel_ebpf.sinks import ConsoleSink, JsonlSink
+from otel_ebpf.stats import Stats
+
+log = logging.getLogger(__name__)
+
+POLL_TIMEOUT_MS = 100
+EXPIRE_INTERVAL_S = 1.0
+TLS_RESCAN_INTERVAL_S = 2.0
+PROCESS_SWEEP_INTERVAL_S = 10.0
+
+
+class Daemon:
+    def __init__(self, config: Config, stats: Stats | None = None) -> None:
+        self.config = config
+        self.stats = stats or Stats()
+        self._stop = threading.Event()
+        self._closers: list[Callable[[], None]] = []  # run in reverse order at shutdown
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def run(self) -> int:
+        """Capture until SIGINT/SIGTERM (or `stop()`); returns the process exit code."""
+        self._install_signal_handlers()
+        try:
+            self._run()
+        finally:
+            self._shutdown()
+        return 0
+
+    # -- set-up -------------------------------------------------------------------
+
+    def _install_signal_handlers(self) -> None:
+        if threading.current_thread() is not threading.main_thread():
+            return  # embedded (tests): the caller uses stop()
+
+        def on_signal(signum: int, _frame: object) -> None:
+            log.info("received %s, shutting down", signal.Signals(signum).name)
+            self._stop.set()
+
+        signal.signal(signal.SIGINT, on_signal)
+        signal.signal(signal.SIGTERM, on_signal)
+
+    def _build_outputs(self, processes: ProcessResolver) -> list[Callable[[HttpExchange], None]]:
+        """The exchange consumers for the configured exporter."""
+        output = self.config.output
+        stats = self.stats
+
+        def process_name(pid: int) -> str | None:
+            info = processes.get(pid)
+            return info.executable_name if info else None
+
+        if output.exporter == "console":
+            self._console = ConsoleSink(process_name, stats)
+            self._closers.append(self._console.close)
+            return [self._console.handle]
+        if output.exporter == "jsonl":
+            sink = JsonlSink(output.path, process_name, stats)
+            self._closers.append(sink.close)
+            return [sink.handle]
+        if output.exporter == "otlp":
+            from otel_ebpf.export import OtlpExporter
+            from otel_ebpf.process import daemon_resource_attributes
+            from otel_ebpf.telemetry import Telemetry
+
+            exporter = OtlpExporter(self.config.otlp, stats)
+            self._closers.append(lambda: exporter.shutdown(self.config.otlp.timeout_s))
+
+            def resource_for_pid(pid: int):
+                info = processes.get(pid)
+                return info.resource_attributes if info else None
+
+            telemetry = Telemetry(
+                self.config.telemetry,
+                resource_for_pid=resource_for_pid,
+                daemon_resource=daemon_resource_attributes(),
+                sink=exporter,
+                stats=stats,
+                active_server_requests=self._table.active_server_requests,
+            )
+            self._telemetry = telemetry
+            self._closers.append(telemetry.shutdown)
+            return [telemetry.record]
+        return []  # "none": capture and count only (benchmarks, dry runs)
+
+    def _run(self) -> None:
+        config = self.config
+        stats = self.stats
+        self._console: ConsoleSink | None = None
+        self._telemetry = None
+
+        processes = ProcessResolver(stats)
+        self._processes = processes
+        self._table = ConnectionTable(config.conntrack, stats)
+        outputs = self._build_outputs(processes)
+        table = self._table
+
+        if len(outputs) == 1:
+            emit = outputs[0]
+        else:
+            def emit(exchange: HttpExchange) -> None:
+                for output in outputs:
+                    output(exchange)
+
+        def on_event(event) -> None:
+            # The hot path: one call per kernel event.
+            for exchange in table.handle(event):
+                stats.add("http.exchanges")
+                emit(exchange)
+
+        self._emit = emit
+        health = self._start_health()
+
+        capture = Capture(config.capture, stats)
+        self._capture = capture
+        capture.start(on_event)
+        tls = self._start_tls(capture)
+        if health is not None:
+            health.set_ready(True)
+        log.info("capturing; exporter=%s", config.output.exporter)
+
+        now = time.monotonic()
+        next_expire = now + EXPIRE_INTERVAL_S
+        next_tls = now + TLS_RESCAN_INTERVAL_S
+        next_sweep = now + PROCESS_SWEEP_INTERVAL_S
+        stats_interval = config.output.stats_interval_s
+        next_stats = now + stats_interval if stats_interval > 0 else float("inf")
+        telemetry = self._telemetry
+
+        while not self._stop.is_set():
+            capture.poll(POLL_TIMEOUT_MS)
+            now = time.monotonic()
+            if now >= next_expire:
+                next_expire = now + EXPIRE_INTERVAL_S
+                for exchange in table.expire(time.monotonic_ns()):
+                    stats.add("http.exchanges")
+                    emit(exchange)
+                if health is not None:
+                    health.mark_alive()
+            if tls is not None and now >= next_tls:
+                next_tls = now + TLS_RESCAN_INTERVAL_S
+                tls.scan()
+            if now >= next_sweep:
+                next_sweep = now + PROCESS_SWEEP_INTERVAL_S
+                for pid in processes.sweep():
+                    if telemetry is not None:
+                        telemetry.forget(pid)
+            if telemetry is not None:
+                telemetry.tick(time.time())
+            if now >= next_stats:
+                next_stats = now + stats_interval
+                self._report_stats()
+
+    def _start_tls(self, capture: Capture):
+        if not self.config.capture.tls:
+            return None
+        try:
+            from otel_ebpf.capture.tls import TlsAttacher
+        except ImportError:
+            return None
+        tls = TlsAttacher(capture, self.stats)
+        self._closers.append(tls.close)
+        tls.scan()
+        return tls
+
+    def _start_health(self):
+        health_config = self.config.health
+        if not (health_config.file or health_config.listen):
+            return None
+        from otel_ebpf.health import Health
+
+        health = Health(health_config.file, health_config.listen, self.stats.snapshot)
+        self._closers.append(health.close)
+        return health
+
+    def _report_stats(self) -> None:
+        snapshot = self.stats.snapshot()
+        if self._console is not None:
+            self._console.stats_line(snapshot)
+        else:
+            from otel_ebpf.sinks import format_stats
+
+            log.info("%s", format_stats(snapshot))
+
+    # -- shutdown -----------------------------------------------------------------
+
+    def _shutdown(self) -> None:
+        capture = getattr(self, "_capture", None)
+        if capture is not None:
+            try:
+                capture.detach()
+                capture.poll(0)  # what the kernel queued before the detach
+            except Exception:
+                log.exception("error while detaching probes")
+        table = getattr(self, "_table", None)
+        emit = getattr(self, "_emit", None)
+        if table is not None and emit is not None:
+            for exchange in table.close_all():
+                self.stats.add("http.exchanges")
+                emit(exchange)
+        for close in reversed(self._closers):
+            try:
+                close()
+            except Exception:
+                log.exception("error during shutdown")
+        if capture is not None:
+            capture.close()
+        self._report_stats_final()
+
+    def _report_stats_final(self) -> None:
+        from otel_ebpf.sinks import format_stats
+
+        log.info("final %s", format_stats(self.stats.snapshot()))

@@ -1,0 +1,139 @@
+"""Local sinks: where exchanges go when no collector is configured.
+
+- `ConsoleSink`: one readable line per exchange (time, pid and process name,
+  SERVER/CLIENT, method, path, status, duration, body sizes), and the periodic stats
+  line. The default, so that `otel-ebpf run` shows something useful out of the box.
+- `JsonlSink`: one JSON object per exchange, keyed by OpenTelemetry semantic-convention
+  names (the format is documented in the README), flushed as produced so that a
+  `tail -f` or a pipe sees each exchange at once.
+
+Both take `HttpExchange` records and never raise on the hot path: a broken pipe or a
+full disk is logged once and the sink stops writing (counted as output.write_errors).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import time
+from collections.abc import Callable
+from typing import IO
+
+from otel_ebpf.exchange import HttpExchange, Outcome
+from otel_ebpf.stats import Stats
+from otel_ebpf.telemetry.attributes import http_attributes
+
+log = logging.getLogger(__name__)
+
+# pid -> executable name (None when the process is gone or unreadable).
+ProcessNamer = Callable[[int], str | None]
+
+
+def _open_output(path: str) -> IO[str]:
+    if path == "-":
+        return sys.stdout
+    return open(path, "a", encoding="utf-8", buffering=1)  # noqa: SIM115 (owned by the sink)
+
+
+class _LineSink:
+    def __init__(self, stream: IO[str], stats: Stats) -> None:
+        self._stream = stream
+        self._stats = stats
+        self._broken = False
+
+    def _write(self, line: str) -> None:
+        if self._broken:
+            return
+        try:
+            self._stream.write(line)
+            self._stream.write("\n")
+            self._stream.flush()
+        except (OSError, ValueError) as exc:  # EPIPE, ENOSPC, closed stream
+            self._broken = True
+            self._stats.add("output.write_errors")
+            log.error("cannot write exchanges to %s (%s); further exchanges are not written",
+                      getattr(self._stream, "name", "output"), exc)
+
+    def close(self) -> None:
+        if self._stream not in (sys.stdout, sys.stderr):
+            try:
+                self._stream.close()
+            except OSError:
+                pass
+
+
+class JsonlSink(_LineSink):
+    """One JSON object per exchange, semantic-convention keys."""
+
+    def __init__(self, path: str, process_name: ProcessNamer, stats: Stats) -> None:
+        super().__init__(_open_output(path), stats)
+        self._process_name = process_name
+
+    def handle(self, exchange: HttpExchange) -> None:
+        self._write(json.dumps(exchange_record(exchange, self._process_name(exchange.pid)),
+                               separators=(",", ":")))
+
+
+def exchange_record(exchange: HttpExchange, executable_name: str | None) -> dict:
+    """The jsonl object for one exchange (the README documents every key)."""
+    record: dict = {
+        "kind": exchange.role.name,
+        "start_time_unix_nano": exchange.start_time_unix_nano,
+        "end_time_unix_nano": exchange.end_time_unix_nano,
+    }
+    record.update(http_attributes(exchange, None))
+    record["process.pid"] = exchange.pid
+    record["process.executable.name"] = executable_name
+    if exchange.outcome is not Outcome.OK:
+        record["otel_ebpf.outcome"] = exchange.outcome.value
+    return record
+
+
+class ConsoleSink(_LineSink):
+    """Human-readable lines; the default when no OTLP endpoint is configured."""
+
+    def __init__(self, process_name: ProcessNamer, stats: Stats, stream: IO[str] | None = None):
+        super().__init__(stream or sys.stdout, stats)
+        self._process_name = process_name
+
+    def handle(self, exchange: HttpExchange) -> None:
+        self._write(format_exchange(exchange, self._process_name(exchange.pid)))
+
+    def stats_line(self, snapshot: dict[str, int | float]) -> None:
+        self._write(format_stats(snapshot))
+
+
+def format_exchange(exchange: HttpExchange, executable_name: str | None) -> str:
+    seconds, nanos = divmod(exchange.end_time_unix_nano, 1_000_000_000)
+    when = time.strftime("%H:%M:%S", time.localtime(seconds)) + f".{nanos // 1_000_000:03d}"
+    status = str(exchange.status_code) if exchange.status_code is not None else "---"
+    if exchange.outcome is not Outcome.OK:
+        status += f" ({exchange.outcome.value})"
+    response_size = exchange.response_body_size if exchange.response_body_size is not None else 0
+    return (
+        f"{when} {exchange.pid:>7} {executable_name or '?':<15.15} {exchange.role.name:<6} "
+        f"{exchange.method} {exchange.scheme}://{exchange.host or '-'}{exchange.target} {status} "
+        f"{exchange.duration_ns / 1e6:.3f}ms req={exchange.request_body_size}B "
+        f"resp={response_size}B"
+    )
+
+
+# The counters worth a glance; everything else is in the exported self-metrics.
+_STATS_LINE_KEYS = (
+    ("events", "capture.events"),
+    ("exchanges", "http.exchanges"),
+    ("conns", "conntrack.connections"),
+    ("parse_failures", "http.parse_failures"),
+    ("lost_ringbuf", "capture.lost.ringbuf_full"),
+    ("truncated_bytes", "capture.truncated_bytes"),
+    ("spans_dropped", "export.spans_dropped"),
+    ("export_failures", "export.failures"),
+)
+
+
+def format_stats(snapshot: dict[str, int | float]) -> str:
+    parts = [f"{label}={snapshot.get(key, 0)}" for label, key in _STATS_LINE_KEYS]
+    lost = sum(v for k, v in snapshot.items() if k.startswith("capture.lost."))
+    parts.append(f"lost_total={lost}")
+    return "stats: " + " ".join(parts)
