@@ -33,11 +33,12 @@ N = 23  # prime: off-by-one and duplicates show
 
 
 def servers(exchanges: list[dict], port: int) -> list[dict]:
-    return [e for e in exchanges if e["kind"] == "SERVER" and e.get("server.port") == port]
+    """SERVER exchanges on `port` (the daemon runs with --port, so only the test's own)."""
+    return [e for e in exchanges if e["kind"] == "SERVER"]
 
 
 def clients(exchanges: list[dict], port: int) -> list[dict]:
-    return [e for e in exchanges if e["kind"] == "CLIENT" and e.get("server.port") == port]
+    return [e for e in exchanges if e["kind"] == "CLIENT" and e.get("network.peer.port") == port]
 
 
 def test_python_http_server_and_curl_counts_both_sides(tmp_path):
