@@ -1,0 +1,492 @@
+"""OTLP transport: ships already-serialized OTLP payloads to a collector.
+
+Contract. In: bytes of an `ExportTraceServiceRequest` (`export_traces`) or an
+`ExportMetricsServiceRequest` (`export_metrics`), built by otel_ebpf/telemetry (the SDK's
+per-span machinery is too slow for the per-exchange budget, see PERF-NOTES.md), with the
+number of spans / data points they carry. Out: the same bytes, unchanged, POSTed over
+HTTP/protobuf or sent as a unary gRPC call to an OTLP endpoint.
+
+The capture loop must never wait for a collector, so the `export_*` calls only append
+to a bounded in-memory queue (bounded in payloads and in bytes) and return; they never
+raise. A background thread sends, retrying retryable failures (gRPC UNAVAILABLE,
+DEADLINE_EXCEEDED, RESOURCE_EXHAUSTED, ABORTED, ...; HTTP 429/502/503/504 and
+connection errors) with jittered exponential backoff, honouring the server's
+Retry-After / RetryInfo, for at most `retry_max_elapsed_s` per payload. When the queue is
+full the *oldest* payload is dropped, so that a collector coming back receives what is
+new. What is lost is counted in Stats and logged at most once per 10 s:
+
+  export.payloads_dropped / export.spans_dropped / export.points_dropped  queue overflow,
+                                                                         or left at shutdown
+  export.failures          payloads given up (non-retryable error or retry deadline)
+  export.retries           retry attempts
+  export.payloads_sent / export.spans_sent / export.points_sent
+  export.spans_rejected / export.points_rejected   partial success reported by the server
+"""
+
+from __future__ import annotations
+
+import email.utils
+import gzip
+import logging
+import random
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Literal
+from urllib.parse import urlparse
+
+log = logging.getLogger(__name__)
+
+Protocol = Literal["grpc", "http/protobuf"]
+Compression = Literal["gzip", "none"]
+PROTOCOLS: tuple[str, ...] = ("grpc", "http/protobuf")
+COMPRESSIONS: tuple[str, ...] = ("gzip", "none")
+
+TRACES = "traces"
+METRICS = "metrics"
+
+_GRPC_METHODS = {
+    TRACES: "/opentelemetry.proto.collector.trace.v1.TraceService/Export",
+    METRICS: "/opentelemetry.proto.collector.metrics.v1.MetricsService/Export",
+}
+# What the items of a payload are called in Stats.
+_ITEM_NAME = {TRACES: "spans", METRICS: "points"}
+
+# Spec: https://opentelemetry.io/docs/specs/otlp/#failures (and #retryable-response-codes)
+_RETRYABLE_HTTP = frozenset({429, 502, 503, 504})
+_RETRYABLE_GRPC_NAMES = frozenset(
+    {"CANCELLED", "DEADLINE_EXCEEDED", "ABORTED", "OUT_OF_RANGE", "UNAVAILABLE",
+     "DATA_LOSS", "RESOURCE_EXHAUSTED"}
+)
+
+DEFAULT_GRPC_ENDPOINT = "http://localhost:4317"
+DEFAULT_HTTP_ENDPOINT = "http://localhost:4318"
+
+
+@dataclass(frozen=True, slots=True)
+class OtlpSignalOptions:
+    """Where and how one signal (traces or metrics) is sent."""
+
+    protocol: Protocol = "grpc"
+    # gRPC: scheme://host:port (path ignored). HTTP: the full URL, used as-is
+    # (config appends /v1/traces or /v1/metrics to the generic endpoint, per the spec).
+    endpoint: str = DEFAULT_GRPC_ENDPOINT
+    headers: tuple[tuple[str, str], ...] = ()
+    timeout_s: float = 10.0
+    compression: Compression = "gzip"
+    certificate: str | None = None  # PEM file: CA bundle to trust for the collector
+    client_key: str | None = None  # PEM file: private key for mTLS
+    client_certificate: str | None = None  # PEM file: certificate chain for mTLS
+    # gRPC only, for endpoints without a scheme: True = plaintext. http:// is always
+    # plaintext and https:// always TLS, whatever this says (as the Python SDK does).
+    insecure: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class OtlpOptions:
+    traces: OtlpSignalOptions = field(default_factory=OtlpSignalOptions)
+    metrics: OtlpSignalOptions = field(default_factory=OtlpSignalOptions)
+    max_queue_payloads: int = 256  # payloads waiting to be sent (both signals)
+    max_queue_bytes: int = 64 * 1024 * 1024  # and their total size: memory stays bounded
+    retry_max_elapsed_s: float = 30.0  # give a payload up after retrying this long
+    retry_initial_backoff_s: float = 0.5
+    retry_max_backoff_s: float = 8.0
+
+
+class _Retryable(Exception):
+    """A failed attempt worth retrying; `delay_s` is the server's hint, if any."""
+
+    def __init__(self, reason: str, delay_s: float | None = None) -> None:
+        super().__init__(reason)
+        self.delay_s = delay_s
+
+
+class _Permanent(Exception):
+    """A failed attempt that retrying cannot fix (bad request, auth, TLS set-up...)."""
+
+
+class RateLimitedLog:
+    """At most one warning per `interval_s` per key, carrying how many were suppressed."""
+
+    def __init__(self, logger: logging.Logger, interval_s: float = 10.0) -> None:
+        self._log = logger
+        self._interval = interval_s
+        self._last: dict[str, float] = {}
+        self._suppressed: dict[str, int] = {}
+        self._lock = threading.Lock()
+
+    def warning(self, key: str, msg: str, *args: object) -> None:
+        now = time.monotonic()
+        with self._lock:
+            last = self._last.get(key)
+            if last is not None and now - last < self._interval:
+                self._suppressed[key] = self._suppressed.get(key, 0) + 1
+                return
+            suppressed = self._suppressed.pop(key, 0)
+            self._last[key] = now
+        if suppressed:
+            self._log.warning(msg + " (%d similar messages suppressed)", *args, suppressed)
+        else:
+            self._log.warning(msg, *args)
+
+
+def _read_file(path: str | None, what: str) -> bytes | None:
+    if not path:
+        return None
+    with open(path, "rb") as f:  # OSError is turned into a permanent failure by caller
+        return f.read()
+
+
+def _parse_retry_after(value: str | None) -> float | None:
+    """HTTP Retry-After: delta-seconds or an HTTP date (RFC 9110 10.2.3)."""
+    if not value:
+        return None
+    value = value.strip()
+    if value.isdigit():
+        return float(value)
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    return max(0.0, when.timestamp() - time.time())
+
+
+def _partial_success(signal: str, body: bytes) -> tuple[int, str]:
+    """(rejected items, server message) from an Export*ServiceResponse."""
+    if not body:
+        return 0, ""
+    try:
+        if signal == TRACES:
+            from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
+                ExportTraceServiceResponse,
+            )
+
+            ps = ExportTraceServiceResponse.FromString(body).partial_success
+            return ps.rejected_spans, ps.error_message
+        from opentelemetry.proto.collector.metrics.v1.metrics_service_pb2 import (
+            ExportMetricsServiceResponse,
+        )
+
+        ps = ExportMetricsServiceResponse.FromString(body).partial_success
+        return ps.rejected_data_points, ps.error_message
+    except Exception:  # a receiver answering garbage must not stop export
+        return 0, ""
+
+
+class _GrpcTransport:
+    def __init__(self, signal: str, options: OtlpSignalOptions) -> None:
+        import grpc
+
+        self._grpc = grpc
+        self.signal = signal
+        self.endpoint = options.endpoint
+        self._timeout = options.timeout_s
+        parsed = urlparse(options.endpoint if "://" in options.endpoint
+                          else "//" + options.endpoint)
+        target = parsed.netloc or options.endpoint
+        if parsed.scheme == "http":
+            secure = False
+        elif parsed.scheme == "https":
+            secure = True
+        else:
+            secure = not options.insecure
+        # gRPC metadata keys must be lower case.
+        self._metadata = tuple((k.lower(), v) for k, v in options.headers)
+        self._compression = (
+            grpc.Compression.Gzip if options.compression == "gzip" else grpc.Compression.NoCompression
+        )
+        # A collector that restarts must be reached again within seconds, not after
+        # grpc's default reconnect backoff (which grows to 120 s).
+        channel_options = [
+            ("grpc.initial_reconnect_backoff_ms", 250),
+            ("grpc.min_reconnect_backoff_ms", 250),
+            ("grpc.max_reconnect_backoff_ms", 2000),
+        ]
+        if secure:
+            credentials = grpc.ssl_channel_credentials(
+                root_certificates=_read_file(options.certificate, "certificate"),
+                private_key=_read_file(options.client_key, "client key"),
+                certificate_chain=_read_file(options.client_certificate, "client certificate"),
+            )
+            self._channel = grpc.secure_channel(target, credentials, options=channel_options)
+        else:
+            self._channel = grpc.insecure_channel(target, options=channel_options)
+        # Identity (de)serializers: the payload is already protobuf bytes.
+        self._call = self._channel.unary_unary(
+            _GRPC_METHODS[signal], request_serializer=None, response_deserializer=None
+        )
+
+    def send(self, payload: bytes) -> bytes:
+        grpc = self._grpc
+        try:
+            return self._call(
+                payload, timeout=self._timeout, metadata=self._metadata,
+                compression=self._compression,
+            )
+        except grpc.RpcError as exc:
+            code = exc.code() if hasattr(exc, "code") else None
+            name = code.name if code is not None else "UNKNOWN"
+            details = exc.details() if hasattr(exc, "details") else str(exc)
+            reason = "gRPC %s: %s" % (name, details)
+            if name in _RETRYABLE_GRPC_NAMES:
+                raise _Retryable(reason, self._retry_delay(exc)) from None
+            raise _Permanent(reason) from None
+
+    @staticmethod
+    def _retry_delay(exc: object) -> float | None:
+        try:
+            from google.rpc.error_details_pb2 import RetryInfo
+
+            for key, value in exc.trailing_metadata() or ():  # type: ignore[attr-defined]
+                if key == "google.rpc.retryinfo-bin":
+                    info = RetryInfo.FromString(value)
+                    return info.retry_delay.seconds + info.retry_delay.nanos / 1e9
+        except Exception:  # the hint is optional: fall back to our own backoff
+            return None
+        return None
+
+    def close(self) -> None:
+        self._channel.close()
+
+
+class _HttpTransport:
+    def __init__(self, signal: str, options: OtlpSignalOptions) -> None:
+        import requests
+
+        self._requests = requests
+        self.signal = signal
+        self.endpoint = options.endpoint
+        self._timeout = options.timeout_s
+        self._gzip = options.compression == "gzip"
+        self._session = requests.Session()
+        self._session.headers.update(dict(options.headers))
+        self._session.headers["Content-Type"] = "application/x-protobuf"
+        if self._gzip:
+            self._session.headers["Content-Encoding"] = "gzip"
+        if options.certificate:
+            self._session.verify = options.certificate
+        if options.client_certificate:
+            self._session.cert = (
+                (options.client_certificate, options.client_key)
+                if options.client_key else options.client_certificate
+            )
+
+    def send(self, payload: bytes) -> bytes:
+        requests = self._requests
+        # Level 6 costs about half of level 9 for nearly the same size.
+        data = gzip.compress(payload, compresslevel=6) if self._gzip else payload
+        try:
+            resp = self._session.post(self.endpoint, data=data, timeout=self._timeout)
+        except (requests.ConnectionError, requests.Timeout) as exc:
+            raise _Retryable("HTTP %s: %s" % (type(exc).__name__, exc)) from None
+        except requests.RequestException as exc:  # bad URL, TLS files, ...
+            raise _Permanent("HTTP %s: %s" % (type(exc).__name__, exc)) from None
+        if 200 <= resp.status_code < 300:
+            return resp.content
+        reason = "HTTP %d %s: %s" % (resp.status_code, resp.reason, resp.text[:200])
+        if resp.status_code in _RETRYABLE_HTTP:
+            raise _Retryable(reason, _parse_retry_after(resp.headers.get("Retry-After")))
+        raise _Permanent(reason)
+
+    def close(self) -> None:
+        self._session.close()
+
+
+def _make_transport(signal: str, options: OtlpSignalOptions) -> _GrpcTransport | _HttpTransport:
+    if options.protocol == "grpc":
+        return _GrpcTransport(signal, options)
+    return _HttpTransport(signal, options)
+
+
+class OtlpExporter:
+    """Non-blocking OTLP sender for serialized payloads; see the module docstring."""
+
+    def __init__(self, options: OtlpOptions, stats) -> None:  # stats: otel_ebpf.stats.Stats
+        self._options = options
+        self._stats = stats
+        self._signal_options = {TRACES: options.traces, METRICS: options.metrics}
+        self._transports: dict[str, _GrpcTransport | _HttpTransport | None] = {}
+        self._queue: deque[tuple[str, bytes, int]] = deque()
+        self._queued_bytes = 0
+        self._in_flight = 0
+        self._cond = threading.Condition()
+        self._stop = threading.Event()  # interrupts backoff sleeps at shutdown
+        self._closed = False
+        self._warn = RateLimitedLog(log, 10.0)
+        self._drops_since_log = [0, 0]  # payloads, items
+        self._thread = threading.Thread(target=self._run, name="otlp-export", daemon=True)
+        self._thread.start()
+
+    # ---- caller side: never blocks, never raises ----
+
+    def export_traces(self, payload: bytes, spans: int = 1) -> None:
+        self._enqueue(TRACES, payload, spans)
+
+    def export_metrics(self, payload: bytes, points: int = 1) -> None:
+        self._enqueue(METRICS, payload, points)
+
+    def _enqueue(self, signal: str, payload: bytes, items: int) -> None:
+        dropped: list[tuple[str, bytes, int]] = []
+        with self._cond:
+            if self._closed:
+                dropped.append((signal, payload, items))
+            else:
+                opts = self._options
+                while self._queue and (
+                    len(self._queue) >= opts.max_queue_payloads
+                    or self._queued_bytes + len(payload) > opts.max_queue_bytes
+                ):
+                    old = self._queue.popleft()
+                    self._queued_bytes -= len(old[1])
+                    dropped.append(old)
+                if len(payload) > opts.max_queue_bytes:
+                    dropped.append((signal, payload, items))
+                else:
+                    self._queue.append((signal, payload, items))
+                    self._queued_bytes += len(payload)
+                    self._cond.notify_all()
+        if dropped:
+            self._count_dropped(dropped, "the export queue is full")
+
+    def _count_dropped(self, dropped: list[tuple[str, bytes, int]], why: str) -> None:
+        for signal, _payload, items in dropped:
+            self._stats.add("export.payloads_dropped")
+            self._stats.add("export.%s_dropped" % _ITEM_NAME[signal], items)
+        self._warn.warning(
+            "drop",
+            "OTLP export: dropped %d payload(s) because %s (totals: %d payloads, %d spans, "
+            "%d metric points dropped); is the collector at %s slow or down?",
+            len(dropped), why, self._stats.get("export.payloads_dropped"),
+            self._stats.get("export.spans_dropped"), self._stats.get("export.points_dropped"),
+            self._options.traces.endpoint,
+        )
+
+    # ---- flush / shutdown ----
+
+    def force_flush(self, timeout_s: float = 10.0) -> bool:
+        """Wait until everything queued so far was sent or given up; False on timeout."""
+        deadline = time.monotonic() + timeout_s
+        with self._cond:
+            while self._queue or self._in_flight:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0 or not self._thread.is_alive():
+                    return False
+                self._cond.wait(remaining)
+        return True
+
+    def shutdown(self, timeout_s: float = 10.0) -> bool:
+        """Flush for at most `timeout_s`, then stop; what is left is counted as dropped.
+
+        Idempotent; returns True when everything queued was delivered or given up."""
+        with self._cond:
+            if self._closed:
+                return True
+            self._closed = True
+        deadline = time.monotonic() + timeout_s
+        flushed = self.force_flush(timeout_s)
+        self._stop.set()
+        with self._cond:
+            self._cond.notify_all()
+        self._thread.join(max(0.1, deadline - time.monotonic()))
+        with self._cond:
+            left = list(self._queue)
+            self._queue.clear()
+            self._queued_bytes = 0
+        if left:
+            self._count_dropped(left, "the daemon is shutting down")
+        for transport in self._transports.values():
+            if transport is not None:
+                try:
+                    transport.close()
+                except Exception:  # closing a broken channel must not fail shutdown
+                    log.debug("closing OTLP transport failed", exc_info=True)
+        return flushed and not left
+
+    # ---- worker ----
+
+    def _transport(self, signal: str) -> _GrpcTransport | _HttpTransport | None:
+        if signal not in self._transports:
+            opts = self._signal_options[signal]
+            try:
+                self._transports[signal] = _make_transport(signal, opts)
+            except (OSError, ValueError) as exc:
+                log.error(
+                    "OTLP %s export to %s disabled: cannot set up the %s transport: %s",
+                    signal, opts.endpoint, opts.protocol, exc,
+                )
+                self._transports[signal] = None
+        return self._transports[signal]
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while not self._queue and not self._stop.is_set():
+                    self._cond.wait()
+                if self._stop.is_set():
+                    return
+                signal, payload, items = self._queue.popleft()
+                self._queued_bytes -= len(payload)
+                self._in_flight += 1
+            try:
+                self._deliver(signal, payload, items)
+            except Exception:  # the worker must survive anything a transport throws
+                log.exception("OTLP %s export failed unexpectedly; payload dropped", signal)
+                self._stats.add("export.failures")
+            finally:
+                with self._cond:
+                    self._in_flight -= 1
+                    self._cond.notify_all()
+
+    def _deliver(self, signal: str, payload: bytes, items: int) -> None:
+        transport = self._transport(signal)
+        if transport is None:
+            self._stats.add("export.failures")
+            return
+        opts = self._options
+        started = time.monotonic()
+        attempt = 0
+        while True:
+            try:
+                body = transport.send(payload)
+            except _Retryable as exc:
+                attempt += 1
+                backoff = min(opts.retry_max_backoff_s,
+                              opts.retry_initial_backoff_s * (2 ** (attempt - 1)))
+                delay = exc.delay_s if exc.delay_s is not None else backoff * random.uniform(0.5, 1.0)
+                if time.monotonic() - started + delay > opts.retry_max_elapsed_s or self._stop.is_set():
+                    self._stats.add("export.failures")
+                    self._warn.warning(
+                        "fail-" + signal,
+                        "OTLP %s export to %s failed after %d attempts, payload of %d %s "
+                        "given up: %s", signal, transport.endpoint, attempt, items,
+                        _ITEM_NAME[signal], exc,
+                    )
+                    return
+                self._stats.add("export.retries")
+                log.debug("OTLP %s export to %s: %s; retrying in %.2f s",
+                          signal, transport.endpoint, exc, delay)
+                if self._stop.wait(delay):
+                    self._stats.add("export.failures")
+                    return
+                continue
+            except _Permanent as exc:
+                self._stats.add("export.failures")
+                self._warn.warning(
+                    "fail-" + signal,
+                    "OTLP %s export to %s failed, payload of %d %s dropped (not retryable): %s",
+                    signal, transport.endpoint, items, _ITEM_NAME[signal], exc,
+                )
+                return
+            break
+        self._stats.add("export.payloads_sent")
+        self._stats.add("export.%s_sent" % _ITEM_NAME[signal], items)
+        rejected, message = _partial_success(signal, body)
+        if rejected or message:
+            self._stats.add("export.%s_rejected" % _ITEM_NAME[signal], rejected)
+            self._warn.warning(
+                "partial-" + signal,
+                "OTLP %s export to %s: the collector rejected %d of %d %s: %s",
+                signal, transport.endpoint, rejected, items, _ITEM_NAME[signal],
+                message or "(no message)",
+            )
