@@ -1,0 +1,312 @@
+"""Who is pid N: the OpenTelemetry resource attributes of an observed process.
+
+Contract. In: a pid (tgid) seen in an HttpExchange. Out: a cached `ProcessInfo` whose
+`resource_attributes` dict is built directly (not with `Resource.create`, which would
+add the daemon's own attributes) and encoded by otel_ebpf/telemetry:
+
+  service.name         the target's own OTEL_SERVICE_NAME, else service.name from its
+                       OTEL_RESOURCE_ATTRIBUTES (both read from /proc/PID/environ), else
+                       its executable name
+  service.instance.id  the target's own, else uuid5(host.id, pid, start time): stable
+                       for the life of the process, new when the pid is reused
+  (other keys of the target's OTEL_RESOURCE_ATTRIBUTES, e.g. deployment.environment)
+  process.pid / parent_pid / executable.name / executable.path / command_line / owner /
+  creation.time (ISO 8601, UTC), host.name, host.id (/etc/machine-id), os.type,
+  container.id (from /proc/PID/cgroup, v1 and v2 layouts), telemetry.sdk.* and
+  telemetry.distro.* naming this daemon.
+
+A process that vanished yields None; one that denies access (environ, exe of another
+user's process without root) yields the attributes that could be read. Neither raises;
+both are counted: process.vanished, process.access_denied. Memory is bounded: at most
+`max_entries` processes are cached; `forget(pid)` on exit and `sweep()` (drops entries
+whose pid is gone or was reused, by comparing the kernel start time) keep it small.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import shlex
+import socket
+import time
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from urllib.parse import unquote
+
+import psutil
+
+from otel_ebpf import __version__
+
+log = logging.getLogger(__name__)
+
+AttributeValue = str | int | list[str]
+
+DISTRO_NAME = "otel-ebpf"
+# A fixed namespace so that service.instance.id is reproducible from (host, pid, start).
+_INSTANCE_NAMESPACE = uuid.UUID("6f1c2a1e-0b7a-5d3e-9a52-3e0c1f0e8b4d")
+_MAX_COMMAND_LINE = 1024  # a resource is sent with every batch: keep it small
+_NEGATIVE_TTL_S = 5.0  # how long "pid N is gone" is remembered
+
+# The container id is the 64-hex segment of the cgroup path, bare (cgroup v1:
+# /docker/<id>, /kubepods/.../<id>) or wrapped by the runtime's systemd scope (v2 or the
+# systemd driver: docker-<id>.scope, cri-containerd-<id>.scope, crio-<id>.scope,
+# libpod-<id>.scope). conmon's own scope (crio-conmon-<id>) is not the container.
+_CONTAINER_ID = re.compile(
+    r"(?:^|/)(?:docker-|cri-containerd-|crio-|libpod-|containerd-)?([0-9a-f]{64})(?:\.scope)?(?=/|$)"
+)
+
+
+@dataclass(frozen=True, slots=True)
+class ProcessInfo:
+    pid: int
+    service_name: str
+    executable_name: str
+    resource_attributes: dict[str, AttributeValue]
+    start_ticks: int  # /proc/PID/stat starttime: with pid, identifies the process
+
+
+def container_id_from_cgroup(text: str) -> str | None:
+    """The container id in a /proc/PID/cgroup file's text, or None."""
+    for line in text.splitlines():
+        # hierarchy-ID:controller-list:cgroup-path ; the path may itself contain ':'.
+        parts = line.split(":", 2)
+        if len(parts) != 3:
+            continue
+        path = parts[2]
+        if "conmon" in path:
+            continue
+        matches = _CONTAINER_ID.findall(path)
+        if matches:
+            return matches[-1]
+    return None
+
+
+def parse_resource_attributes(value: str) -> dict[str, str]:
+    """OTEL_RESOURCE_ATTRIBUTES: comma-separated key=value, values percent-decoded (spec).
+    Malformed members are skipped, as the SDKs do."""
+    result: dict[str, str] = {}
+    for member in value.split(","):
+        key, sep, val = member.partition("=")
+        key = key.strip()
+        if not sep or not key:
+            continue
+        result[key] = unquote(val.strip())
+    return result
+
+
+def _iso8601(ts: float) -> str:
+    return datetime.fromtimestamp(ts, tz=timezone.utc).isoformat(timespec="milliseconds").replace(
+        "+00:00", "Z"
+    )
+
+
+def read_machine_id() -> str | None:
+    for path in ("/etc/machine-id", "/var/lib/dbus/machine-id"):
+        try:
+            with open(path, encoding="ascii") as f:
+                value = f.read().strip()
+        except (OSError, UnicodeDecodeError):
+            continue
+        if value:
+            return value
+    return None
+
+
+def _sdk_version() -> str:
+    try:
+        from opentelemetry.sdk.version import __version__ as sdk_version
+    except ImportError:  # the SDK is a dependency; this only guards odd installs
+        return "unknown"
+    return sdk_version
+
+
+class ProcessResolver:
+    """pid -> ProcessInfo, cached; see the module docstring."""
+
+    def __init__(self, stats, max_entries: int = 4096, proc_root: str = "/proc") -> None:
+        self._stats = stats
+        self._max_entries = max_entries
+        self._proc = proc_root
+        self._cache: dict[int, ProcessInfo] = {}
+        self._gone: dict[int, float] = {}  # pid -> monotonic time it was found missing
+        self._host_name = socket.gethostname()
+        self._host_id = read_machine_id()
+        self._common: dict[str, AttributeValue] = {
+            "host.name": self._host_name,
+            "os.type": "linux",
+            "telemetry.sdk.name": "opentelemetry",
+            "telemetry.sdk.language": "python",
+            "telemetry.sdk.version": _sdk_version(),
+            "telemetry.distro.name": DISTRO_NAME,
+            "telemetry.distro.version": __version__,
+        }
+        if self._host_id:
+            self._common["host.id"] = self._host_id
+
+    def __len__(self) -> int:
+        return len(self._cache)
+
+    def get(self, pid: int) -> ProcessInfo | None:
+        info = self._cache.get(pid)
+        if info is not None:
+            return info
+        gone_at = self._gone.get(pid)
+        if gone_at is not None and time.monotonic() - gone_at < _NEGATIVE_TTL_S:
+            return None
+        info = self._build(pid)
+        if info is None:
+            if len(self._gone) >= self._max_entries:
+                self._gone.clear()
+            self._gone[pid] = time.monotonic()
+            return None
+        self._gone.pop(pid, None)
+        if len(self._cache) >= self._max_entries:
+            self.sweep()
+            while len(self._cache) >= self._max_entries:  # still full: evict the oldest
+                del self._cache[next(iter(self._cache))]
+        self._cache[pid] = info
+        return info
+
+    def forget(self, pid: int) -> None:
+        self._cache.pop(pid, None)
+
+    def sweep(self) -> int:
+        """Drop entries whose process exited or whose pid now names another process."""
+        stale = [pid for pid, info in self._cache.items()
+                 if self._start_ticks(pid) != info.start_ticks]
+        for pid in stale:
+            del self._cache[pid]
+        now = time.monotonic()
+        for pid in [p for p, t in self._gone.items() if now - t >= _NEGATIVE_TTL_S]:
+            del self._gone[pid]
+        return len(stale)
+
+    def daemon_resource_attributes(self) -> dict[str, AttributeValue]:
+        """Resource of the daemon's own health metrics: service.name "otel-ebpf"."""
+        info = self._build(os.getpid(), own=True)
+        attrs = dict(info.resource_attributes) if info else dict(self._common)
+        attrs["service.name"] = DISTRO_NAME
+        attrs["service.version"] = __version__
+        return attrs
+
+    # ---- building ----
+
+    def _start_ticks(self, pid: int) -> int | None:
+        try:
+            with open("%s/%d/stat" % (self._proc, pid), "rb") as f:
+                stat = f.read()
+        except OSError:
+            return None
+        # comm (field 2) may contain spaces and ')': split after the last ')'.
+        fields = stat[stat.rfind(b")") + 2:].split()
+        try:
+            return int(fields[19])  # field 22, starttime, in clock ticks since boot
+        except (IndexError, ValueError):
+            return None
+
+    def _read_environ(self, pid: int) -> dict[str, str] | None:
+        try:
+            with open("%s/%d/environ" % (self._proc, pid), "rb") as f:
+                raw = f.read()
+        except PermissionError:
+            return None
+        except OSError:
+            return {}
+        env: dict[str, str] = {}
+        for item in raw.split(b"\0"):
+            if item.startswith(b"OTEL_"):
+                key, _, value = item.partition(b"=")
+                env[key.decode("utf-8", "replace")] = value.decode("utf-8", "replace")
+        return env
+
+    def _read_cgroup(self, pid: int) -> str | None:
+        try:
+            with open("%s/%d/cgroup" % (self._proc, pid), encoding="utf-8",
+                      errors="replace") as f:
+                return container_id_from_cgroup(f.read())
+        except OSError:
+            return None
+
+    def _build(self, pid: int, own: bool = False) -> ProcessInfo | None:
+        self._stats.add("process.lookups")
+        start_ticks = self._start_ticks(pid)
+        if start_ticks is None:
+            self._stats.add("process.vanished")
+            return None
+        try:
+            proc = psutil.Process(pid)
+        except (psutil.NoSuchProcess, psutil.ZombieProcess):
+            self._stats.add("process.vanished")
+            return None
+        except psutil.Error:
+            proc = None
+        denied = False
+        attrs: dict[str, AttributeValue] = {"process.pid": pid}
+        exe_name = ""
+
+        def read(getter):
+            nonlocal denied
+            try:
+                return getter()
+            except psutil.AccessDenied:
+                denied = True
+            except (psutil.Error, OSError):
+                pass
+            return None
+
+        if proc is not None:
+            with proc.oneshot():
+                ppid = read(proc.ppid)
+                name = read(proc.name)
+                exe = read(proc.exe)
+                cmdline = read(proc.cmdline)
+                owner = read(proc.username)
+                created = read(proc.create_time)
+            if ppid is not None:
+                attrs["process.parent_pid"] = ppid
+            exe_name = os.path.basename(exe) if exe else (name or "")
+            if exe_name:
+                attrs["process.executable.name"] = exe_name
+            if exe:
+                attrs["process.executable.path"] = exe
+            if cmdline:
+                attrs["process.command_line"] = shlex.join(cmdline)[:_MAX_COMMAND_LINE]
+            if owner is None and proc is not None:
+                uids = read(proc.uids)
+                if uids is not None:
+                    owner = str(uids.real)
+            if owner:
+                attrs["process.owner"] = owner
+            if created is not None:
+                attrs["process.creation.time"] = _iso8601(created)
+        container_id = self._read_cgroup(pid)
+        if container_id:
+            attrs["container.id"] = container_id
+        attrs.update(self._common)
+
+        env = {} if own else self._read_environ(pid)
+        if env is None:
+            denied = True
+            env = {}
+        target_attrs = parse_resource_attributes(env.get("OTEL_RESOURCE_ATTRIBUTES", ""))
+        service_name = (env.get("OTEL_SERVICE_NAME", "").strip()
+                        or target_attrs.get("service.name", "")
+                        or exe_name or "unknown_service")
+        # The target's own attributes describe it (deployment.environment, service.version,
+        # its own service.instance.id); what we measured (process.*, host.*, telemetry.*)
+        # stays authoritative.
+        for key, value in target_attrs.items():
+            if not key.startswith(("process.", "host.", "telemetry.", "os.")):
+                attrs[key] = value
+        attrs["service.name"] = service_name
+        if "service.instance.id" not in attrs:
+            attrs["service.instance.id"] = str(uuid.uuid5(
+                _INSTANCE_NAMESPACE, "%s:%d:%d" % (self._host_id or self._host_name, pid,
+                                                   start_ticks)))
+        if denied:
+            self._stats.add("process.access_denied")
+            log.debug("pid %d: some attributes were not readable (access denied)", pid)
+        return ProcessInfo(pid, service_name, exe_name, attrs, start_ticks)
