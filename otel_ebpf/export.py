@@ -93,6 +93,11 @@ class OtlpOptions:
     retry_initial_backoff_s: float = 0.5
     retry_max_backoff_s: float = 8.0
 
+    @property
+    def timeout_s(self) -> float:
+        """The longest per-request timeout: a fair bound for a final flush."""
+        return max(self.traces.timeout_s, self.metrics.timeout_s)
+
 
 class _Retryable(Exception):
     """A failed attempt worth retrying; `delay_s` is the server's hint, if any."""

@@ -173,8 +173,9 @@ class ProcessResolver:
     def forget(self, pid: int) -> None:
         self._cache.pop(pid, None)
 
-    def sweep(self) -> int:
-        """Drop entries whose process exited or whose pid now names another process."""
+    def sweep(self) -> list[int]:
+        """Drop entries whose process exited or whose pid now names another process;
+        returns their pids (so that per-pid state elsewhere can be forgotten too)."""
         stale = [pid for pid, info in self._cache.items()
                  if self._start_ticks(pid) != info.start_ticks]
         for pid in stale:
@@ -182,7 +183,7 @@ class ProcessResolver:
         now = time.monotonic()
         for pid in [p for p, t in self._gone.items() if now - t >= _NEGATIVE_TTL_S]:
             del self._gone[pid]
-        return len(stale)
+        return stale
 
     def daemon_resource_attributes(self) -> dict[str, AttributeValue]:
         """Resource of the daemon's own health metrics: service.name "otel-ebpf"."""
@@ -191,6 +192,13 @@ class ProcessResolver:
         attrs["service.name"] = DISTRO_NAME
         attrs["service.version"] = __version__
         return attrs
+
+
+def daemon_resource_attributes(stats=None) -> dict[str, AttributeValue]:
+    """The daemon's own resource (service.name "otel-ebpf"), for its health metrics."""
+    from otel_ebpf.stats import Stats
+
+    return ProcessResolver(stats if stats is not None else Stats()).daemon_resource_attributes()
 
     # ---- building ----
 
