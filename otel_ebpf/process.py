@@ -194,12 +194,6 @@ class ProcessResolver:
         return attrs
 
 
-def daemon_resource_attributes(stats=None) -> dict[str, AttributeValue]:
-    """The daemon's own resource (service.name "otel-ebpf"), for its health metrics."""
-    from otel_ebpf.stats import Stats
-
-    return ProcessResolver(stats if stats is not None else Stats()).daemon_resource_attributes()
-
     # ---- building ----
 
     def _start_ticks(self, pid: int) -> int | None:
@@ -318,3 +312,10 @@ def daemon_resource_attributes(stats=None) -> dict[str, AttributeValue]:
             self._stats.add("process.access_denied")
             log.debug("pid %d: some attributes were not readable (access denied)", pid)
         return ProcessInfo(pid, service_name, exe_name, attrs, start_ticks)
+
+
+def daemon_resource_attributes(stats=None) -> dict[str, AttributeValue]:
+    """The daemon's own resource (service.name "otel-ebpf"), for its health metrics."""
+    from otel_ebpf.stats import Stats
+
+    return ProcessResolver(stats if stats is not None else Stats()).daemon_resource_attributes()
