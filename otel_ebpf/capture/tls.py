@@ -115,56 +115,68 @@ _SHDR = struct.Struct("<IIQQQQIIQQ")
 _SYM = struct.Struct("<IBBHQQ")
 _SHT_DYNSYM = 11
 _STT_FUNC, _STT_GNU_IFUNC = 2, 10
+_MAX_TABLE = 256 << 20  # bound what one (possibly corrupt) header makes us read
 
 
 def read_elf_info(path: str, wanted: Iterable[str] = _WANTED) -> ElfInfo:
-    """Which of `wanted` this ELF file defines in .dynsym, and whether it is a Go binary."""
+    """Which of `wanted` this ELF file defines in .dynsym, and whether it is a Go binary.
+
+    Never raises: an unreadable or malformed file gives an ElfInfo with `error` set.
+    """
     try:
-        with open(path, "rb") as f:
-            ehdr = f.read(_EHDR.size)
-            if len(ehdr) < _EHDR.size or ehdr[:4] != b"\x7fELF":
-                return ElfInfo(error="not an ELF file")
-            if ehdr[4] != 2 or ehdr[5] != 1:
-                return ElfInfo(error="not a 64-bit little-endian ELF file")
-            (_, _, _, _, _, _, shoff, _, _, _, _, shentsize, shnum, shstrndx) = _EHDR.unpack(
-                ehdr
-            )
-            if shoff == 0 or shnum == 0 or shentsize != _SHDR.size:
-                return ElfInfo(error="no section headers (stripped of them)")
-            f.seek(shoff)
-            raw = f.read(shnum * shentsize)
-            sections = [_SHDR.unpack_from(raw, i * shentsize) for i in range(shnum)]
-            names_sh = sections[shstrndx] if shstrndx < shnum else None
-            is_go = False
-            if names_sh is not None:
-                f.seek(names_sh[4])
-                shstr = f.read(names_sh[5])
-                for sh in sections:
-                    name = shstr[sh[0] : shstr.find(b"\0", sh[0])]
-                    if name in (b".go.buildinfo", b".note.go.buildid", b".gopclntab"):
-                        is_go = True
-                        break
-            dynsym = next((sh for sh in sections if sh[1] == _SHT_DYNSYM), None)
-            if dynsym is None or dynsym[6] >= shnum:
-                return ElfInfo(is_go=is_go)
-            strtab = sections[dynsym[6]]
-            f.seek(strtab[4])
-            dynstr = f.read(strtab[5])
-            # Offsets in .dynstr where a wanted name starts (names may share tails, so a
-            # symbol can point into the middle of a longer string).
-            offsets: dict[int, str] = {}
-            for name in wanted:
-                needle = name.encode() + b"\0"
-                pos = dynstr.find(needle)
-                while pos != -1:
-                    offsets[pos] = name
-                    pos = dynstr.find(needle, pos + 1)
-            if not offsets:
-                return ElfInfo(is_go=is_go)
-            f.seek(dynsym[4])
-            syms = f.read(dynsym[5])
+        return _read_elf_info(path, tuple(wanted))
     except OSError as exc:
-        return ElfInfo(error="cannot read: %s" % exc.strerror)
+        return ElfInfo(error="cannot read: %s" % (exc.strerror or exc))
+    except (struct.error, IndexError, ValueError):
+        return ElfInfo(error="malformed ELF file (truncated or corrupt headers)")
+
+
+def _read_elf_info(path: str, wanted: tuple[str, ...]) -> ElfInfo:
+    with open(path, "rb") as f:
+        ehdr = f.read(_EHDR.size)
+        if len(ehdr) < _EHDR.size or ehdr[:4] != b"\x7fELF":
+            return ElfInfo(error="not an ELF file")
+        if ehdr[4] != 2 or ehdr[5] != 1:
+            return ElfInfo(error="not a 64-bit little-endian ELF file")
+        (_, _, _, _, _, _, shoff, _, _, _, _, shentsize, shnum, shstrndx) = _EHDR.unpack(
+            ehdr
+        )
+        if shoff == 0 or shnum == 0 or shentsize != _SHDR.size:
+            return ElfInfo(error="no section headers (stripped of them)")
+        f.seek(shoff)
+        raw = f.read(shnum * shentsize)
+        sections = [_SHDR.unpack_from(raw, i * shentsize) for i in range(shnum)]
+        names_sh = sections[shstrndx] if shstrndx < shnum else None
+        is_go = False
+        if names_sh is not None:
+            f.seek(names_sh[4])
+            shstr = f.read(names_sh[5])
+            for sh in sections:
+                name = shstr[sh[0] : shstr.find(b"\0", sh[0])]
+                if name in (b".go.buildinfo", b".note.go.buildid", b".gopclntab"):
+                    is_go = True
+                    break
+        dynsym = next((sh for sh in sections if sh[1] == _SHT_DYNSYM), None)
+        if dynsym is None or dynsym[6] >= shnum:
+            return ElfInfo(is_go=is_go)
+        strtab = sections[dynsym[6]]
+        if strtab[5] > _MAX_TABLE or dynsym[5] > _MAX_TABLE:
+            return ElfInfo(is_go=is_go, error="dynamic symbol table too large to read")
+        f.seek(strtab[4])
+        dynstr = f.read(strtab[5])
+        # Offsets in .dynstr where a wanted name starts (names may share tails, so a
+        # symbol can point into the middle of a longer string).
+        offsets: dict[int, str] = {}
+        for name in wanted:
+            needle = name.encode() + b"\0"
+            pos = dynstr.find(needle)
+            while pos != -1:
+                offsets[pos] = name
+                pos = dynstr.find(needle, pos + 1)
+        if not offsets:
+            return ElfInfo(is_go=is_go)
+        f.seek(dynsym[4])
+        syms = f.read(dynsym[5])
     defined = set()
     for st_name, st_info, _, st_shndx, st_value, _ in _SYM.iter_unpack(
         syms[: len(syms) - len(syms) % _SYM.size]
@@ -192,9 +204,7 @@ def _pids(proc: str) -> Iterator[int]:
         names = os.listdir(proc)
     except OSError:
         return
-    for name in names:
-        if name.isdigit():
-            yield int(name)
+    yield from sorted(int(name) for name in names if name.isdigit())
 
 
 def _mapped_files(proc: str, pid: int) -> list[_Mapping]:
