@@ -1,0 +1,371 @@
+"""The four measurements of issue 5, each a function from a Plan to a plain dict.
+
+Contract: every function starts its own peers under `workdir`, stops them before it
+returns, and returns JSON-ready numbers (raw per-round values and the summary derived
+from them); none asserts anything about speed. Ratios are always taken between arms of
+the same run, interleaved round by round with a rotating arm order so that drift of a
+noisy shared machine lands on every arm alike; the summary uses the median of rounds.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import statistics
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from tests.benchmark.agent import Agent, EmptyProbes, delta, loss_counters
+from tests.benchmark.peers import (BusyServer, HeldConnections, Nginx, Receiver, run_wrk,
+                                   start_wrk)
+from tests.benchmark.proc import BenchmarkError
+
+log = logging.getLogger(__name__)
+
+MB = 1024 * 1024
+
+
+@dataclass
+class Plan:
+    """How long and how hard; `quick()` is the ~1 minute smoke variant."""
+    rounds: int = 3
+    arm_s: float = 10.0
+    warmup_s: float = 1.0
+    connections: int = 16
+    threads: int = 2
+    # (connections, per-connection delay ms) from light to unpaced; see capacity().
+    ladder: list[tuple[int, int]] = field(default_factory=lambda: [
+        (4, 1), (8, 1), (16, 1), (32, 1), (64, 1), (16, 0), (64, 0)])
+    step_s: float = 8.0
+    stall_s: float = 5.0
+    idle_s: float = 5.0
+    held_connections: int = 10_000
+    exchanges_target: int = 1_000_000
+    exchanges_cap_s: float = 150.0
+    freshness_s: float = 15.0
+    freshness_delay_ms: int = 10
+    daemon_cpu: int = 1
+    load_cpu: int = 0
+
+    @classmethod
+    def quick(cls) -> Plan:
+        return cls(rounds=1, arm_s=3.0, warmup_s=0.0, ladder=[(8, 1), (16, 0)], step_s=3.0,
+                   stall_s=3.0, idle_s=2.0, held_connections=1000, exchanges_target=30_000,
+                   exchanges_cap_s=20.0, freshness_s=4.0)
+
+
+def median(values: list[float]) -> float:
+    return statistics.median(values) if values else float("nan")
+
+
+def ratio(a: float, b: float) -> float:
+    return a / b if b else float("nan")
+
+
+def percentile(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    s = sorted(values)
+    k = min(len(s) - 1, max(0, round(q / 100 * (len(s) - 1))))
+    return s[k]
+
+
+def wait_drained(agent: Agent, quiet_s: float = 1.0, timeout_s: float = 30.0) -> tuple[dict, float]:
+    """Wait until the daemon's exchange count stops moving; (final stats, seconds waited)."""
+    t0 = time.monotonic()
+    snap = agent.stats()
+    last, last_change = agent.exchanges(snap), time.monotonic()
+    while time.monotonic() - t0 < timeout_s:
+        time.sleep(0.25)
+        snap = agent.stats()
+        n = agent.exchanges(snap)
+        if n != last:
+            last, last_change = n, time.monotonic()
+        elif time.monotonic() - last_change >= quiet_s:
+            break
+    return snap, max(0.0, last_change - t0)
+
+
+def cpus_available(*cpus: int) -> set[int] | None:
+    """Pinning only where the CPUs exist (a 1-CPU box runs unpinned, and says so)."""
+    have = os.sched_getaffinity(0)
+    return set(cpus) if all(c in have for c in cpus) else None
+
+
+# ---------------------------------------------------------------- 1. overhead
+
+def _measure_arm(url: str, plan: Plan, workdir: Path) -> dict:
+    if plan.warmup_s:
+        run_wrk(url, plan.warmup_s, plan.connections, plan.threads, logdir=workdir)
+    return run_wrk(url, plan.arm_s, plan.connections, plan.threads, logdir=workdir).as_dict()
+
+
+def _traced_arm(server, rx: Receiver, url: str, plan: Plan, workdir: Path) -> dict:
+    with Agent(workdir, rx.grpc_endpoint, pids=server.pids()) as agent:
+        before, cpu0 = agent.stats(), agent.cpu_s()
+        res = _measure_arm(url, plan, workdir)
+        after, _ = wait_drained(agent, quiet_s=0.5, timeout_s=10)
+        res["daemon_cpu_s"] = agent.cpu_s() - cpu0
+        res["daemon_exchanges"] = agent.exchanges(after) - agent.exchanges(before)
+        res["daemon_loss"] = delta(loss_counters(after), loss_counters(before))
+        res["daemon_ready_s"] = agent.ready_after_s
+    return res
+
+
+def _summarize(rounds: list[dict], base: str, others: list[str]) -> dict:
+    out: dict = {}
+    med = {arm: {k: median([r[arm][k] for r in rounds]) for k in ("rps", "p50_us", "p99_us")}
+           for arm in [base, *others]}
+    out["median"] = med
+    for arm in others:
+        out["%s_vs_%s" % (arm, base)] = {
+            "throughput": ratio(med[arm]["rps"], med[base]["rps"]),
+            "p50": ratio(med[arm]["p50_us"], med[base]["p50_us"]),
+            "p99": ratio(med[arm]["p99_us"], med[base]["p99_us"]),
+            # Per-round ratios show how much of a difference is noise.
+            "throughput_rounds": [ratio(r[arm]["rps"], r[base]["rps"]) for r in rounds],
+        }
+    return out
+
+
+def overhead(plan: Plan, workdir: Path) -> dict:
+    result: dict = {"plan": {"rounds": plan.rounds, "arm_s": plan.arm_s,
+                             "wrk": "-t%d -c%d --latency" % (plan.threads, plan.connections)}}
+    with Receiver(workdir) as rx:
+        # (a) nginx, small static file: untraced / empty probes / traced.
+        with Nginx(workdir) as nginx:
+            arms = ["untraced", "empty_probes", "traced"]
+            rounds: list[dict] = []
+            attached = ""
+            for i in range(plan.rounds):
+                order = arms[i % 3:] + arms[:i % 3]
+                rec: dict = {"order": order}
+                for arm in order:
+                    if arm == "untraced":
+                        rec[arm] = _measure_arm(nginx.url, plan, workdir)
+                    elif arm == "empty_probes":
+                        with EmptyProbes(workdir) as probes:
+                            attached = probes.attached
+                            rec[arm] = _measure_arm(nginx.url, plan, workdir)
+                    else:
+                        rec[arm] = _traced_arm(nginx, rx, nginx.url, plan, workdir)
+                    log.info("overhead nginx round %d %s: %.0f req/s p99 %.0f us", i + 1, arm,
+                             rec[arm]["rps"], rec[arm]["p99_us"])
+                rounds.append(rec)
+            result["nginx"] = {"rounds": rounds, "empty_probes": attached,
+                               **_summarize(rounds, "untraced", ["empty_probes", "traced"])}
+            med = result["nginx"]["median"]
+            result["nginx"]["traced_vs_empty_probes"] = {
+                "throughput": ratio(med["traced"]["rps"], med["empty_probes"]["rps"]),
+                "p99": ratio(med["traced"]["p99_us"], med["empty_probes"]["p99_us"])}
+        # (b) ~1 ms of CPU per request: untraced / traced.
+        with BusyServer(workdir) as busy:
+            arms = ["untraced", "traced"]
+            rounds = []
+            for i in range(plan.rounds):
+                order = arms if i % 2 == 0 else arms[::-1]
+                rec = {"order": order}
+                for arm in order:
+                    rec[arm] = (_measure_arm(busy.url, plan, workdir) if arm == "untraced"
+                                else _traced_arm(busy, rx, busy.url, plan, workdir))
+                    log.info("overhead busy round %d %s: %.0f req/s p99 %.0f us", i + 1, arm,
+                             rec[arm]["rps"], rec[arm]["p99_us"])
+                rounds.append(rec)
+            result["busy_1ms"] = {"rounds": rounds, **_summarize(rounds, "untraced", ["traced"])}
+        result["receiver_spans"] = rx.span_count()
+    return result
+
+
+# ---------------------------------------------------------------- 2. capacity
+
+def capacity(plan: Plan, workdir: Path) -> dict:
+    """A ladder of offered loads; the daemon alone on `daemon_cpu`, everything else on
+    `load_cpu`. A step is sustained when no loss counter moved, every request wrk
+    completed was seen as an exchange, and the daemon caught up within 1.5 s of the
+    load stopping (no backlog building up)."""
+    dcpu = cpus_available(plan.daemon_cpu, plan.load_cpu)
+    daemon_cpus = {plan.daemon_cpu} if dcpu else None
+    load_cpus = {plan.load_cpu} if dcpu else None
+    result: dict = {"pinning": ("daemon on CPU %d; nginx, wrk, rotel on CPU %d"
+                                % (plan.daemon_cpu, plan.load_cpu)) if dcpu else "none (1 CPU)"}
+    steps: list[dict] = []
+    with Receiver(workdir, cpus=load_cpus) as rx, \
+            Nginx(workdir, workers=1, cpus=load_cpus) as nginx, \
+            Agent(workdir, rx.grpc_endpoint, pids=nginx.pids(), cpus=daemon_cpus) as agent:
+        # Load-only ceiling: what CPU 0 can offer with the probes attached.
+        for conns, delay_ms in plan.ladder:
+            before, cpu0, t0 = agent.stats(), agent.cpu_s(), time.monotonic()
+            w = run_wrk(nginx.url, plan.step_s, conns, min(2, conns), delay_ms=delay_ms,
+                        cpus=load_cpus, logdir=workdir)
+            after, drain_s = wait_drained(agent, quiet_s=1.0, timeout_s=30)
+            cpu, wall = agent.cpu_s() - cpu0, time.monotonic() - t0
+            seen = agent.exchanges(after) - agent.exchanges(before)
+            loss = delta(loss_counters(after), loss_counters(before))
+            unseen = max(0, w.requests - seen)
+            step = {"connections": conns, "delay_ms": delay_ms, "offered_rps": w.rps,
+                    "requests": w.requests, "exchanges": seen, "unseen": unseen,
+                    "exchanges_per_s": seen / w.duration_s if w.duration_s else 0.0,
+                    "drain_s": drain_s, "loss": loss,
+                    "daemon_cpu_s": cpu,
+                    # Over the whole step (load + drain): a lower bound of the busy share.
+                    "daemon_cpu_util": cpu / wall,
+                    "cpu_us_per_exchange": cpu * 1e6 / seen if seen else float("nan"),
+                    "wrk_errors": w.errors + w.bad_status}
+            step["sustained"] = (not loss and unseen == 0 and drain_s <= 1.5
+                                 and step["wrk_errors"] == 0)
+            steps.append(step)
+            log.info("capacity c=%d delay=%dms: %.0f ex/s, daemon %.0f%% CPU, %.1f us/ex, "
+                     "loss %s, unseen %d, drain %.1fs", conns, delay_ms,
+                     step["exchanges_per_s"], 100 * step["daemon_cpu_util"],
+                     step["cpu_us_per_exchange"], loss or 0, unseen, drain_s)
+        # Loss, provoked: the daemon stopped (SIGSTOP) under full load cannot drain the
+        # ring buffer; whatever it cannot see must show up in a loss counter.
+        before = agent.stats()
+        wrk = start_wrk(nginx.url, plan.stall_s + 2, 16, 2, workdir, cpus=load_cpus)
+        try:
+            time.sleep(1)
+            agent.suspend()
+            try:
+                time.sleep(plan.stall_s)
+            finally:
+                agent.resume()
+            wrk.proc.wait(plan.stall_s + 30)
+        finally:
+            wrk.stop()
+        after, drain_s = wait_drained(agent, quiet_s=1.0, timeout_s=60)
+        result["stall"] = {"stopped_s": plan.stall_s,
+                           "exchanges": agent.exchanges(after) - agent.exchanges(before),
+                           "loss": delta(loss_counters(after), loss_counters(before)),
+                           "drain_s": drain_s}
+        total = agent.exchanges(after)
+        loss_total = loss_counters(after)
+        result["daemon_total_exchanges"] = total
+        result["daemon_loss_totals"] = {k: v for k, v in loss_total.items() if v}
+        result["daemon_stats"] = after
+    # After the daemon's shutdown flush: every exchange should have reached the receiver.
+    result["receiver_spans"] = rx.span_count()
+    result["export_ratio"] = ratio(rx.span_count(), total)
+    result["steps"] = steps
+    good = [s for s in steps if s["sustained"]]
+    best = max(good, key=lambda s: s["exchanges_per_s"]) if good else None
+    result["max_sustained_exchanges_per_s"] = best["exchanges_per_s"] if best else 0.0
+    per_ex = [s["cpu_us_per_exchange"] for s in steps if s["exchanges"] > 1000]
+    result["cpu_us_per_exchange"] = median(per_ex)
+    # What one core could take if CPU per exchange stayed what it is at these rates.
+    result["projected_exchanges_per_s_one_core"] = ratio(1e6, result["cpu_us_per_exchange"])
+    first_bad = next((s for s in steps if not s["sustained"]), None)
+    result["loss_begins_at"] = (None if first_bad is None else
+                                {"offered_rps": first_bad["offered_rps"],
+                                 "loss": first_bad["loss"], "unseen": first_bad["unseen"]})
+    # Whether the ladder ever saturated the daemon or only the load's own CPU.
+    result["daemon_saturated"] = any(s["daemon_cpu_util"] > 0.9 for s in steps)
+    return result
+
+
+# ---------------------------------------------------------------- 3. memory
+
+def memory(plan: Plan, workdir: Path) -> dict:
+    result: dict = {}
+    with Receiver(workdir) as rx, Nginx(workdir) as nginx, \
+            Agent(workdir, rx.grpc_endpoint, pids=nginx.pids()) as agent:
+        time.sleep(plan.idle_s)
+        idle = [agent.rss() for _ in range(5) if time.sleep(0.2) is None]
+        result["idle_rss_mb"] = max(idle) / MB
+
+        before = agent.exchanges()
+        with HeldConnections(workdir, nginx.port, plan.held_connections) as held:
+            snap, _ = wait_drained(agent, quiet_s=1.0, timeout_s=60)
+            time.sleep(1)
+            samples = [agent.rss() for _ in range(5) if time.sleep(0.2) is None]
+            result["held_connections"] = held.held
+            result["held_rss_mb"] = max(samples) / MB
+            result["held_exchanges_seen"] = agent.exchanges(snap) - before
+        wait_drained(agent, quiet_s=1.0, timeout_s=30)
+        result["after_close_rss_mb"] = agent.rss() / MB
+
+        # One million exchanges (or as many as the cap allows), RSS sampled each second.
+        start = agent.exchanges()
+        series: list[tuple[float, int, float]] = []   # (t, exchanges, rss MB)
+        t0 = time.monotonic()
+        wrk = start_wrk(nginx.url, plan.exchanges_cap_s + 5, 16, 2, workdir)
+        try:
+            while time.monotonic() - t0 < plan.exchanges_cap_s:
+                time.sleep(1.0)
+                n = agent.exchanges() - start
+                series.append((time.monotonic() - t0, n, agent.rss() / MB))
+                if n >= plan.exchanges_target:
+                    break
+        finally:
+            wrk.stop()
+        snap, _ = wait_drained(agent, quiet_s=1.0, timeout_s=60)
+        series.append((time.monotonic() - t0, agent.exchanges(snap) - start, agent.rss() / MB))
+        result["series"] = series
+        result["exchanges"] = series[-1][1]
+        result["exchanges_target"] = plan.exchanges_target
+        result["rss_start_mb"] = series[0][2]
+        result["rss_end_mb"] = series[-1][2]
+        result["rss_max_mb"] = max(s[2] for s in series)
+        result["loss_totals"] = {k: v for k, v in loss_counters(snap).items() if v}
+        # Growth: least-squares slope of RSS over exchanges on the last 3/4 of the run
+        # (the first quarter holds warm-up: caches, interpreter arenas, buffers).
+        tail = series[len(series) // 4:]
+        result["growth_mb_per_million"] = _slope([s[1] for s in tail],
+                                                 [s[2] for s in tail]) * 1e6
+        result["growth_last_3q_mb"] = tail[-1][2] - tail[0][2] if tail else float("nan")
+    return result
+
+
+def _slope(xs: list[float], ys: list[float]) -> float:
+    if len(xs) < 3:
+        return float("nan")
+    mx, my = statistics.fmean(xs), statistics.fmean(ys)
+    var = sum((x - mx) ** 2 for x in xs)
+    return sum((x - mx) * (y - my) for x, y in zip(xs, ys, strict=True)) / var if var else 0.0
+
+
+# ---------------------------------------------------------------- 4. freshness
+
+def freshness(plan: Plan, workdir: Path) -> dict:
+    """Paced load (~200 exchanges/s), default batch settings; for every span received,
+    its arrival (rotel printed it; we read the line) minus its end_time_unix_nano."""
+    # The daemon's default is TelemetryOptions.span_schedule_delay_s (OTEL_BSP_SCHEDULE_DELAY).
+    delay_s = float(os.environ.get("OTEL_BSP_SCHEDULE_DELAY", "5000")) / 1000
+    result: dict = {"batch_delay_s": delay_s}
+    with Receiver(workdir, mode="detailed") as rx, Nginx(workdir) as nginx:
+        with Agent(workdir, rx.grpc_endpoint, pids=nginx.pids()) as agent:
+            rx.take_arrivals()
+            w = run_wrk(nginx.url, plan.freshness_s, 2, 1, delay_ms=plan.freshness_delay_ms,
+                        logdir=workdir)
+            snap, _ = wait_drained(agent, quiet_s=1.0, timeout_s=30)
+            seen = agent.exchanges(snap)
+            deadline = time.monotonic() + delay_s + 10
+            while rx.span_count() < seen and time.monotonic() < deadline:
+                time.sleep(0.25)
+            arrivals = rx.take_arrivals()
+        lags = [(arr - end) / 1e9 for end, arr in arrivals]
+        result.update({
+            "requests": w.requests, "rps": w.rps, "exchanges": seen, "spans": len(lags),
+            "p50_s": percentile(lags, 50), "p99_s": percentile(lags, 99),
+            "max_s": max(lags) if lags else float("nan"),
+            "min_s": min(lags) if lags else float("nan"),
+        })
+    if not lags:
+        raise BenchmarkError("freshness: the receiver got no span (exchanges seen: %d)" % seen)
+    return result
+
+
+SECTIONS = {"overhead": overhead, "capacity": capacity, "memory": memory,
+            "freshness": freshness}
+
+
+def run_section(name: str, plan: Plan, workdir: Path) -> dict:
+    t0 = time.monotonic()
+    try:
+        out = SECTIONS[name](plan, workdir)
+    except BenchmarkError as exc:
+        log.error("section %s failed: %s", name, exc)
+        out = {"error": str(exc)}
+    out["wall_s"] = round(time.monotonic() - t0, 1)
+    return out
+
