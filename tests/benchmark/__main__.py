@@ -50,6 +50,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true",
                         help="about one minute: 1 round, short arms, 1,000 connections, "
                         "30k exchanges (a smoke run; its numbers are not the benchmark's)")
+    parser.add_argument("--smoke", action="store_true",
+                        help="seconds per section: checks the harness works (used by "
+                        "tests/integration/test_benchmark_smoke.py)")
     parser.add_argument("--only", default=",".join(SECTIONS),
                         help="comma-separated sections (default: all): %s" % ", ".join(SECTIONS))
     parser.add_argument("--out", type=Path, help="JSON output path")
@@ -71,13 +74,14 @@ def main(argv: list[str] | None = None) -> int:
             print("benchmark: %s" % p, file=sys.stderr)
         return 2
 
-    plan = Plan.quick() if args.quick else Plan()
+    plan = Plan.smoke() if args.smoke else Plan.quick() if args.quick else Plan()
+    mode = "smoke" if args.smoke else "quick" if args.quick else "full"
     workdir = Path(tempfile.mkdtemp(prefix="otel-ebpf-bench-"))
     # nginx runs as root here but its config/tmp paths live under this dir.
     os.chmod(workdir, 0o755)
     log.info("work dir %s (peer logs); sections %s", workdir, ", ".join(sections))
     results: dict = {"started_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-                     "mode": "quick" if args.quick else "full",
+                     "mode": mode,
                      "machine": machine_info(), "versions": versions(),
                      "plan": plan.__dict__, "sections": {}}
     t0 = time.monotonic()

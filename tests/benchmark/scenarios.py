@@ -54,6 +54,15 @@ class Plan:
                    stall_s=3.0, idle_s=2.0, held_connections=1000, exchanges_target=30_000,
                    exchanges_cap_s=20.0, freshness_s=4.0)
 
+    @classmethod
+    def smoke(cls) -> Plan:
+        """Seconds per section, for tests/integration/test_benchmark_smoke.py: proves the
+        harness and its peers work, measures nothing worth reading. Counts are prime so a
+        duplicate or a miss shows (211 held connections -> exactly 211 exchanges)."""
+        return cls(rounds=1, arm_s=2.0, warmup_s=0.0, ladder=[(8, 1)], step_s=2.0,
+                   stall_s=2.0, idle_s=1.0, held_connections=211, exchanges_target=5003,
+                   exchanges_cap_s=10.0, freshness_s=2.0)
+
 
 def median(values: list[float]) -> float:
     return statistics.median(values) if values else float("nan")
