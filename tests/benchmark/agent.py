@@ -48,9 +48,12 @@ class Agent:
     def __init__(self, workdir: Path, endpoint: str, pids: list[int] | None = None,
                  cpus: set[int] | None = None, protocol: str = "grpc",
                  extra_args: list[str] | None = None, env: dict[str, str] | None = None,
-                 name: str = "otel-ebpf") -> None:
+                 name: str = "otel-ebpf", profile_to: Path | None = None) -> None:
         self.health_port = free_port()
-        argv = [sys.executable, "-m", "otel_ebpf.cli", "run", "--exporter", "otlp",
+        # Under pyinstrument (sampling, 1 ms) when a profile is wanted: pstats written at exit.
+        prefix = (["-m", "pyinstrument", "-r", "pstats", "-o", str(profile_to)]
+                  if profile_to else [])
+        argv = [sys.executable, *prefix, "-m", "otel_ebpf.cli", "run", "--exporter", "otlp",
                 "--health-listen", "127.0.0.1:%d" % self.health_port]
         for pid in pids or ():
             argv += ["--pid", str(pid)]

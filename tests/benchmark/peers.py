@@ -266,6 +266,18 @@ class Receiver:
         with self._lock:
             return self.spans
 
+    def settle(self, quiet_s: float = 0.5, timeout_s: float = 10.0) -> int:
+        """Span count once it stopped moving (our reader may trail rotel's output)."""
+        deadline = time.monotonic() + timeout_s
+        last = self.span_count()
+        while time.monotonic() < deadline:
+            time.sleep(quiet_s)
+            now = self.span_count()
+            if now == last:
+                break
+            last = now
+        return last
+
     def take_arrivals(self) -> list[tuple[int, int]]:
         with self._lock:
             out, self.arrivals = self.arrivals, []

@@ -45,6 +45,8 @@ class Plan:
     exchanges_cap_s: float = 150.0
     freshness_s: float = 15.0
     freshness_delay_ms: int = 10
+    # py-spy on the daemon under unpaced load (0 = no profile).
+    profile_s: float = 8.0
     daemon_cpu: int = 1
     load_cpu: int = 0
 
@@ -52,7 +54,7 @@ class Plan:
     def quick(cls) -> Plan:
         return cls(rounds=1, arm_s=3.0, warmup_s=0.0, ladder=[(8, 1), (16, 0)], step_s=3.0,
                    stall_s=3.0, idle_s=2.0, held_connections=1000, exchanges_target=30_000,
-                   exchanges_cap_s=20.0, freshness_s=4.0)
+                   exchanges_cap_s=20.0, freshness_s=4.0, profile_s=0.0)
 
     @classmethod
     def smoke(cls) -> Plan:
@@ -61,7 +63,7 @@ class Plan:
         duplicate or a miss shows (211 held connections -> exactly 211 exchanges)."""
         return cls(rounds=1, arm_s=2.0, warmup_s=0.0, ladder=[(8, 1)], step_s=2.0,
                    stall_s=2.0, idle_s=1.0, held_connections=211, exchanges_target=5003,
-                   exchanges_cap_s=10.0, freshness_s=2.0)
+                   exchanges_cap_s=10.0, freshness_s=2.0, profile_s=0.0)
 
 
 def median(values: list[float]) -> float:
@@ -200,67 +202,73 @@ def capacity(plan: Plan, workdir: Path) -> dict:
                                 % (plan.daemon_cpu, plan.load_cpu)) if dcpu else "none (1 CPU)"}
     steps: list[dict] = []
     with Receiver(workdir, cpus=load_cpus) as rx, \
-            Nginx(workdir, workers=1, cpus=load_cpus) as nginx, \
-            Agent(workdir, rx.grpc_endpoint, pids=nginx.pids(), cpus=daemon_cpus) as agent:
-        # Load-only ceiling: what CPU 0 can offer with the probes attached.
-        for conns, delay_ms in plan.ladder:
-            before, cpu0, t0 = agent.stats(), agent.cpu_s(), time.monotonic()
-            w = run_wrk(nginx.url, plan.step_s, conns, min(2, conns), delay_ms=delay_ms,
-                        cpus=load_cpus, logdir=workdir)
-            after, drain_s = wait_drained(agent, quiet_s=1.0, timeout_s=30)
-            cpu, wall = agent.cpu_s() - cpu0, time.monotonic() - t0
-            seen = agent.exchanges(after) - agent.exchanges(before)
-            loss = delta(loss_counters(after), loss_counters(before))
-            unseen = max(0, w.requests - seen)
-            step = {"connections": conns, "delay_ms": delay_ms, "offered_rps": w.rps,
-                    "requests": w.requests, "exchanges": seen, "unseen": unseen,
-                    "exchanges_per_s": seen / w.duration_s if w.duration_s else 0.0,
-                    "drain_s": drain_s, "loss": loss,
-                    "daemon_cpu_s": cpu,
-                    # Over the whole step (load + drain): a lower bound of the busy share.
-                    "daemon_cpu_util": cpu / wall,
-                    "cpu_us_per_exchange": cpu * 1e6 / seen if seen else float("nan"),
-                    "wrk_errors": w.errors + w.bad_status}
-            step["sustained"] = (not loss and unseen == 0 and drain_s <= 1.5
-                                 and step["wrk_errors"] == 0)
-            steps.append(step)
-            log.info("capacity c=%d delay=%dms: %.0f ex/s, daemon %.0f%% CPU, %.1f us/ex, "
-                     "loss %s, unseen %d, drain %.1fs", conns, delay_ms,
-                     step["exchanges_per_s"], 100 * step["daemon_cpu_util"],
-                     step["cpu_us_per_exchange"], loss or 0, unseen, drain_s)
-        # Loss, provoked: the daemon stopped (SIGSTOP) under full load cannot drain the
-        # ring buffer; whatever it cannot see must show up in a loss counter.
-        before = agent.stats()
-        wrk = start_wrk(nginx.url, plan.stall_s + 2, 16, 2, workdir, cpus=load_cpus)
-        try:
-            time.sleep(1)
-            agent.suspend()
+            Nginx(workdir, workers=1, cpus=load_cpus) as nginx:
+        with Agent(workdir, rx.grpc_endpoint, pids=nginx.pids(), cpus=daemon_cpus) as agent:
+            for conns, delay_ms in plan.ladder:
+                before, cpu0, t0 = agent.stats(), agent.cpu_s(), time.monotonic()
+                w = run_wrk(nginx.url, plan.step_s, conns, min(2, conns), delay_ms=delay_ms,
+                            cpus=load_cpus, logdir=workdir)
+                after, drain_s = wait_drained(agent, quiet_s=1.0, timeout_s=30)
+                cpu, wall = agent.cpu_s() - cpu0, time.monotonic() - t0
+                seen = agent.exchanges(after) - agent.exchanges(before)
+                loss = delta(loss_counters(after), loss_counters(before))
+                unseen = max(0, w.requests - seen)
+                step = {"connections": conns, "delay_ms": delay_ms, "offered_rps": w.rps,
+                        "requests": w.requests, "exchanges": seen, "unseen": unseen,
+                        "exchanges_per_s": seen / w.duration_s if w.duration_s else 0.0,
+                        "drain_s": drain_s, "loss": loss,
+                        "daemon_cpu_s": cpu,
+                        # Over the whole step (load + drain): a lower bound of the busy share.
+                        "daemon_cpu_util": cpu / wall,
+                        "cpu_us_per_exchange": cpu * 1e6 / seen if seen else float("nan"),
+                        "wrk_errors": w.errors + w.bad_status}
+                step["sustained"] = (not loss and unseen == 0 and drain_s <= 1.5
+                                     and step["wrk_errors"] == 0)
+                steps.append(step)
+                log.info("capacity c=%d delay=%dms: %.0f ex/s, daemon %.0f%% CPU, %.1f us/ex, "
+                         "loss %s, unseen %d, drain %.1fs", conns, delay_ms,
+                         step["exchanges_per_s"], 100 * step["daemon_cpu_util"],
+                         step["cpu_us_per_exchange"], loss or 0, unseen, drain_s)
+            # Loss, provoked: the daemon stopped (SIGSTOP) under full load cannot drain the
+            # ring buffer; whatever it cannot see must show up in a loss counter.
+            before = agent.stats()
+            wrk = start_wrk(nginx.url, plan.stall_s + 2, 16, 2, workdir, cpus=load_cpus)
             try:
-                time.sleep(plan.stall_s)
+                time.sleep(1)
+                agent.suspend()
+                try:
+                    time.sleep(plan.stall_s)
+                finally:
+                    agent.resume()
+                wrk.proc.wait(plan.stall_s + 30)
             finally:
-                agent.resume()
-            wrk.proc.wait(plan.stall_s + 30)
-        finally:
-            wrk.stop()
-        after, drain_s = wait_drained(agent, quiet_s=1.0, timeout_s=60)
-        result["stall"] = {"stopped_s": plan.stall_s,
-                           "exchanges": agent.exchanges(after) - agent.exchanges(before),
-                           "loss": delta(loss_counters(after), loss_counters(before)),
-                           "drain_s": drain_s}
-        total = agent.exchanges(after)
-        loss_total = loss_counters(after)
-        result["daemon_total_exchanges"] = total
-        result["daemon_loss_totals"] = {k: v for k, v in loss_total.items() if v}
-        result["daemon_stats"] = after
-    # After the daemon's shutdown flush: every exchange should have reached the receiver.
-    result["receiver_spans"] = rx.span_count()
-    result["export_ratio"] = ratio(rx.span_count(), total)
+                wrk.stop()
+            after, drain_s = wait_drained(agent, quiet_s=1.0, timeout_s=60)
+            result["stall"] = {"stopped_s": plan.stall_s,
+                               "exchanges": agent.exchanges(after) - agent.exchanges(before),
+                               "loss": delta(loss_counters(after), loss_counters(before)),
+                               "drain_s": drain_s}
+            total = agent.exchanges(after)
+            loss_total = loss_counters(after)
+            result["daemon_total_exchanges"] = total
+            result["daemon_loss_totals"] = {k: v for k, v in loss_total.items() if v}
+            result["daemon_stats"] = after
+        # After the daemon's shutdown flush: every exchange should have reached the
+        # receiver (counted before the profiled daemon below adds its own).
+        result["receiver_spans"] = rx.settle()
+        result["export_ratio"] = ratio(result["receiver_spans"], total)
+        if plan.profile_s:
+            result["profile"] = profile(rx, nginx, plan, workdir, daemon_cpus, load_cpus)
     result["steps"] = steps
     good = [s for s in steps if s["sustained"]]
     best = max(good, key=lambda s: s["exchanges_per_s"]) if good else None
     result["max_sustained_exchanges_per_s"] = best["exchanges_per_s"] if best else 0.0
-    per_ex = [s["cpu_us_per_exchange"] for s in steps if s["exchanges"] > 1000]
-    result["cpu_us_per_exchange"] = median(per_ex)
+    # CPU per exchange where fixed costs (poll wake-ups, rescans, timers) are most
+    # amortized: the busiest step. Every step's value is in "steps".
+    busiest = max(steps, key=lambda s: s["exchanges"]) if steps else None
+    result["cpu_us_per_exchange"] = (busiest["cpu_us_per_exchange"] if busiest
+                                     else float("nan"))
+    result["cpu_us_per_exchange_at"] = busiest["exchanges_per_s"] if busiest else 0.0
     # What one core could take if CPU per exchange stayed what it is at these rates.
     result["projected_exchanges_per_s_one_core"] = ratio(1e6, result["cpu_us_per_exchange"])
     first_bad = next((s for s in steps if not s["sustained"]), None)
@@ -270,6 +278,51 @@ def capacity(plan: Plan, workdir: Path) -> dict:
     # Whether the ladder ever saturated the daemon or only the load's own CPU.
     result["daemon_saturated"] = any(s["daemon_cpu_util"] > 0.9 for s in steps)
     return result
+
+
+def profile(rx: Receiver, nginx: Nginx, plan: Plan, workdir: Path,
+            daemon_cpus: set[int] | None, load_cpus: set[int] | None) -> dict:
+    """Where the daemon's CPU goes under unpaced load: a second daemon run under
+    pyinstrument (sampling every 1 ms, main thread, where the per-exchange work is),
+    folded into the functions with the most self and inclusive time."""
+    out = workdir / "daemon-profile.pstats"
+    with Agent(workdir, rx.grpc_endpoint, pids=nginx.pids(), cpus=daemon_cpus,
+               name="otel-ebpf-profiled", profile_to=out) as agent:
+        before, cpu0 = agent.stats(), agent.cpu_s()
+        w = run_wrk(nginx.url, plan.profile_s, 16, 2, cpus=load_cpus, logdir=workdir)
+        after, _ = wait_drained(agent, quiet_s=1.0, timeout_s=30)
+        seen = agent.exchanges(after) - agent.exchanges(before)
+        cpu = agent.cpu_s() - cpu0
+    if not out.exists():
+        return {"error": "pyinstrument wrote no profile (see otel-ebpf-profiled.log)"}
+    return {"rps": w.rps, "exchanges": seen,
+            "cpu_us_per_exchange_profiled": cpu * 1e6 / seen if seen else float("nan"),
+            "file": str(out), **fold_profile(out)}
+
+
+def fold_profile(path: Path, top: int = 15) -> dict:
+    """pstats -> the functions with the most self (tottime) and inclusive (cumtime) time,
+    as shares of the profiled main-thread time."""
+    import pstats
+
+    st = pstats.Stats(str(path))
+    total = st.total_tt or 1.0
+    rows = []
+    for (file, line, func), (_cc, _nc, tt, ct, _callers) in st.stats.items():
+        rows.append(("%s (%s:%d)" % (func, short_path(file), line), tt, ct))
+
+    def share(idx: int) -> list[tuple[str, float]]:
+        return [(r[0], round(100 * r[idx] / total, 1))
+                for r in sorted(rows, key=lambda r: -r[idx])[:top]]
+    return {"profiled_s": round(total, 2), "self_pct": share(1), "inclusive_pct": share(2)}
+
+
+def short_path(file: str) -> str:
+    for marker in ("/otel_ebpf/", "/site-packages/", "/dist-packages/", "/python3.11/"):
+        if marker in file:
+            return file.split(marker, 1)[1] if marker != "/otel_ebpf/" else \
+                "otel_ebpf/" + file.split(marker, 1)[1]
+    return file
 
 
 # ---------------------------------------------------------------- 3. memory
@@ -338,8 +391,12 @@ def _slope(xs: list[float], ys: list[float]) -> float:
 def freshness(plan: Plan, workdir: Path) -> dict:
     """Paced load (~200 exchanges/s), default batch settings; for every span received,
     its arrival (rotel printed it; we read the line) minus its end_time_unix_nano."""
-    # The daemon's default is TelemetryOptions.span_schedule_delay_s (OTEL_BSP_SCHEDULE_DELAY).
-    delay_s = float(os.environ.get("OTEL_BSP_SCHEDULE_DELAY", "5000")) / 1000
+    # The batch delay in force: OTEL_BSP_SCHEDULE_DELAY (ms) if set, else the daemon's default.
+    if os.environ.get("OTEL_BSP_SCHEDULE_DELAY"):
+        delay_s = float(os.environ["OTEL_BSP_SCHEDULE_DELAY"]) / 1000
+    else:
+        from otel_ebpf.telemetry.options import TelemetryOptions
+        delay_s = TelemetryOptions().span_schedule_delay_s
     result: dict = {"batch_delay_s": delay_s}
     with Receiver(workdir, mode="detailed") as rx, Nginx(workdir) as nginx:
         with Agent(workdir, rx.grpc_endpoint, pids=nginx.pids()) as agent:
