@@ -1,0 +1,351 @@
+"""ConnectionTable: capture events in, HttpExchange records out.
+
+In: ConnOpenEvent / DataEvent / ConnCloseEvent (otel_ebpf.capture.events), in ring
+buffer order. Out: the HttpExchange records each call completed (usually none).
+
+One tracker per ConnKey (tgid, fd, generation). Per direction it follows the stream
+position (DataEvent.position/size): a chunk past the expected position means the
+kernel lost bytes, a truncated chunk (len(data) < size) means it did not copy them;
+either way the HTTP framer is told "N bytes you cannot see" so body sizes stay exact.
+A chunk entirely behind the expected position (duplicate, or a late out-of-order chunk
+whose bytes were already accounted as a gap) is dropped; a partly overlapping one is
+trimmed. Both are counted.
+
+Connections never seen opening (opened before we attached) start with role UNKNOWN:
+the first message start found in either direction decides the role, and addresses
+come from /proc through `resolve_addresses`. With `options.ports` set, connections
+whose local and remote ports are both outside it are dropped once addresses are known.
+
+TLS: when OPENSSL-source data arrives on a key, syscall-source data on it is
+ciphertext from then on: it is counted (`conntrack.ciphertext_ignored`) and ignored,
+and exchanges on the connection get scheme "https".
+
+Memory is bounded: per-connection buffered bytes (both framers) <= max_buffer_bytes,
+at most max_connections trackers (least recently active evicted), idle trackers
+forgotten by expire(), at most max_pending_requests pipelined requests per connection.
+Counters (otel_ebpf.stats): conntrack.connections.opened/closed, conntrack.evicted,
+conntrack.expired_idle, conntrack.filtered, conntrack.disabled.<reason>,
+conntrack.gaps, conntrack.gap_bytes, conntrack.duplicate_chunks,
+conntrack.ciphertext_ignored, conntrack.late_events, conntrack.resolve_failures,
+http.exchanges, http.outcome.<outcome>, http.parse_failures, http.skipped_bytes,
+http.resyncs, http.unpaired_responses, http.late_responses, http.dropped_pending;
+gauge conntrack.connections.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+
+from otel_ebpf.capture.events import (
+    ConnCloseEvent,
+    ConnKey,
+    ConnOpenEvent,
+    DataEvent,
+    Event,
+    Role,
+    Source,
+)
+from otel_ebpf.conntrack import procfs
+from otel_ebpf.conntrack.options import ConntrackOptions
+from otel_ebpf.exchange import HttpExchange, Outcome
+from otel_ebpf.protocols.http1.stitch import ConnectionInfo, Http1Session, SessionContext
+from otel_ebpf.stats import Stats
+
+logger = logging.getLogger(__name__)
+
+Resolver = Callable[[int, int], "tuple[str, int, str, int] | None"]
+
+# Keys of recently closed connections: events racing the close are dropped, not
+# mistaken for a new connection opened before we attached.
+RECENTLY_CLOSED = 4096
+
+_OPENSSL = Source.OPENSSL
+_UNKNOWN = Role.UNKNOWN
+
+
+class Connection(ConnectionInfo):
+    __slots__ = ("key", "fd", "seen_open", "tls", "expected", "session", "last_ts", "filtered")
+
+    def __init__(self, key: ConnKey, role: Role, seen_open: bool, ts: int) -> None:
+        super().__init__(key[0], role)
+        self.key = key
+        self.fd = key[1]
+        self.seen_open = seen_open  # we saw accept/connect: streams start at position 0
+        self.tls = False
+        # next expected position per Direction; None: take the first chunk's position
+        self.expected: list[int | None] = [0, 0] if seen_open else [None, None]
+        self.session: Http1Session | None = None
+        self.last_ts = ts
+        self.filtered = False
+
+
+class ConnectionTable:
+    """All tracked connections (see the module docstring). Not thread-safe: one owner."""
+
+    def __init__(
+        self,
+        options: ConntrackOptions,
+        stats: Stats,
+        resolve_addresses: Resolver | None = procfs.resolve,
+        clock_offset_ns: int | None = None,
+    ) -> None:
+        if clock_offset_ns is None:
+            # bpf_ktime_get_ns() is CLOCK_MONOTONIC, as is time.monotonic_ns() on Linux.
+            clock_offset_ns = time.time_ns() - time.monotonic_ns()
+        self.options = options
+        self.stats = stats
+        self._resolve = resolve_addresses
+        self._ports = options.ports or None
+        self._conns: OrderedDict[ConnKey, Connection] = OrderedDict()
+        self._closed: OrderedDict[ConnKey, None] = OrderedDict()
+        self._ctx = SessionContext(options, stats, clock_offset_ns)
+        stats.gauge("conntrack.connections", self.__len__)
+
+    def __len__(self) -> int:
+        return len(self._conns)
+
+    @property
+    def clock_offset_ns(self) -> int:
+        return self._ctx.offset_ns
+
+    # -- public API -----------------------------------------------------------------------
+
+    def handle(self, event: Event) -> list[HttpExchange]:
+        """Process one event; returns the exchanges it completed (usually none)."""
+        out: list[HttpExchange] = []
+        self._ctx.out = out
+        if isinstance(event, DataEvent):
+            self._on_data(event)
+        elif isinstance(event, ConnOpenEvent):
+            self._on_open(event)
+        elif isinstance(event, ConnCloseEvent):
+            self._on_close(event)
+        return out
+
+    def expire(self, now_monotonic_ns: int) -> list[HttpExchange]:
+        """Report timed-out requests and forget idle connections (call ~once a second)."""
+        out: list[HttpExchange] = []
+        ctx = self._ctx
+        ctx.out = out
+        timeout_ns = int(self.options.request_timeout_s * 1e9)
+        for session in list(ctx.pending_sessions):
+            if not session.expire(now_monotonic_ns, timeout_ns):
+                ctx.pending_sessions.discard(session)
+        idle_ns = int(self.options.idle_timeout_s * 1e9)
+        idle: list[ConnKey] = []
+        for key, conn in self._conns.items():
+            if now_monotonic_ns - conn.last_ts < idle_ns:
+                break  # ordered by activity: the rest are younger
+            idle.append(key)
+        for key in idle:
+            self._forget(self._conns.pop(key))
+        if idle:
+            self.stats.add("conntrack.expired_idle", len(idle))
+        return out
+
+    def close_all(self) -> list[HttpExchange]:
+        """At shutdown: report every pending request (CONNECTION_CLOSED, "shutdown")."""
+        out: list[HttpExchange] = []
+        self._ctx.out = out
+        now = time.monotonic_ns()
+        for conn in self._conns.values():
+            if conn.session is not None:
+                # A close-delimited body still open at shutdown did not end: not OK.
+                conn.session.close(now, Outcome.CONNECTION_CLOSED, "shutdown", finish_body=False)
+        self._conns.clear()
+        self._ctx.pending_sessions.clear()
+        return out
+
+    def active_server_requests(self) -> dict[tuple[int, str, str, int | None], int]:
+        """Server requests in flight: (pid, method, scheme, local_port) -> count."""
+        return dict(self._ctx.active)
+
+    def buffered_bytes(self) -> int:
+        """Bytes held in parser buffers over all connections (O(connections))."""
+        return sum(c.session.buffered() for c in self._conns.values() if c.session is not None)
+
+    # -- events ---------------------------------------------------------------------------
+
+    def _on_data(self, ev: DataEvent) -> None:
+        key = (ev.tgid, ev.fd, ev.generation)
+        conns = self._conns
+        conn = conns.get(key)
+        if conn is None:
+            if key in self._closed:
+                self.stats.add("conntrack.late_events")
+                return
+            conn = self._create(key, _UNKNOWN, False, ev.timestamp_ns, None)
+        else:
+            conns.move_to_end(key)
+            conn.last_ts = ev.timestamp_ns
+        if conn.filtered:
+            return
+        if ev.source == _OPENSSL:
+            if not conn.tls:
+                self._switch_to_tls(conn)
+        elif conn.tls:
+            self.stats.add("conntrack.ciphertext_ignored")
+            return
+        session = conn.session
+        if session is None or session.disabled is not None:
+            return
+        direction = ev.direction
+        position = ev.position
+        size = ev.size
+        data = ev.data
+        expected = conn.expected[direction]
+        end = position + size
+        if position != expected:
+            if expected is None:
+                pass  # first chunk of a connection seen mid-stream: the framer resyncs
+            elif position > expected:
+                lost = position - expected
+                self.stats.add("conntrack.gaps")
+                self.stats.add("conntrack.gap_bytes", lost)
+                session.gap(direction, lost, ev.timestamp_ns)
+            elif end <= expected:
+                self.stats.add("conntrack.duplicate_chunks")
+                return
+            else:
+                cut = expected - position
+                self.stats.add("conntrack.duplicate_chunks")
+                data = data[cut:]
+                size -= cut
+        conn.expected[direction] = end
+        captured = len(data)
+        if captured:
+            session.data(direction, data, ev.timestamp_ns, ev.tid)
+        if size > captured and session.disabled is None:
+            self.stats.add("conntrack.truncated_bytes", size - captured)
+            session.gap(direction, size - captured, ev.timestamp_ns)
+        ingress, egress = session.framers
+        if (ingress.buf is not None or egress.buf is not None or ingress.prefix is not None
+                or egress.prefix is not None):
+            if session.disabled is None and session.buffered() > self.options.max_buffer_bytes:
+                session.disable("buffer_limit")
+
+    def _on_open(self, ev: ConnOpenEvent) -> None:
+        key = (ev.tgid, ev.fd, ev.generation)
+        self._closed.pop(key, None)
+        addresses = (ev.local_address, ev.local_port, ev.remote_address, ev.remote_port)
+        conn = self._conns.get(key)
+        if conn is None:
+            conn = self._create(key, ev.role, ev.role != _UNKNOWN, ev.timestamp_ns, addresses)
+        else:
+            # Data raced ahead of its open event: keep the tracker, learn what we can.
+            self._conns.move_to_end(key)
+            conn.last_ts = ev.timestamp_ns
+            if conn.role == _UNKNOWN:
+                conn.role = ev.role
+            self._set_addresses(conn, addresses)
+            self._apply_port_filter(conn)
+        if ev.source == _OPENSSL and not conn.tls:
+            conn.tls = True
+            conn.scheme = "https"
+
+    def _on_close(self, ev: ConnCloseEvent) -> None:
+        key = (ev.tgid, ev.fd, ev.generation)
+        conn = self._conns.pop(key, None)
+        if conn is None:
+            return
+        closed = self._closed
+        closed[key] = None
+        if len(closed) > RECENTLY_CLOSED:
+            closed.popitem(last=False)
+        self.stats.add("conntrack.connections.closed")
+        if conn.session is not None:
+            # The capture contract has no reset flag yet; a capture stage that can tell
+            # (close after ECONNRESET/EPIPE) may add `reset: bool` to ConnCloseEvent.
+            if getattr(ev, "reset", False):
+                conn.session.close(
+                    ev.timestamp_ns, Outcome.CONNECTION_RESET, "connection_reset"
+                )
+            else:
+                conn.session.close(
+                    ev.timestamp_ns, Outcome.CONNECTION_CLOSED, "connection_closed"
+                )
+
+    # -- internals --------------------------------------------------------------------------
+
+    def _create(
+        self,
+        key: ConnKey,
+        role: Role,
+        seen_open: bool,
+        ts: int,
+        addresses: tuple[str | None, int | None, str | None, int | None] | None,
+    ) -> Connection:
+        conns = self._conns
+        if len(conns) >= self.options.max_connections:
+            _, victim = conns.popitem(last=False)
+            self._forget(victim)
+            self.stats.add("conntrack.evicted")
+        conn = Connection(key, role, seen_open, ts)
+        if addresses is not None:
+            self._set_addresses(conn, addresses)
+        if (conn.local_port is None or conn.remote_port is None) and conn.fd >= 0:
+            self._resolve_from_proc(conn)
+        conns[key] = conn
+        self.stats.add("conntrack.connections.opened")
+        self._apply_port_filter(conn)
+        if not conn.filtered:
+            conn.session = Http1Session(conn, self._ctx, strict=seen_open)
+        return conn
+
+    def _set_addresses(
+        self, conn: Connection, addresses: tuple[str | None, int | None, str | None, int | None]
+    ) -> None:
+        local_address, local_port, remote_address, remote_port = addresses
+        if local_address is not None:
+            conn.local_address = local_address
+        if local_port is not None:
+            conn.local_port = local_port
+        if remote_address is not None:
+            conn.remote_address = remote_address
+        if remote_port is not None:
+            conn.remote_port = remote_port
+
+    def _resolve_from_proc(self, conn: Connection) -> None:
+        if self._resolve is None:
+            return
+        try:
+            found = self._resolve(conn.tgid, conn.fd)
+        except Exception:  # an injected resolver must not take the pipeline down
+            logger.debug("address lookup for pid %d fd %d failed", conn.tgid, conn.fd,
+                         exc_info=True)
+            found = None
+        if found is None:
+            self.stats.add("conntrack.resolve_failures")
+            return
+        self._set_addresses(conn, found)
+
+    def _apply_port_filter(self, conn: Connection) -> None:
+        ports = self._ports
+        if ports is None or conn.filtered or conn.local_port is None:
+            return
+        if conn.local_port in ports or conn.remote_port in ports:
+            return
+        conn.filtered = True
+        self.stats.add("conntrack.filtered")
+        if conn.session is not None:
+            conn.session.discard()
+            conn.session = None
+
+    def _switch_to_tls(self, conn: Connection) -> None:
+        """First OPENSSL-source data on this key: plaintext from now on comes from there."""
+        conn.tls = True
+        conn.scheme = "https"
+        old = conn.session
+        if old is not None:
+            old.discard()
+        # OpenSSL plaintext has its own positions; anything before it was ciphertext.
+        conn.expected = [0, 0] if conn.seen_open else [None, None]
+        conn.session = Http1Session(conn, self._ctx, strict=conn.seen_open)
+
+    def _forget(self, conn: Connection) -> None:
+        if conn.session is not None:
+            conn.session.discard()
+            conn.session = None
