@@ -97,6 +97,9 @@ def main(argv: list[str] | None = None) -> int:
     results["wall_s"] = round(time.monotonic() - t0, 1)
     out = report.write_json(results, args.out, REPO)
     print(report.table(results))
+    block = report.profile_block(results)
+    if block:
+        print("\n" + block)
     print("\nJSON: %s" % out)
     if failed or args.keep:
         print("peer logs kept in %s" % workdir)

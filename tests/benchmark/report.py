@@ -88,7 +88,8 @@ def rows(results: dict) -> list[tuple[str, str, str, str]]:
         note = "" if c.get("daemon_saturated") else " (load-bound)"
         out.append(("2 max sustained exchanges/s, 1 core, 0 loss", _fmt(best) + note,
                     ">= %d" % CAPACITY_MIN, _verdict(ok)))
-        out.append(("2 daemon CPU us per exchange", _fmt(c["cpu_us_per_exchange"]),
+        out.append(("2 daemon CPU us per exchange (at %.0f ex/s)" % c.get("cpu_us_per_exchange_at", 0),
+                    _fmt(c["cpu_us_per_exchange"]),
                     "<= %.0f" % (1e6 / CAPACITY_MIN),
                     _verdict(c["cpu_us_per_exchange"] <= 1e6 / CAPACITY_MIN)))
         out.append(("2 projected exchanges/s on one core", _fmt(c["projected_exchanges_per_s_one_core"]),
@@ -147,6 +148,20 @@ def table(results: dict) -> str:
                   ", ".join("%s" % v for v in results.get("versions", {}).values()),
                   results["started_utc"], results["mode"], results.get("wall_s", 0)))
     return "\n".join([caption, "", line, sep, *body])
+
+
+def profile_block(results: dict, top: int = 10) -> str:
+    prof = results.get("sections", {}).get("capacity", {}).get("profile")
+    if not prof or "error" in prof:
+        return "" if not prof else "Daemon profile: %s" % prof["error"]
+    lines = ["Daemon profile (pyinstrument, main thread, %.0f ex/s for %s s profiled; "
+             "CPU %.1f us/exchange under the profiler)"
+             % (prof["rps"], prof["profiled_s"], prof["cpu_us_per_exchange_profiled"]),
+             "  self %   function"]
+    lines += ["  %5.1f   %s" % (pct, name) for name, pct in prof["self_pct"][:top]]
+    lines += ["  incl %   function"]
+    lines += ["  %5.1f   %s" % (pct, name) for name, pct in prof["inclusive_pct"][:top]]
+    return "\n".join(lines)
 
 
 def write_json(results: dict, out: Path | None, repo: Path) -> Path:
