@@ -334,10 +334,11 @@ class OtlpExporter:
     def _enqueue(self, signal: str, payload: bytes, items: int) -> None:
         dropped: list[tuple[str, bytes, int]] = []
         with self._cond:
-            if self._closed:
+            opts = self._options
+            if self._closed or len(payload) > opts.max_queue_bytes:
                 dropped.append((signal, payload, items))
             else:
-                opts = self._options
+                # Drop the oldest: a collector that comes back should get what is new.
                 while self._queue and (
                     len(self._queue) >= opts.max_queue_payloads
                     or self._queued_bytes + len(payload) > opts.max_queue_bytes
@@ -345,12 +346,9 @@ class OtlpExporter:
                     old = self._queue.popleft()
                     self._queued_bytes -= len(old[1])
                     dropped.append(old)
-                if len(payload) > opts.max_queue_bytes:
-                    dropped.append((signal, payload, items))
-                else:
-                    self._queue.append((signal, payload, items))
-                    self._queued_bytes += len(payload)
-                    self._cond.notify_all()
+                self._queue.append((signal, payload, items))
+                self._queued_bytes += len(payload)
+                self._cond.notify_all()
         if dropped:
             self._count_dropped(dropped, "the export queue is full")
 
