@@ -1,5 +1,320 @@
-"""telemetry: HttpExchange -> OTLP spans and metrics (the stage API lands here)."""
+"""telemetry: HttpExchange -> OTLP spans and RED metrics, as serialized OTLP payloads.
 
+Contract. In: `Telemetry.record(exchange)` once per HttpExchange (the hot path: route,
+span bytes into the pending batch, metric aggregation; ~20 us is the budget of the
+whole pipeline per exchange, see PERF-NOTES.md) and `tick(now_s)` from the daemon loop.
+Out: `sink.export_traces(payload, spans)` with an ExportTraceServiceRequest and
+`sink.export_metrics(payload, points)` with an ExportMetricsServiceRequest, bytes built
+by otlp_encode (never through the SDK's per-span machinery, which costs ~35 us/span).
+
+- One Resource per observed process: `resource_for_pid(pid)` is asked the first time a
+  pid is recorded and the encoded result is kept until `forget(pid)`, so spans and last
+  metric values of a process that already exited still carry its identity. When it
+  returns None, a minimal resource (service.name=unknown_service:<pid>, process.pid) is
+  used and the lookup is retried at the next flush.
+- Spans: batched per OTEL_BSP_* semantics: exported when `span_batch_size` spans (or
+  1 MiB of encoded spans, below gRPC's default 4 MiB message limit) are pending, or
+  when the oldest pending span is `span_schedule_delay_s` old (measured in `tick`
+  calls). Unsampled parents (W3C traceparent with the sampled flag off) produce no
+  span but still metrics.
+- Metrics: collected every `metric_export_interval_s` (first collection one interval
+  after the first tick); the daemon's own Stats go out on `daemon_resource` as
+  `otel_ebpf.<counter>` monotonic Sums and `otel_ebpf.<gauge>` Gauges.
+- Counted in Stats: telemetry.exchanges, telemetry.spans (produced),
+  telemetry.spans_unsampled, telemetry.spans_dropped (could not be encoded, or
+  recorded after shutdown), telemetry.metric_overflow (recordings folded into the
+  otel.metric.overflow series), telemetry.unknown_role (exchanges with Role.UNKNOWN:
+  span kind INTERNAL, no metrics, since server and client metrics would both lie).
+
+Not thread-safe: record/tick/forget/flush/shutdown must come from one thread (the
+daemon loop). shutdown() is idempotent and flushes everything first.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Mapping
+from typing import Protocol
+
+from otel_ebpf.capture.events import Role
+from otel_ebpf.exchange import HttpExchange, Outcome
+from otel_ebpf.telemetry import otlp_encode as enc
+from otel_ebpf.telemetry.attributes import KNOWN_METHODS, AttrValue, server_endpoint, url_path
+from otel_ebpf.telemetry.metrics import ActiveRequests, MetricsAggregator
 from otel_ebpf.telemetry.options import TelemetryOptions
+from otel_ebpf.telemetry.redact import QueryRedactor
+from otel_ebpf.telemetry.routes import RouteResolver
+from otel_ebpf.telemetry.spans import SpanEncoder
 
-__all__ = ["TelemetryOptions"]
+__all__ = ["Telemetry", "TelemetryOptions", "TelemetrySink"]
+
+log = logging.getLogger(__name__)
+
+# Flush a span batch early at this many encoded bytes: gRPC servers reject messages
+# over 4 MiB by default, and a batch of 512 spans with long URLs can get there.
+MAX_BATCH_BYTES = 1 << 20
+
+_OK = Outcome.OK
+_CLIENT = Role.CLIENT
+_SERVER = Role.SERVER
+
+
+class TelemetrySink(Protocol):
+    def export_traces(self, payload: bytes, spans: int = 1) -> None: ...
+
+    def export_metrics(self, payload: bytes, points: int = 1) -> None: ...
+
+
+class Telemetry:
+    def __init__(
+        self,
+        options: TelemetryOptions,
+        resource_for_pid: Callable[[int], Mapping[str, AttrValue] | None],
+        daemon_resource: Mapping[str, AttrValue],
+        sink: TelemetrySink,
+        stats,  # otel_ebpf.stats.Stats
+        active_server_requests: ActiveRequests | None = None,
+    ) -> None:
+        self._options = options
+        self._resource_for_pid = resource_for_pid
+        self._daemon_resource = enc.encode_resource(daemon_resource)
+        self._sink = sink
+        self._stats = stats
+        self._spans_on = options.spans_enabled
+        self._metrics_on = options.metrics_enabled
+        self._routes = RouteResolver(options.route_patterns, options.max_routes,
+                                     options.route_cache_size)
+        self._encoder = SpanEncoder(QueryRedactor(options.redacted_query_params))
+        self._metrics = MetricsAggregator(
+            temporality=options.metrics_temporality,
+            histogram_aggregation=options.histogram_aggregation,
+            cardinality_limit=options.metric_cardinality_limit,
+            exponential_max_size=options.exponential_max_size,
+            exponential_max_scale=options.exponential_max_scale,
+            active_server_requests=active_server_requests,
+        )
+        self._client_address = options.client_metrics_server_address
+        self._batch_limit = min(options.span_batch_size, options.span_queue_size)
+        # pid -> encoded Resource body; pids whose resource is the fallback are retried.
+        self._resources: dict[int, bytes] = {}
+        self._fallback: set[int] = set()
+        self._pending: dict[int, list[bytes]] = {}
+        self._pending_spans = 0
+        self._pending_bytes = 0
+        self._batch_since: float | None = None  # tick time at which a batch was first seen
+        self._next_metrics: float | None = None
+        self._closed = False
+        # Hot-path counters, pushed into Stats at each flush (Stats.add is a dict update
+        # per call; batching it keeps it off the per-exchange path).
+        self._n_exchanges = 0
+        self._n_unsampled = 0
+        self._n_dropped = 0
+        self._n_unknown = 0
+        self._overflow_reported = 0
+
+    # ------------------------------------------------------------------ hot path
+
+    def record(self, exchange: HttpExchange) -> None:
+        if self._closed:  # rare: straight into Stats, nothing will push it later
+            self._stats.add("telemetry.spans_dropped")
+            return
+        self._n_exchanges += 1
+        pid = exchange.pid
+        if pid not in self._resources:
+            self._resolve(pid)
+        target = exchange.target
+        path = target.partition("?")[0]
+        if path[:1] != "/":
+            path = url_path(exchange)
+        route = self._routes.route(pid, path)
+        if self._spans_on:
+            try:
+                span = self._encoder.encode(exchange, route)
+            except Exception:  # a value we cannot encode must not stop capture
+                self._n_dropped += 1
+                log.debug("span of pid %d not encodable; dropped", pid, exc_info=True)
+                span = b""
+            if span is None:
+                self._n_unsampled += 1
+            elif span:
+                batch = self._pending.get(pid)
+                if batch is None:
+                    batch = self._pending[pid] = []
+                batch.append(span)
+                self._pending_spans += 1
+                self._pending_bytes += len(span)
+                if (self._pending_spans >= self._batch_limit
+                        or self._pending_bytes >= MAX_BATCH_BYTES):
+                    self._flush_spans()
+        if self._metrics_on:
+            role = exchange.role
+            if role is _SERVER:
+                is_client = False
+                port = exchange.local_port
+                address = None
+            elif role is _CLIENT:
+                is_client = True
+                address, port = server_endpoint(exchange)
+                if not self._client_address:
+                    address = None
+            else:
+                self._n_unknown += 1
+                return
+            code = exchange.status_code
+            outcome = exchange.outcome
+            if outcome is not _OK:
+                error_type = outcome.value
+            elif code is None:
+                error_type = "no_response"
+            elif code >= (400 if is_client else 500):
+                error_type = str(code)
+            else:
+                error_type = None
+            method = exchange.method
+            if method not in KNOWN_METHODS:
+                method = "_OTHER"
+            duration = (exchange.end_time_unix_nano - exchange.start_time_unix_nano) / 1e9
+            self._metrics.record(
+                pid,
+                is_client,
+                (method, code, route, exchange.scheme, exchange.protocol_version, port,
+                 error_type, address),
+                duration if duration > 0.0 else 0.0,
+                exchange.request_body_size,
+                exchange.response_body_size,
+            )
+
+    # ------------------------------------------------------------------ resources
+
+    def _resolve(self, pid: int) -> bytes:
+        try:
+            attributes = self._resource_for_pid(pid)
+        except Exception:  # the process module must not break export
+            log.debug("resource lookup for pid %d failed", pid, exc_info=True)
+            attributes = None
+        if attributes:
+            self._fallback.discard(pid)
+            encoded = enc.encode_resource(attributes)
+        else:
+            self._fallback.add(pid)
+            encoded = enc.encode_resource(
+                {"service.name": "unknown_service:%d" % pid, "process.pid": pid})
+        self._resources[pid] = encoded
+        return encoded
+
+    def _resource(self, pid: int) -> bytes:
+        if pid in self._fallback or pid not in self._resources:
+            return self._resolve(pid)
+        return self._resources[pid]
+
+    # ------------------------------------------------------------------ export
+
+    def _flush_spans(self, only_pid: int | None = None) -> None:
+        if only_pid is not None:
+            batch = self._pending.pop(only_pid, None)
+            if not batch:
+                return
+            groups = {only_pid: batch}
+            self._pending_spans -= len(batch)
+            self._pending_bytes -= sum(len(s) for s in batch)
+        else:
+            if not self._pending:
+                return
+            groups = self._pending
+            self._pending = {}
+            self._pending_spans = 0
+            self._pending_bytes = 0
+            self._batch_since = None
+        count = sum(len(b) for b in groups.values())
+        payload = enc.encode_trace_request(
+            [(self._resource(pid), spans) for pid, spans in groups.items()])
+        self._stats.add("telemetry.spans", count)
+        self._sink.export_traces(payload, count)
+
+    def _push_counters(self) -> None:
+        stats = self._stats
+        for name, attr in (("telemetry.exchanges", "_n_exchanges"),
+                           ("telemetry.spans_unsampled", "_n_unsampled"),
+                           ("telemetry.spans_dropped", "_n_dropped"),
+                           ("telemetry.unknown_role", "_n_unknown")):
+            n = getattr(self, attr)
+            if n:
+                stats.add(name, n)
+                setattr(self, attr, 0)
+        overflowed = self._metrics.overflowed
+        if overflowed != self._overflow_reported:
+            stats.add("telemetry.metric_overflow", overflowed - self._overflow_reported)
+            self._overflow_reported = overflowed
+
+    def _export_metrics(self, only_pid: int | None = None) -> None:
+        collected = self._metrics.collect(only_pid)
+        groups = [(self._resource(pid), fields) for pid, fields in collected.items() if fields]
+        points = self._metrics.last_points
+        if only_pid is None:
+            self._push_counters()
+            snapshot = self._stats.snapshot()
+            gauge_names = _gauge_names(self._stats)
+            fields = self._metrics.self_metrics(snapshot, gauge_names)
+            if fields:
+                groups.append((self._daemon_resource, fields))
+                points += len(fields)
+        if groups:
+            self._sink.export_metrics(enc.encode_metrics_request(groups), points)
+
+    def tick(self, now_s: float) -> None:
+        """Call often (every loop iteration): time-based span and metric export."""
+        if self._closed:
+            return
+        if self._pending_spans:
+            if self._batch_since is None:
+                self._batch_since = now_s
+            elif now_s - self._batch_since >= self._options.span_schedule_delay_s:
+                self._push_counters()
+                self._flush_spans()
+        if self._metrics_on:
+            if self._next_metrics is None:
+                self._next_metrics = now_s + self._options.metric_export_interval_s
+            elif now_s >= self._next_metrics:
+                self._next_metrics = now_s + self._options.metric_export_interval_s
+                self._export_metrics()
+
+    def forget(self, pid: int) -> None:
+        """The process exited: export its pending spans and last metric values, then
+        drop everything kept for it."""
+        if not self._closed:
+            self._flush_spans(pid)
+            if self._metrics_on:
+                collected = self._metrics.collect(pid)
+                fields = collected.get(pid)
+                if fields:
+                    self._sink.export_metrics(
+                        enc.encode_metrics_request([(self._resource(pid), fields)]),
+                        self._metrics.last_points)
+        self._metrics.forget(pid)
+        self._routes.forget(pid)
+        self._resources.pop(pid, None)
+        self._fallback.discard(pid)
+
+    def flush(self) -> None:
+        """Export pending spans and the current metrics now."""
+        if self._closed:
+            return
+        self._push_counters()
+        self._flush_spans()
+        if self._metrics_on:
+            self._export_metrics()
+
+    def shutdown(self) -> None:
+        if self._closed:
+            return
+        self.flush()
+        self._closed = True
+
+
+def _gauge_names(stats) -> frozenset[str]:
+    # Stats has no public list of its gauges; its registry of gauge callbacks is the
+    # only place that knows which snapshot values may go down.
+    names = getattr(stats, "gauge_names", None)
+    if callable(names):
+        return frozenset(names())
+    return frozenset(getattr(stats, "_gauges", {}).keys())

@@ -55,6 +55,8 @@ def varint(n: int) -> bytes:
     """Unsigned LEB128; negative ints are written as their 64-bit two's complement."""
     if 0 <= n < 128:
         return _SMALL_VARINTS[n]
+    if 0 < n < 16384:
+        return bytes(((n & 0x7F) | 0x80, n >> 7))
     if n < 0:
         n &= 0xFFFFFFFFFFFFFFFF
     out = bytearray()
@@ -145,10 +147,11 @@ class AttributeFieldCache:
     against pathological input, not a steady-state event.
     """
 
-    __slots__ = ("_field", "_cache", "_max")
+    __slots__ = ("_field", "_tag", "_cache", "_max")
 
     def __init__(self, field: int, max_entries: int = 8192) -> None:
         self._field = field
+        self._tag = tag(field, 2)
         self._cache: dict[tuple[str, object], bytes] = {}
         self._max = max_entries
 
@@ -165,6 +168,27 @@ class AttributeFieldCache:
     def fresh(self, key: str, value: object) -> bytes:
         """Uncached (for high-cardinality values)."""
         return _ld(self._field, encode_key_value(key, value))
+
+    def fresh_str(self, key: str, value: str) -> bytes:
+        """Uncached string attribute, with a fast path when every length fits one byte."""
+        vb = value.encode("utf-8", "replace")
+        n = len(vb)
+        keyf = _key_field(key)
+        kv_len = len(keyf) + 4 + n  # key field + (0x12 len (0x0a len value))
+        if kv_len < 128:
+            return b"".join((self._tag, _SMALL_VARINTS[kv_len], keyf, b"\x12",
+                             _SMALL_VARINTS[n + 2], b"\x0a", _SMALL_VARINTS[n], vb))
+        return _ld(self._field, keyf + _ld(2, _ld(1, vb)))
+
+    def fresh_int(self, key: str, value: int) -> bytes:
+        """Uncached int attribute."""
+        vb = varint(value)
+        keyf = _key_field(key)
+        kv_len = len(keyf) + 3 + len(vb)  # key field + (0x12 len (0x18 varint))
+        if kv_len < 128:
+            return b"".join((self._tag, _SMALL_VARINTS[kv_len], keyf, b"\x12",
+                             _SMALL_VARINTS[len(vb) + 1], b"\x18", vb))
+        return _ld(self._field, keyf + _ld(2, b"\x18" + vb))
 
 
 def encode_scope(name: str = SCOPE_NAME, version: str = __version__) -> bytes:

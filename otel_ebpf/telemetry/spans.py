@@ -1,0 +1,278 @@
+"""HttpExchange -> one OTLP Span, as bytes (the hot path of the telemetry stage).
+
+In: an HttpExchange and its http.route. Out: a `ScopeSpans.spans` field (bytes), or
+None when the captured request carried a valid W3C traceparent whose sampled flag is
+off (the caller still records metrics and counts the span as unsampled).
+
+Trace context (https://www.w3.org/TR/trace-context/): a `traceparent` of version 00,
+lower-case hex, non-zero trace id and parent id makes our span a child of the remote
+caller's span (its trace id, its span id as parent_span_id, `tracestate` carried,
+Span.flags = sampled | parent is remote). Anything else is ignored, as the spec
+requires, and the span starts a new trace. Our own span id is random; our span is
+always marked sampled so that downstream SDK-style samplers keep it.
+
+Attributes are exactly those of attributes.http_attributes() (a unit test holds the
+two together); this module writes them straight to protobuf so that no dict and no
+message objects are built per exchange. (key, value) pairs that repeat are cached as
+whole encoded fields.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+
+from otel_ebpf.capture.events import Role
+from otel_ebpf.exchange import HttpExchange, Outcome
+from otel_ebpf.telemetry import otlp_encode as enc
+from otel_ebpf.telemetry.attributes import (
+    DEFAULT_PORTS,
+    KNOWN_METHODS,
+    split_host,
+    url_path,
+)
+from otel_ebpf.telemetry.redact import QueryRedactor
+
+_TRACEPARENT = re.compile(r"[ \t]*00-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})[ \t]*\Z")
+_ZERO_TRACE = "0" * 32
+_ZERO_SPAN = "0" * 16
+# W3C caps tracestate at 32 list members; 512 characters is the size vendors must
+# accept. Longer values are dropped rather than cut mid-member.
+_MAX_TRACESTATE = 512
+
+_FLAGS_LOCAL_ROOT = enc.SPAN_FLAGS_SAMPLED | enc.SPAN_FLAGS_CONTEXT_HAS_IS_REMOTE
+_FLAGS_REMOTE_PARENT = _FLAGS_LOCAL_ROOT | enc.SPAN_FLAGS_CONTEXT_IS_REMOTE
+
+_KIND = {Role.SERVER: enc.SPAN_KIND_SERVER, Role.CLIENT: enc.SPAN_KIND_CLIENT}
+
+
+def parse_traceparent(header: str) -> tuple[bytes, bytes, bool] | None:
+    """-> (trace_id, parent_span_id, sampled) or None when the header is not valid."""
+    m = _TRACEPARENT.match(header)
+    if m is None:
+        return None
+    trace_hex, span_hex, flags_hex = m.groups()
+    if trace_hex == _ZERO_TRACE or span_hex == _ZERO_SPAN:
+        return None
+    return bytes.fromhex(trace_hex), bytes.fromhex(span_hex), bool(int(flags_hex, 16) & 1)
+
+
+class IdGenerator:
+    """Random trace and span ids from os.urandom, read in bulk (one syscall per ~2k ids)."""
+
+    __slots__ = ("_buf", "_pos")
+
+    _CHUNK = 16 * 4096
+
+    def __init__(self) -> None:
+        self._buf = b""
+        self._pos = 0
+
+    def _take(self, n: int) -> bytes:
+        pos = self._pos
+        end = pos + n
+        if end > len(self._buf):
+            self._buf = os.urandom(self._CHUNK)
+            pos, end = 0, n
+        self._pos = end
+        out = self._buf[pos:end]
+        if not any(out):  # an all-zero id is invalid; 2**-64 odds, but be exact
+            return self._take(n)
+        return out
+
+    def trace_id(self) -> bytes:
+        return self._take(16)
+
+    def span_id(self) -> bytes:
+        return self._take(8)
+
+    def ids(self) -> bytes:
+        """A trace id and a span id in one: [:16] and [16:]."""
+        out = self._take(24)
+        if not any(out[16:]) or not any(out[:16]):
+            return self.ids()
+        return out
+
+
+class SpanEncoder:
+    __slots__ = ("_redact", "_ids", "_attr", "_mid", "_names", "_status", "_max_names",
+                 "_requests", "_conns")
+
+    def __init__(self, redact: QueryRedactor, ids: IdGenerator | None = None) -> None:
+        self._redact = redact
+        self._ids = ids or IdGenerator()
+        # Two caches so that a flood of mid-cardinality values (addresses, user agents,
+        # body sizes) can only clear its own cache, never the method/route/status one.
+        self._attr = enc.AttributeFieldCache(9)
+        self._mid = enc.AttributeFieldCache(9, max_entries=4096)
+        self._names: dict[tuple[str, str | None], bytes] = {}
+        self._max_names = 8192
+        self._status: dict[tuple[bool, str | None], bytes] = {}
+        # Whole attribute blocks: per (method, route, status, outcome, role) and per
+        # connection endpoint set. Bounded, cleared when full.
+        self._requests: dict[tuple, tuple[bytes, bytes, bytes, str | None]] = {}
+        self._conns: dict[tuple, bytes] = {}
+
+    def _name_field(self, method: str, route: str | None) -> bytes:
+        key = (method, route)
+        field = self._names.get(key)
+        if field is None:
+            if method not in KNOWN_METHODS:
+                name = "HTTP"
+            else:
+                name = method + " " + route if route else method
+            field = enc.span_name_field(name)
+            if len(self._names) >= self._max_names:
+                self._names.clear()
+            self._names[key] = field
+        return field
+
+    def _status_field(self, is_error: bool, message: str | None) -> bytes:
+        key = (is_error, message)
+        field = self._status.get(key)
+        if field is None:
+            field = enc.status_field(is_error, message)
+            if message is None or len(self._status) < 256:
+                self._status[key] = field
+        return field
+
+    def _request_block(
+        self, method: str, route: str | None, code: int | None, outcome: Outcome, is_client: bool
+    ) -> tuple[bytes, bytes, bytes, str | None]:
+        """(attribute fields, name field, status field, error.type) of the
+        low-cardinality request attributes."""
+        cached = self._attr.get
+        parts = []
+        if method in KNOWN_METHODS:
+            parts.append(cached("http.request.method", method))
+        else:
+            parts.append(cached("http.request.method", "_OTHER"))
+            parts.append(cached("http.request.method_original", method))
+        if route is not None:
+            parts.append(cached("http.route", route))
+        if code is not None:
+            parts.append(cached("http.response.status_code", code))
+        # attributes.span_status, for the cacheable part (error_reason is added later).
+        if outcome is not Outcome.OK:
+            error_type = outcome.value
+            status = self._status_field(True, error_type)
+        elif code is None:
+            error_type = "no_response"
+            status = self._status_field(True, error_type)
+        elif code >= (400 if is_client else 500):
+            error_type = str(code)
+            status = self._status_field(True, None)  # semconv: the code says it all
+        else:
+            error_type = None
+            status = self._status_field(False, None)
+        if error_type is not None:
+            parts.append(cached("error.type", error_type))
+        return b"".join(parts), self._name_field(method, route), status, error_type
+
+    def _conn_block(self, ex: HttpExchange, is_client: bool) -> bytes:
+        """Attribute fields that are constant over a keep-alive connection: scheme,
+        protocol version, server/client/peer endpoints, user agent."""
+        cached = self._attr.get
+        parts = [cached("url.scheme", ex.scheme)]
+        remote_address = ex.remote_address
+        remote_port = ex.remote_port
+        # attributes.server_endpoint, inlined.
+        if ex.host:
+            address, port = split_host(ex.host)
+            address = address or None
+            if port is None:
+                port = remote_port if is_client else DEFAULT_PORTS.get(ex.scheme, ex.local_port)
+        elif is_client:
+            address, port = remote_address, remote_port
+        else:
+            address, port = ex.local_address, ex.local_port
+        if address is not None:
+            parts.append(self._attr.fresh("server.address", address))
+        if port is not None:
+            parts.append(cached("server.port", port))
+        if not is_client:
+            if remote_address is not None:
+                parts.append(self._attr.fresh("client.address", remote_address))
+            if remote_port is not None:
+                parts.append(self._attr.fresh("client.port", remote_port))
+        if remote_address is not None:
+            parts.append(self._attr.fresh("network.peer.address", remote_address))
+        if remote_port is not None:
+            parts.append(self._attr.fresh("network.peer.port", remote_port))
+        parts.append(cached("network.protocol.version", ex.protocol_version))
+        if ex.user_agent is not None:
+            parts.append(self._attr.fresh("user_agent.original", ex.user_agent))
+        return b"".join(parts)
+
+    def encode(self, ex: HttpExchange, route: str | None) -> bytes | None:
+        trace_state = None
+        parent = None
+        tp = ex.traceparent
+        if tp is not None:
+            ctx = parse_traceparent(tp)
+            if ctx is not None:
+                trace_id, parent, sampled = ctx
+                if not sampled:
+                    return None
+                ts = ex.tracestate
+                if ts and len(ts) <= _MAX_TRACESTATE:
+                    trace_state = ts
+        if parent is None:
+            ids = self._ids.ids()
+            trace_id = ids[:16]
+            span_id = ids[16:]
+            flags = _FLAGS_LOCAL_ROOT
+        else:
+            span_id = self._ids.span_id()
+            flags = _FLAGS_REMOTE_PARENT
+
+        role = ex.role
+        is_client = role is Role.CLIENT
+        outcome = ex.outcome
+        rkey = (ex.method, route, ex.status_code, outcome, is_client)
+        request = self._requests.get(rkey)
+        if request is None:
+            request = self._request_block(*rkey)
+            if len(self._requests) >= 4096:
+                self._requests.clear()
+            self._requests[rkey] = request
+        attrs, name_field, status, _ = request
+        if outcome is not Outcome.OK and ex.error_reason:
+            status = self._status_field(True, ex.error_reason)
+
+        ckey = (role, ex.scheme, ex.protocol_version, ex.host, ex.local_address,
+                ex.local_port, ex.remote_address, ex.remote_port, ex.user_agent)
+        conn = self._conns.get(ckey)
+        if conn is None:
+            conn = self._conn_block(ex, is_client)
+            if len(self._conns) >= 4096:
+                self._conns.clear()
+            self._conns[ckey] = conn
+
+        target = ex.target
+        path, sep, query = target.partition("?")
+        if path[:1] != "/":
+            path = url_path(ex)
+        sized = self._mid.get
+        response_size = ex.response_body_size
+        attributes = b"".join((
+            attrs,
+            conn,
+            self._attr.fresh_str("url.path", path),
+            self._attr.fresh_str("url.query", self._redact(query)) if sep else b"",
+            sized("http.request.body.size", ex.request_body_size),
+            b"" if response_size is None else sized("http.response.body.size", response_size),
+        ))
+        return enc.field_span(
+            trace_id,
+            span_id,
+            parent,
+            trace_state,
+            name_field,
+            _KIND.get(role, enc.SPAN_KIND_INTERNAL),
+            ex.start_time_unix_nano,
+            ex.end_time_unix_nano,
+            attributes,
+            status,
+            flags,
+        )
