@@ -37,6 +37,7 @@ import difflib
 import enum
 import logging
 import os
+import re
 import types
 import typing
 from collections.abc import Callable, Mapping
@@ -267,7 +268,18 @@ class ListKind(Kind):
 class HeadersKind(Kind):
     describe = "key=value pairs: a YAML mapping, or 'k1=v1,k2=v2' (values URL-encoded)"
 
+    # RFC 9110 token: what a header name may contain (gRPC metadata keys likewise).
+    _NAME = re.compile(r"^[A-Za-z0-9!#$%&'*+.^_`|~-]+$")
+
     def parse(self, value, from_env):
+        headers = self._parse(value)
+        for name, _ in headers:
+            if not self._NAME.match(name):
+                raise _Invalid("has an invalid header name %r" % name,
+                               "use letters, digits and - in header names")
+        return headers
+
+    def _parse(self, value):
         if isinstance(value, Mapping):
             return tuple((str(k).strip(), "" if v is None else str(v)) for k, v in value.items())
         if not isinstance(value, str):
@@ -641,7 +653,7 @@ def _signal_options(signal: str, values: dict[str, object]) -> OtlpSignalOptions
             kwargs[name] = values[max(candidates)[2]]
             if name == "endpoint":
                 kwargs["_endpoint_is_generic"] = max(candidates)[2] == generic
-    protocol = kwargs.get("protocol", "grpc")
+    protocol = kwargs.get("protocol", OtlpSignalOptions().protocol)
     endpoint = kwargs.pop("endpoint", None)
     generic = kwargs.pop("_endpoint_is_generic", False)
     if endpoint is None:

@@ -68,10 +68,12 @@ DEFAULT_HTTP_ENDPOINT = "http://localhost:4318"
 class OtlpSignalOptions:
     """Where and how one signal (traces or metrics) is sent."""
 
-    protocol: Protocol = "grpc"
+    # The spec's default transport for new SDKs (opentelemetry.io/docs/specs/otel/
+    # protocol/exporter/#specify-protocol): http/protobuf.
+    protocol: Protocol = "http/protobuf"
     # gRPC: scheme://host:port (path ignored). HTTP: the full URL, used as-is
     # (config appends /v1/traces or /v1/metrics to the generic endpoint, per the spec).
-    endpoint: str = DEFAULT_GRPC_ENDPOINT
+    endpoint: str = DEFAULT_HTTP_ENDPOINT + "/v1/traces"
     headers: tuple[tuple[str, str], ...] = ()
     timeout_s: float = 10.0
     compression: Compression = "gzip"
@@ -86,7 +88,8 @@ class OtlpSignalOptions:
 @dataclass(frozen=True, slots=True)
 class OtlpOptions:
     traces: OtlpSignalOptions = field(default_factory=OtlpSignalOptions)
-    metrics: OtlpSignalOptions = field(default_factory=OtlpSignalOptions)
+    metrics: OtlpSignalOptions = field(default_factory=lambda: OtlpSignalOptions(
+        endpoint=DEFAULT_HTTP_ENDPOINT + "/v1/metrics"))
     max_queue_payloads: int = 256  # payloads waiting to be sent (both signals)
     max_queue_bytes: int = 64 * 1024 * 1024  # and their total size: memory stays bounded
     retry_max_elapsed_s: float = 30.0  # give a payload up after retrying this long

@@ -135,10 +135,11 @@ def test_standard_variable_wins_over_own_variable(tmp_path):
 
 def test_otlp_defaults_per_protocol(tmp_path):
     c = load(empty(tmp_path), {}, {})
-    assert c.otlp.traces.endpoint == "http://localhost:4317"
-    c = load(empty(tmp_path), {"OTEL_EXPORTER_OTLP_PROTOCOL": "http/protobuf"}, {})
+    assert c.otlp.traces.protocol == "http/protobuf"  # the spec's default
     assert c.otlp.traces.endpoint == "http://localhost:4318/v1/traces"
     assert c.otlp.metrics.endpoint == "http://localhost:4318/v1/metrics"
+    c = load(empty(tmp_path), {"OTEL_EXPORTER_OTLP_PROTOCOL": "grpc"}, {})
+    assert c.otlp.traces.endpoint == c.otlp.metrics.endpoint == "http://localhost:4317"
 
 
 def test_generic_http_endpoint_gets_signal_paths_and_per_signal_is_used_as_is(tmp_path):
@@ -173,7 +174,7 @@ def test_per_signal_variables_override_generic_ones(tmp_path):
 
 def test_command_line_generic_endpoint_beats_per_signal_environment(tmp_path):
     c = load(empty(tmp_path), {"OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": "http://env:4317"},
-             {"export.otlp.endpoint": "http://cli:4317"})
+             {"export.otlp.endpoint": "http://cli:4317", "export.otlp.protocol": "grpc"})
     assert c.otlp.traces.endpoint == c.otlp.metrics.endpoint == "http://cli:4317"
 
 
@@ -279,6 +280,12 @@ def test_malformed_headers(tmp_path):
     msg = error_of(empty(tmp_path), {"OTEL_EXPORTER_OTLP_TRACES_HEADERS": "a=1,broken"}, {})
     assert msg.startswith("export.otlp.traces.headers: 'a=1,broken' has a member 'broken' "
                           "that is not key=value (from OTEL_EXPORTER_OTLP_TRACES_HEADERS)")
+
+
+def test_invalid_header_name(tmp_path):
+    msg = error_of(empty(tmp_path), {"OTEL_EXPORTER_OTLP_HEADERS": "api key=1"}, {})
+    assert msg == ("export.otlp.headers: 'api key=1' has an invalid header name 'api key' "
+                   "(from OTEL_EXPORTER_OTLP_HEADERS); use letters, digits and - in header names")
 
 
 def test_missing_certificate_file(tmp_path):
