@@ -122,14 +122,13 @@ class Telemetry:
         pid = exchange.pid
         if pid not in self._resources:
             self._resolve(pid)
-        target = exchange.target
-        path = target.partition("?")[0]
+        path, sep, query = exchange.target.partition("?")
         if path[:1] != "/":
             path = url_path(exchange)
         route = self._routes.route(pid, path)
         if self._spans_on:
             try:
-                span = self._encoder.encode(exchange, route)
+                span = self._encoder.encode(exchange, route, path, query if sep else None)
             except Exception:  # a value we cannot encode must not stop capture
                 self._n_dropped += 1
                 log.debug("span of pid %d not encodable; dropped", pid, exc_info=True)

@@ -229,6 +229,40 @@ class Series:
             self.response_size.record(response_size)
 
 
+class ExplicitSeries(Series):
+    """Series of explicit-bucket histograms with the three records inlined: this is
+    the per-exchange path, and three method calls are a measurable share of it."""
+
+    __slots__ = ()
+
+    def record(self, duration_s: float, request_size: int, response_size: int | None) -> None:
+        h = self.duration
+        h.counts[bisect_left(DURATION_BOUNDARIES, duration_s)] += 1
+        h.count += 1
+        h.sum += duration_s
+        if duration_s < h.min:
+            h.min = duration_s
+        if duration_s > h.max:
+            h.max = duration_s
+        h = self.request_size
+        h.counts[bisect_left(SIZE_BOUNDARIES, request_size)] += 1
+        h.count += 1
+        h.sum += request_size
+        if request_size < h.min:
+            h.min = request_size
+        if request_size > h.max:
+            h.max = request_size
+        if response_size is not None:
+            h = self.response_size
+            h.counts[bisect_left(SIZE_BOUNDARIES, response_size)] += 1
+            h.count += 1
+            h.sum += response_size
+            if response_size < h.min:
+                h.min = response_size
+            if response_size > h.max:
+                h.max = response_size
+
+
 # ---------------------------------------------------------------- aggregator
 
 class MetricsAggregator:
@@ -301,7 +335,7 @@ class MetricsAggregator:
             key = (pid, is_client, attrs)
         now = self._clock()
         self._pid_start.setdefault(pid, now)
-        series = Series(self._make, attrs, now)
+        series = (Series if self._exponential else ExplicitSeries)(self._make, attrs, now)
         self._series[key] = series
         return series
 

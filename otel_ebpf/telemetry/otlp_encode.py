@@ -132,6 +132,11 @@ def encode_key_value(key: str, value: object) -> bytes:
     return _key_field(key) + _ld(2, encode_any_value(value))
 
 
+def field_key_any(field: int, key: str, any_value: bytes) -> bytes:
+    """A KeyValue field from a key and an already encoded AnyValue body."""
+    return _ld(field, _key_field(key) + _ld(2, any_value))
+
+
 def field_attributes(field: int, attributes: Mapping[str, object]) -> bytes:
     """Repeated KeyValue field `field` for every attribute (None values skipped)."""
     return b"".join(

@@ -42,8 +42,8 @@ _HAS_DIGIT = re.compile(r"\d")
 def is_identifier(segment: str) -> bool:
     """Does this path segment look like an id (high-cardinality) rather than a word?"""
     n = len(segment)
-    if n == 0:
-        return False
+    if n < 8:  # the common case, words like "api", "v1", "users": no regex
+        return segment.isdigit() or "@" in segment
     if segment.isdigit():
         return True
     if n > 64:
@@ -63,8 +63,11 @@ def template_path(path: str) -> str:
         return path if path == "*" else PLACEHOLDER  # OPTIONS *, or garbage
     segments = path.split("/")
     changed = False
-    for i in range(1, len(segments)):
-        if is_identifier(segments[i]):
+    for i, segment in enumerate(segments):
+        # is_identifier's short-word fast path inlined: most segments are words.
+        if len(segment) < 8 and not segment.isdigit() and "@" not in segment:
+            continue
+        if is_identifier(segment):
             segments[i] = PLACEHOLDER
             changed = True
     return "/".join(segments) if changed else path

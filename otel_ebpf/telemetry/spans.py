@@ -96,7 +96,7 @@ class IdGenerator:
 
 class SpanEncoder:
     __slots__ = ("_redact", "_ids", "_attr", "_mid", "_names", "_status", "_max_names",
-                 "_requests", "_conns")
+                 "_requests", "_endpoints", "_peers")
 
     def __init__(self, redact: QueryRedactor, ids: IdGenerator | None = None) -> None:
         self._redact = redact
@@ -108,10 +108,11 @@ class SpanEncoder:
         self._names: dict[tuple[str, str | None], bytes] = {}
         self._max_names = 8192
         self._status: dict[tuple[bool, str | None], bytes] = {}
-        # Whole attribute blocks: per (method, route, status, outcome, role) and per
-        # connection endpoint set. Bounded, cleared when full.
+        # Whole attribute blocks: per (method, route, status, outcome, role), per origin
+        # and per peer socket. Bounded, cleared when full.
         self._requests: dict[tuple, tuple[bytes, bytes, bytes, str | None]] = {}
-        self._conns: dict[tuple, bytes] = {}
+        self._endpoints: dict[tuple, bytes] = {}
+        self._peers: dict[tuple, bytes] = {}
 
     def _name_field(self, method: str, route: str | None) -> bytes:
         key = (method, route)
@@ -169,42 +170,49 @@ class SpanEncoder:
             parts.append(cached("error.type", error_type))
         return b"".join(parts), self._name_field(method, route), status, error_type
 
-    def _conn_block(self, ex: HttpExchange, is_client: bool) -> bytes:
-        """Attribute fields that are constant over a keep-alive connection: scheme,
-        protocol version, server/client/peer endpoints, user agent."""
+    def _endpoint_block(self, ex: HttpExchange, is_client: bool) -> bytes:
+        """Attribute fields shared by every request a service receives (or a client
+        sends) to one origin: scheme, protocol version, server.address/port, user agent."""
         cached = self._attr.get
-        parts = [cached("url.scheme", ex.scheme)]
-        remote_address = ex.remote_address
-        remote_port = ex.remote_port
+        parts = [cached("url.scheme", ex.scheme),
+                 cached("network.protocol.version", ex.protocol_version)]
         # attributes.server_endpoint, inlined.
         if ex.host:
             address, port = split_host(ex.host)
             address = address or None
             if port is None:
-                port = remote_port if is_client else DEFAULT_PORTS.get(ex.scheme, ex.local_port)
+                port = (ex.remote_port if is_client
+                        else DEFAULT_PORTS.get(ex.scheme, ex.local_port))
         elif is_client:
-            address, port = remote_address, remote_port
+            address, port = ex.remote_address, ex.remote_port
         else:
             address, port = ex.local_address, ex.local_port
         if address is not None:
             parts.append(self._attr.fresh("server.address", address))
         if port is not None:
             parts.append(cached("server.port", port))
-        if not is_client:
-            if remote_address is not None:
-                parts.append(self._attr.fresh("client.address", remote_address))
-            if remote_port is not None:
-                parts.append(self._attr.fresh("client.port", remote_port))
-        if remote_address is not None:
-            parts.append(self._attr.fresh("network.peer.address", remote_address))
-        if remote_port is not None:
-            parts.append(self._attr.fresh("network.peer.port", remote_port))
-        parts.append(cached("network.protocol.version", ex.protocol_version))
         if ex.user_agent is not None:
             parts.append(self._attr.fresh("user_agent.original", ex.user_agent))
         return b"".join(parts)
 
-    def encode(self, ex: HttpExchange, route: str | None) -> bytes | None:
+    def _peer_block(self, address: str | None, port: int | None, is_client: bool) -> bytes:
+        """client.* (server spans) and network.peer.*: constant over a connection."""
+        parts = []
+        if address is not None:
+            address_value = enc.encode_any_value(address)
+            if not is_client:
+                parts.append(enc.field_key_any(9, "client.address", address_value))
+            parts.append(enc.field_key_any(9, "network.peer.address", address_value))
+        if port is not None:
+            if not is_client:
+                parts.append(self._attr.fresh_int("client.port", port))
+            parts.append(self._attr.fresh_int("network.peer.port", port))
+        return b"".join(parts)
+
+    def encode(self, ex: HttpExchange, route: str | None, path: str | None = None,
+               query: str | None = None) -> bytes | None:
+        """`path`/`query` may be passed when the caller already split the target
+        (url.path as attributes.url_path gives it; query None when there is none)."""
         trace_state = None
         parent = None
         tp = ex.traceparent
@@ -240,26 +248,36 @@ class SpanEncoder:
         if outcome is not Outcome.OK and ex.error_reason:
             status = self._status_field(True, ex.error_reason)
 
-        ckey = (role, ex.scheme, ex.protocol_version, ex.host, ex.local_address,
-                ex.local_port, ex.remote_address, ex.remote_port, ex.user_agent)
-        conn = self._conns.get(ckey)
-        if conn is None:
-            conn = self._conn_block(ex, is_client)
-            if len(self._conns) >= 4096:
-                self._conns.clear()
-            self._conns[ckey] = conn
+        # Two blocks of connection-level attributes: one per origin (few), one per
+        # peer socket (one per keep-alive connection; a miss costs ~1 us).
+        ekey = (is_client, ex.scheme, ex.protocol_version, ex.host, ex.user_agent,
+                ex.local_address if not is_client else ex.remote_address,
+                ex.local_port if not is_client else ex.remote_port)
+        endpoint = self._endpoints.get(ekey)
+        if endpoint is None:
+            endpoint = self._endpoint_block(ex, is_client)
+            if len(self._endpoints) >= 4096:
+                self._endpoints.clear()
+            self._endpoints[ekey] = endpoint
+        pkey = (ex.remote_address, ex.remote_port, is_client)
+        peer = self._peers.get(pkey)
+        if peer is None:
+            peer = self._peer_block(ex.remote_address, ex.remote_port, is_client)
+            if len(self._peers) >= 16384:
+                self._peers.clear()
+            self._peers[pkey] = peer
 
-        target = ex.target
-        path, sep, query = target.partition("?")
-        if path[:1] != "/":
+        if path is None:
             path = url_path(ex)
+            query = ex.query
         sized = self._mid.get
         response_size = ex.response_body_size
         attributes = b"".join((
             attrs,
-            conn,
+            endpoint,
+            peer,
             self._attr.fresh_str("url.path", path),
-            self._attr.fresh_str("url.query", self._redact(query)) if sep else b"",
+            b"" if query is None else self._attr.fresh_str("url.query", self._redact(query)),
             sized("http.request.body.size", ex.request_body_size),
             b"" if response_size is None else sized("http.response.body.size", response_size),
         ))
