@@ -272,10 +272,13 @@ class _HttpTransport:
         self._session.headers["Content-Type"] = "application/x-protobuf"
         if self._gzip:
             self._session.headers["Content-Encoding"] = "gzip"
-        if options.certificate:
-            self._session.verify = options.certificate
+        # Passed with every request: requests lets REQUESTS_CA_BUNDLE / CURL_CA_BUNDLE in
+        # the environment override a Session's own `verify`, which would silently ignore
+        # the configured certificate.
+        self._verify: str | bool = options.certificate or True
+        self._cert = None
         if options.client_certificate:
-            self._session.cert = (
+            self._cert = (
                 (options.client_certificate, options.client_key)
                 if options.client_key else options.client_certificate
             )
@@ -285,7 +288,11 @@ class _HttpTransport:
         # Level 6 costs about half of level 9 for nearly the same size.
         data = gzip.compress(payload, compresslevel=6) if self._gzip else payload
         try:
-            resp = self._session.post(self.endpoint, data=data, timeout=self._timeout)
+            resp = self._session.post(self.endpoint, data=data, timeout=self._timeout,
+                                      verify=self._verify, cert=self._cert)
+        except requests.exceptions.SSLError as exc:  # trust/keys: retrying cannot help
+            raise _Permanent("HTTPS: %s (check export.otlp certificate / client_certificate "
+                             "/ client_key)" % exc) from None
         except (requests.ConnectionError, requests.Timeout) as exc:
             raise _Retryable("HTTP %s: %s" % (type(exc).__name__, exc)) from None
         except requests.RequestException as exc:  # bad URL, TLS files, ...
