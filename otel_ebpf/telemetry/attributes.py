@@ -10,10 +10,12 @@ Rules (https://opentelemetry.io/docs/specs/semconv/http/http-spans/):
   (case-sensitive, as semconv requires), else `_OTHER` with the wire method in
   `http.request.method_original`.
 - SERVER spans: `server.address`/`server.port` from the Host header (the origin the
-  client asked for); with no port in Host, the scheme's default port when a Host was
-  sent, else the local socket. `client.*` and `network.peer.*` are the remote peer.
-- CLIENT spans: `server.address`/`server.port` from the Host header, else the remote
-  socket; `network.peer.*` is the remote socket.
+  client asked for; a Host without a port means the scheme's default port, RFC 9110
+  7.2), else the local socket. `client.*` and `network.peer.*` are the remote peer.
+- CLIENT spans: `server.address`/`server.port` from the Host header (same default-port
+  rule), else the remote socket; `network.peer.*` is the remote socket.
+- Metrics use `server.port` too, but for SERVER exchanges the local socket's port:
+  it names the listener, and a client cannot inflate its cardinality via Host.
 - Status: a SERVER span is an error on 5xx, a CLIENT span on 4xx and 5xx; any exchange
   that did not complete (timeout, closed, reset, truncated) is an error whose
   `error.type` is the outcome's short name. `error.type` always has low cardinality
@@ -106,11 +108,9 @@ def server_endpoint(exchange: HttpExchange) -> tuple[str | None, int | None]:
     """-> (server.address, server.port) for the span, per the rules in the docstring."""
     if exchange.host:
         host, port = split_host(exchange.host)
-        if port is None:
-            if exchange.role == Role.CLIENT:
-                port = exchange.remote_port
-            else:
-                port = DEFAULT_PORTS.get(exchange.scheme, exchange.local_port)
+        if port is None:  # RFC 9110 7.2: no port in Host means the scheme's default
+            port = DEFAULT_PORTS.get(
+                exchange.scheme, None if exchange.role == Role.CLIENT else exchange.local_port)
         return (host or None), port
     if exchange.role == Role.CLIENT:
         return exchange.remote_address, exchange.remote_port

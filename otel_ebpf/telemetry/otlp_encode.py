@@ -235,24 +235,38 @@ def field_span(
     """One Span as field 2 of ScopeSpans. `name_field` is `span_name_field(name)`,
     `attributes_fields` concatenated field-9 KeyValues, `status_field` `status_field()`
     (both may come from caches)."""
-    body = [
-        b"\x0a\x10", trace_id,  # trace_id(1), 16 bytes
-        b"\x12\x08", span_id,  # span_id(2), 8 bytes
-    ]
+    head = b"\x0a\x10" + trace_id + b"\x12\x08" + span_id  # trace_id(1), span_id(2)
     if trace_state:
-        body.append(_str(3, trace_state))
+        head += _str(3, trace_state)
     if parent_span_id is not None:
-        body.append(b"\x22\x08")  # parent_span_id(4)
-        body.append(parent_span_id)
-    body.append(name_field)  # name(5)
-    body.append(b"\x30" + _SMALL_VARINTS[kind])  # kind(6)
-    body.append(b"\x39" + _pack_q(start_time_unix_nano))  # start(7) fixed64
-    body.append(b"\x41" + _pack_q(end_time_unix_nano))  # end(8) fixed64
-    body.append(attributes_fields)  # attributes(9)
-    body.append(status_field)  # status(15)
-    body.append(b"\x85\x01" + _pack_I(flags))  # flags(16) fixed32
-    payload = b"".join(body)
-    return b"\x12" + varint(len(payload)) + payload
+        head += b"\x22\x08" + parent_span_id  # parent_span_id(4)
+    flags_field = _FLAGS_FIELDS.get(flags)
+    if flags_field is None:
+        flags_field = b"\x85\x01" + _pack_I(flags)  # flags(16) fixed32
+    payload = b"".join((
+        head,
+        name_field,  # name(5)
+        _KIND_FIELDS[kind],  # kind(6)
+        _pack_times(0x39, start_time_unix_nano, 0x41, end_time_unix_nano),  # (7) (8) fixed64
+        attributes_fields,  # attributes(9)
+        status_field,  # status(15)
+        flags_field,
+    ))
+    n = len(payload)
+    if n < 16384:  # two-byte length: nearly every span
+        return b"\x12" + (_SMALL_VARINTS[n] if n < 128 else bytes(((n & 0x7F) | 0x80, n >> 7))) + payload
+    return b"\x12" + varint(n) + payload
+
+
+_pack_times = struct.Struct("<BQBQ").pack
+_KIND_FIELDS = [b"\x30" + _SMALL_VARINTS[k] for k in range(6)]
+_FLAGS_FIELDS = {
+    f: b"\x85\x01" + _pack_I(f)
+    for f in (
+        SPAN_FLAGS_SAMPLED | SPAN_FLAGS_CONTEXT_HAS_IS_REMOTE,
+        SPAN_FLAGS_SAMPLED | SPAN_FLAGS_CONTEXT_HAS_IS_REMOTE | SPAN_FLAGS_CONTEXT_IS_REMOTE,
+    )
+}
 
 
 def span_name_field(name: str) -> bytes:

@@ -39,6 +39,8 @@ _ZERO_SPAN = "0" * 16
 # W3C caps tracestate at 32 list members; 512 characters is the size vendors must
 # accept. Longer values are dropped rather than cut mid-member.
 _MAX_TRACESTATE = 512
+_ZERO16 = bytes(16)
+_ZERO8 = bytes(8)
 
 _FLAGS_LOCAL_ROOT = enc.SPAN_FLAGS_SAMPLED | enc.SPAN_FLAGS_CONTEXT_HAS_IS_REMOTE
 _FLAGS_REMOTE_PARENT = _FLAGS_LOCAL_ROOT | enc.SPAN_FLAGS_CONTEXT_IS_REMOTE
@@ -86,12 +88,20 @@ class IdGenerator:
     def span_id(self) -> bytes:
         return self._take(8)
 
-    def ids(self) -> bytes:
-        """A trace id and a span id in one: [:16] and [16:]."""
-        out = self._take(24)
-        if not any(out[16:]) or not any(out[:16]):
+    def ids(self) -> tuple[bytes, bytes]:
+        """A new (trace id, span id) pair, from one read of the buffer."""
+        pos = self._pos
+        end = pos + 24
+        if end > len(self._buf):
+            self._buf = os.urandom(self._CHUNK)
+            pos, end = 0, 24
+        self._pos = end
+        buf = self._buf
+        trace_id = buf[pos:pos + 16]
+        span_id = buf[pos + 16:end]
+        if trace_id == _ZERO16 or span_id == _ZERO8:  # invalid ids; 2**-64 odds
             return self.ids()
-        return out
+        return trace_id, span_id
 
 
 class SpanEncoder:
@@ -180,9 +190,8 @@ class SpanEncoder:
         if ex.host:
             address, port = split_host(ex.host)
             address = address or None
-            if port is None:
-                port = (ex.remote_port if is_client
-                        else DEFAULT_PORTS.get(ex.scheme, ex.local_port))
+            if port is None:  # RFC 9110 7.2: no port in Host means the scheme's default
+                port = DEFAULT_PORTS.get(ex.scheme, None if is_client else ex.local_port)
         elif is_client:
             address, port = ex.remote_address, ex.remote_port
         else:
@@ -226,9 +235,7 @@ class SpanEncoder:
                 if ts and len(ts) <= _MAX_TRACESTATE:
                     trace_state = ts
         if parent is None:
-            ids = self._ids.ids()
-            trace_id = ids[:16]
-            span_id = ids[16:]
+            trace_id, span_id = self._ids.ids()
             flags = _FLAGS_LOCAL_ROOT
         else:
             span_id = self._ids.span_id()
@@ -250,9 +257,15 @@ class SpanEncoder:
 
         # Two blocks of connection-level attributes: one per origin (few), one per
         # peer socket (one per keep-alive connection; a miss costs ~1 us).
-        ekey = (is_client, ex.scheme, ex.protocol_version, ex.host, ex.user_agent,
-                ex.local_address if not is_client else ex.remote_address,
-                ex.local_port if not is_client else ex.remote_port)
+        host = ex.host
+        if not is_client:
+            ekey = (False, ex.scheme, ex.protocol_version, host, ex.user_agent,
+                    ex.local_address, ex.local_port)
+        elif host:  # the origin is the Host header; the socket does not matter
+            ekey = (True, ex.scheme, ex.protocol_version, host, ex.user_agent, None, None)
+        else:
+            ekey = (True, ex.scheme, ex.protocol_version, None, ex.user_agent,
+                    ex.remote_address, ex.remote_port)
         endpoint = self._endpoints.get(ekey)
         if endpoint is None:
             endpoint = self._endpoint_block(ex, is_client)
