@@ -23,8 +23,10 @@
  * generation), role and addresses (conn_ensure_open), with plaintext positions in
  * conn_t.tls_pos[] (the syscall positions count ciphertext). Otherwise (memory BIOs,
  * as Node.js uses: its socket I/O happens in libuv, outside any SSL call) the key is
- * synthetic: fd = -1 - (ssl & 0x7fffffff), generation = the SSL* value, ROLE_UNKNOWN
- * and no addresses (family 0): nothing is invented; user space fills what it can.
+ * synthetic: fd = -1 - (ssl & 0x7fffffff) (always negative, never a real fd),
+ * generation = the time the SSL* was first seen (so an address reused after SSL_free
+ * is a new stream even if the SSL_free was missed), ROLE_UNKNOWN and no addresses
+ * (family 0): nothing is invented; user space fills what it can.
  *
  * Ciphertext. tls_syscall_hook returns 1 for a syscall made inside an SSL call, so the
  * syscall path only advances its positions and never emits those bytes. Ciphertext
@@ -59,6 +61,7 @@ struct tls_key_t {
 };
 
 struct tls_conn_t {
+    __u64 generation; /* synthetic stream id: ktime when this SSL* was first seen */
     __u64 pos[2];  /* plaintext positions of a synthetic (fd-less) stream, by DIR_* */
     __s32 fd;      /* socket tied to this SSL*, -1 none yet */
     __u8 proto;    /* PROTO_* of the plaintext */
@@ -159,6 +162,7 @@ static __always_inline int tls_exit(struct pt_regs *ctx, __u8 dir, int ex)
     if (!t) {
         struct tls_conn_t fresh = {};
         fresh.fd = -1;
+        fresh.generation = bpf_ktime_get_ns();
         tls_conns.update(&k, &fresh);
         t = tls_conns.lookup(&k);
         if (!t)
@@ -197,12 +201,12 @@ static __always_inline int tls_exit(struct pt_regs *ctx, __u8 dir, int ex)
         ev.tgid = tgid;
         ev.tid = tid;
         ev.fd = sfd;
-        ev.generation = a.ssl;
+        ev.generation = t->generation;
         ev.timestamp_ns = bpf_ktime_get_ns();
         if (events.ringbuf_output(&ev, sizeof(ev), 0) != 0)
             counter_add(CNT_RINGBUF_FULL, 1);
     }
-    emit_data(ctx, tgid, tid, sfd, a.ssl, ROLE_UNKNOWN, d, SOURCE_OPENSSL,
+    emit_data(ctx, tgid, tid, sfd, t->generation, ROLE_UNKNOWN, d, SOURCE_OPENSSL,
               (const void *)a.buf, size, pos);
     return 0;
 }
@@ -221,6 +225,7 @@ int tls_enter_set_fd(struct pt_regs *ctx)
     struct tls_key_t k = {.ssl = PT_REGS_PARM1(ctx), .tgid = id >> 32};
     struct tls_conn_t t = {};
     t.fd = (__s32)PT_REGS_PARM2(ctx);
+    t.generation = bpf_ktime_get_ns();
     tls_conns.update(&k, &t);
     return 0;
 }
@@ -241,7 +246,7 @@ int tls_enter_free(struct pt_regs *ctx)
         ev.tgid = k.tgid;
         ev.tid = (__u32)id;
         ev.fd = -1 - (__s32)(k.ssl & 0x7fffffff);
-        ev.generation = k.ssl;
+        ev.generation = t->generation;
         ev.timestamp_ns = bpf_ktime_get_ns();
         ev.bytes_sent = t->pos[DIR_EGRESS];
         ev.bytes_received = t->pos[DIR_INGRESS];
