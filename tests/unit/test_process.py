@@ -34,12 +34,14 @@ def child():
     def start(env: dict[str, str]) -> subprocess.Popen:
         p = subprocess.Popen(["sleep", "30"], env=env)
         procs.append(p)
-        # exec has happened once /proc/PID/exe points at sleep.
+        # exec is complete once the new argv is visible: /proc/PID/exe switches earlier,
+        # while argv and environ (set up together by the ELF loader) still read empty.
         deadline = time.monotonic() + 5
         while time.monotonic() < deadline:
             try:
-                if os.readlink("/proc/%d/exe" % p.pid).endswith("sleep"):
-                    break
+                with open("/proc/%d/cmdline" % p.pid, "rb") as f:
+                    if f.read() == b"sleep\x0030\x00":
+                        break
             except OSError:
                 pass
             time.sleep(0.01)
