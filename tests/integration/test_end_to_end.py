@@ -165,7 +165,7 @@ def test_unanswered_request_times_out_and_garbage_is_counted(tmp_path):
     port = free_port()
     with python_keepalive_server(tmp_path, port), \
             Daemon(tmp_path, "--port", str(port),
-                   env={"OTEL_EBPF_HTTP_REQUEST_TIMEOUT": "2"}) as daemon:
+                   env={"OTEL_EBPF_CONNTRACK_REQUEST_TIMEOUT_S": "2"}) as daemon:
         never = socket.create_connection(("127.0.0.1", port))
         never.sendall(b"GET /never HTTP/1.1\r\nHost: x\r\n\r\n")
         # Binary garbage on the same port, then a valid request on a new connection.
