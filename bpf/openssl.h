@@ -70,7 +70,9 @@ struct tls_conn_t {
     __u8 _pad;
 };
 
-BPF_HASH(tls_args, __u64, struct tls_args_t, 16384);
+/* LRU: an entry whose return probe never ran (thread killed inside SSL_read) must not
+ * stay forever, or that thread's later plaintext syscalls would be swallowed as TLS. */
+BPF_TABLE("lru_hash", __u64, struct tls_args_t, tls_args, 16384);
 BPF_TABLE("lru_hash", struct tls_key_t, struct tls_conn_t, tls_conns, MAX_TLS_CONNS);
 
 /* Called by syscalls.c at each data syscall exit on a socket, before anything is

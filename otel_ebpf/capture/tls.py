@@ -475,14 +475,19 @@ class TlsAttacher:
             if sym not in info.defined:
                 continue
             enter, leave = PROBE_PROGRAMS[sym]
+            mark = len(done)
             try:
-                bpf.attach_uprobe(name=m.open_path, sym=sym, fn_name=enter)
-                done.append((sym, enter, False))
+                # Return probe first: a call caught by the entry probe then always has
+                # its return seen, so no stale in-call state swallows later syscalls.
                 if leave is not None:
                     bpf.attach_uretprobe(name=m.open_path, sym=sym, fn_name=leave)
                     done.append((sym, leave, True))
+                bpf.attach_uprobe(name=m.open_path, sym=sym, fn_name=enter)
+                done.append((sym, enter, False))
                 symbols.append(sym)
             except Exception as exc:  # BCC raises bare Exception for attach failures
+                self._detach(m.open_path, done[mark:])  # no half-probed symbol
+                del done[mark:]
                 self._stats.add("tls.attach_failures")
                 log.warning(
                     "TLS: could not attach %s in %s (%s); HTTPS through it will not be seen",

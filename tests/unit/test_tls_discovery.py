@@ -283,6 +283,11 @@ def test_attach_failure_is_counted_and_the_rest_still_attached(tmp_path, libs, c
     assert stats.get("tls.attach_failures") == 1
     assert "SSL_read_ex" in caplog.text and "will not be seen" in caplog.text
     assert "SSL_read_ex" not in attacher.attached()[0][1]
+    # its return probe (attached first) was taken off again: no half-probed symbol
+    assert ("detach_ret", str(libs["openssl"]), "SSL_read_ex", "") in bpf.calls
+    live = {(c[2], c[0]) for c in bpf.calls if c[0] in ("uprobe", "uretprobe")}
+    assert ("SSL_read_ex", "uretprobe") in live  # attached, then detached above
+    assert ("SSL_read_ex", "uprobe") not in live
 
 
 def test_close_detaches_everything_once(tmp_path, libs):
