@@ -448,7 +448,8 @@ class MetricsAggregator:
             else:
                 point = enc.encode_number_point(b"", self._start_ns, now, value)
                 temporality = enc.TEMPORALITY_CUMULATIVE
-            fields.append(enc.field_sum_metric(metric, "", "1", temporality, True, [point]))
+            unit = "By" if "bytes" in name else "1"
+            fields.append(enc.field_sum_metric(metric, "", unit, temporality, True, [point]))
         self._last_self_ns = now
         return fields
 

@@ -254,7 +254,8 @@ def field_span(
     ))
     n = len(payload)
     if n < 16384:  # two-byte length: nearly every span
-        return b"\x12" + (_SMALL_VARINTS[n] if n < 128 else bytes(((n & 0x7F) | 0x80, n >> 7))) + payload
+        length = _SMALL_VARINTS[n] if n < 128 else bytes(((n & 0x7F) | 0x80, n >> 7))
+        return b"\x12" + length + payload
     return b"\x12" + varint(n) + payload
 
 

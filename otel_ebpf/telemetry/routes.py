@@ -34,7 +34,8 @@ PLACEHOLDER = "{id}"
 # with very long random paths must not be able to pin memory through the cache.
 _MAX_CACHED_PATH = 512
 
-_UUID = re.compile(r"[0-9a-fA-F]{8}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{12}\Z")
+_UUID = re.compile(
+    r"[0-9a-fA-F]{8}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{12}\Z")
 _HEX = re.compile(r"[0-9a-fA-F]{8,}\Z")
 _HAS_DIGIT = re.compile(r"\d")
 

@@ -45,7 +45,9 @@ _ZERO8 = bytes(8)
 _FLAGS_LOCAL_ROOT = enc.SPAN_FLAGS_SAMPLED | enc.SPAN_FLAGS_CONTEXT_HAS_IS_REMOTE
 _FLAGS_REMOTE_PARENT = _FLAGS_LOCAL_ROOT | enc.SPAN_FLAGS_CONTEXT_IS_REMOTE
 
-_KIND = {Role.SERVER: enc.SPAN_KIND_SERVER, Role.CLIENT: enc.SPAN_KIND_CLIENT}
+_SERVER = Role.SERVER
+_CLIENT = Role.CLIENT
+_OK = Outcome.OK
 
 
 def parse_traceparent(header: str) -> tuple[bytes, bytes, bool] | None:
@@ -242,7 +244,7 @@ class SpanEncoder:
             flags = _FLAGS_REMOTE_PARENT
 
         role = ex.role
-        is_client = role is Role.CLIENT
+        is_client = role is _CLIENT
         outcome = ex.outcome
         rkey = (ex.method, route, ex.status_code, outcome, is_client)
         request = self._requests.get(rkey)
@@ -252,7 +254,7 @@ class SpanEncoder:
                 self._requests.clear()
             self._requests[rkey] = request
         attrs, name_field, status, _ = request
-        if outcome is not Outcome.OK and ex.error_reason:
+        if outcome is not _OK and ex.error_reason:
             status = self._status_field(True, ex.error_reason)
 
         # Two blocks of connection-level attributes: one per origin (few), one per
@@ -300,7 +302,8 @@ class SpanEncoder:
             parent,
             trace_state,
             name_field,
-            _KIND.get(role, enc.SPAN_KIND_INTERNAL),
+            enc.SPAN_KIND_CLIENT if is_client
+            else enc.SPAN_KIND_SERVER if role is _SERVER else enc.SPAN_KIND_INTERNAL,
             ex.start_time_unix_nano,
             ex.end_time_unix_nano,
             attributes,
