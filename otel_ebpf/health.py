@@ -113,8 +113,9 @@ class Health:
         self._thread: threading.Thread | None = None
         if listen:
             self._start_server(*parse_listen(listen))
-        if self.file is not None:
-            self._write_file()
+        # Publish at once: the daemon compiles its BPF programs (seconds) before its
+        # loop first calls mark_alive, and systemd's watchdog runs from exec.
+        self._publish_alive()
 
     # ---- called by the daemon loop -------------------------------------------------
 
