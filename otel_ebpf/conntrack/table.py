@@ -117,7 +117,7 @@ class ConnectionTable:
         """Process one event; returns the exchanges it completed (usually none)."""
         out: list[HttpExchange] = []
         self._ctx.out = out
-        if isinstance(event, DataEvent):
+        if type(event) is DataEvent or isinstance(event, DataEvent):
             self._on_data(event)
         elif isinstance(event, ConnOpenEvent):
             self._on_open(event)
@@ -216,16 +216,13 @@ class ConnectionTable:
                 size -= cut
         conn.expected[direction] = end
         captured = len(data)
+        framer = session.framers[direction]
         if captured:
-            session.data(direction, data, ev.timestamp_ns, ev.tid)
+            # The framer checks the per-connection buffer cap itself, where buffers grow.
+            framer.feed(data, ev.timestamp_ns, ev.tid)
         if size > captured and session.disabled is None:
             self.stats.add("conntrack.truncated_bytes", size - captured)
-            session.gap(direction, size - captured, ev.timestamp_ns)
-        ingress, egress = session.framers
-        if (ingress.buf is not None or egress.buf is not None or ingress.prefix is not None
-                or egress.prefix is not None):
-            if session.disabled is None and session.buffered() > self.options.max_buffer_bytes:
-                session.disable("buffer_limit")
+            framer.gap(size - captured, ev.timestamp_ns)
 
     def _on_open(self, ev: ConnOpenEvent) -> None:
         key = (ev.tgid, ev.fd, ev.generation)

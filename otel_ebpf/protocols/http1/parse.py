@@ -17,13 +17,14 @@ for CRLFCRLF resumes where it stopped, so one-byte-at-a-time writers cost O(n).
 Nothing here raises on traffic: malformed input ends in `on_invalid`, unparseable
 prefixes are skipped and reported through `on_skip` for counting.
 
-Not supported (reported as invalid or skipped): bare-LF line endings, HTTP/0.9,
+Not supported (reported as invalid or skipped): bare-LF line endings, HTTP/0.9;
 obs-fold continuation lines are ignored rather than joined.
 """
 
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable
 
 from otel_ebpf.protocols.base import HeadVerdict, MessageKind, MessageListener
 
@@ -63,7 +64,7 @@ _START_RE = {
 }
 
 _H_HOST, _H_UA, _H_CL, _H_TE, _H_TP, _H_TS = range(6)
-_REQUEST_FIELDS = {
+_FIELD_IDS = {
     b"host": _H_HOST,
     b"user-agent": _H_UA,
     b"content-length": _H_CL,
@@ -71,8 +72,32 @@ _REQUEST_FIELDS = {
     b"traceparent": _H_TP,
     b"tracestate": _H_TS,
 }
-_RESPONSE_FIELDS = {b"content-length": _H_CL, b"transfer-encoding": _H_TE}
 _VERSIONS = {b"HTTP/1.1": "1.1", b"HTTP/1.0": "1.0"}
+
+
+def header_regex(names: Iterable[bytes]) -> re.Pattern[bytes]:
+    """A regex finding the given header fields (case-insensitive) in a header block.
+
+    One C-level scan per block instead of a Python loop over every header line: the
+    per-exchange budget (PERF-NOTES.md) cannot afford per-line Python work.
+    """
+    alternatives = b"|".join(re.escape(n) for n in sorted(set(names), key=len, reverse=True))
+    return re.compile(rb"\r\n(" + alternatives + rb")[ \t]*:[ \t]*([^\r\n]*)", re.I)
+
+
+_REQUEST_FIELDS_RE = header_regex(_FIELD_IDS)
+_RESPONSE_FIELDS_RE = header_regex((b"content-length", b"transfer-encoding"))
+_capture_regexes: dict[frozenset[bytes], re.Pattern[bytes]] = {}
+
+
+def _captured(block: bytes, start: int, capture: frozenset[bytes]) -> tuple[tuple[str, str], ...]:
+    regex = _capture_regexes.get(capture)
+    if regex is None:
+        regex = _capture_regexes[capture] = header_regex(capture)
+    return tuple(
+        (name.lower().decode("latin-1"), value.rstrip().decode("latin-1"))
+        for name, value in regex.findall(block, start)
+    )
 
 
 class RequestHead:
@@ -140,11 +165,13 @@ def _is_chunked(value: bytes) -> bool:
 def parse_request_head(block: bytes, capture: frozenset[bytes] = frozenset()) -> RequestHead | None:
     """Parse a request line + header lines (CRLF-separated, without the final CRLFCRLF).
 
-    Returns None when the block is not a valid HTTP/1.0 or 1.1 request head. `capture`
-    holds the lower-case header names to copy into `headers`.
+    Returns None when the request line is not a valid HTTP/1.0 or 1.1 one, or the
+    framing headers contradict each other. `capture` holds the lower-case header names
+    to copy into `headers`. Header lines are not validated one by one (cost); only the
+    fields we use are looked at.
     """
-    lines = block.split(b"\r\n")
-    parts = lines[0].split(b" ")
+    line_end = block.find(b"\r\n")
+    parts = (block[:line_end] if line_end >= 0 else block).split(b" ")
     if len(parts) != 3:
         return None
     method, target, version_bytes = parts
@@ -154,18 +181,10 @@ def parse_request_head(block: bytes, capture: frozenset[bytes] = frozenset()) ->
     host = user_agent = traceparent = tracestate = None
     content_length: int | None = None
     chunked = te_seen = False
-    captured: list[tuple[str, str]] | None = None
-    fields = _REQUEST_FIELDS
-    for i in range(1, len(lines)):
-        name, sep, value = lines[i].partition(b":")
-        if not sep or not name:
-            if lines[i][:1] in (b" ", b"\t"):
-                continue  # obs-fold continuation (RFC 9112 5.2): ignored, not joined
-            return None
-        lname = name.lower()
-        field = fields.get(lname)
-        if field is not None:
-            value = value.strip()
+    if line_end >= 0:
+        for name, value in _REQUEST_FIELDS_RE.findall(block, line_end):
+            field = _FIELD_IDS[name.lower()]
+            value = value.rstrip()
             if field == _H_HOST:
                 host = value.decode("latin-1")
             elif field == _H_UA:
@@ -184,10 +203,6 @@ def parse_request_head(block: bytes, capture: frozenset[bytes] = frozenset()) ->
                 traceparent = value.decode("latin-1")
             else:
                 tracestate = value.decode("latin-1")
-        if capture and lname in capture:
-            if captured is None:
-                captured = []
-            captured.append((lname.decode("latin-1"), value.strip().decode("latin-1")))
     if te_seen and not chunked:
         return None  # RFC 9112 6.3: a request body of unknown length cannot be framed
     return RequestHead(
@@ -198,7 +213,7 @@ def parse_request_head(block: bytes, capture: frozenset[bytes] = frozenset()) ->
         user_agent,
         traceparent,
         tracestate,
-        tuple(captured) if captured else (),
+        _captured(block, line_end, capture) if capture and line_end >= 0 else (),
         None if chunked else content_length,
         chunked,
     )
@@ -208,8 +223,8 @@ def parse_response_head(
     block: bytes, capture: frozenset[bytes] = frozenset()
 ) -> ResponseHead | None:
     """Parse a status line + header lines; None when not a valid HTTP/1.x response head."""
-    lines = block.split(b"\r\n")
-    line = lines[0]
+    line_end = block.find(b"\r\n")
+    line = block[:line_end] if line_end >= 0 else block
     version = _VERSIONS.get(line[:8])
     code = line[9:12]
     if (
@@ -222,19 +237,10 @@ def parse_response_head(
         return None
     content_length: int | None = None
     chunked = False
-    captured: list[tuple[str, str]] | None = None
-    fields = _RESPONSE_FIELDS
-    for i in range(1, len(lines)):
-        name, sep, value = lines[i].partition(b":")
-        if not sep or not name:
-            if lines[i][:1] in (b" ", b"\t"):
-                continue
-            return None
-        lname = name.lower()
-        field = fields.get(lname)
-        if field is not None:
-            value = value.strip()
-            if field == _H_CL:
+    if line_end >= 0:
+        for name, value in _RESPONSE_FIELDS_RE.findall(block, line_end):
+            value = value.rstrip()
+            if len(name) == 14:  # content-length
                 if not value.isdigit() or len(value) > 18:
                     return None
                 length = int(value)
@@ -243,14 +249,10 @@ def parse_response_head(
                 content_length = length
             else:
                 chunked = _is_chunked(value)
-        if capture and lname in capture:
-            if captured is None:
-                captured = []
-            captured.append((lname.decode("latin-1"), value.strip().decode("latin-1")))
     return ResponseHead(
         version,
         int(code),
-        tuple(captured) if captured else (),
+        _captured(block, line_end, capture) if capture and line_end >= 0 else (),
         None if chunked else content_length,
         chunked,
     )
@@ -286,6 +288,7 @@ class MessageFramer:
         "max_resync",
         "capture",
         "prefix_limit",
+        "max_buffer",
     )
 
     def __init__(
@@ -298,6 +301,7 @@ class MessageFramer:
         max_resync: int = 64 * 1024,
         capture: frozenset[bytes] = frozenset(),
         prefix_limit: int = 0,
+        max_buffer: int = 64 * 1024,
     ) -> None:
         self.kind = kind
         self.listener = listener
@@ -319,6 +323,7 @@ class MessageFramer:
         self.max_resync = max_resync
         self.capture = capture
         self.prefix_limit = prefix_limit
+        self.max_buffer = max_buffer  # per connection: both framers (listener.buffered())
 
     def buffered(self) -> int:
         size = len(self.buf) if self.buf is not None else 0
@@ -335,6 +340,15 @@ class MessageFramer:
         while pos < n:
             state = self.state
             if state == HEAD:
+                if self.buf is None and data[pos] in _TOKEN_BYTES:
+                    # Fast path: a whole header block in this chunk (the usual case).
+                    idx = data.find(b"\r\n\r\n", pos)
+                    if 0 <= idx - pos <= self.max_header:
+                        self.head_ts = ts
+                        self.head_tid = tid
+                        self._on_head(data[pos:idx], ts)
+                        pos = idx + 4
+                        continue
                 pos = self._feed_head(data, pos, ts, tid)
             elif state == BODY_LENGTH or state == CHUNK_DATA:
                 rem = self.remaining
@@ -455,6 +469,13 @@ class MessageFramer:
 
     # -- internals ---------------------------------------------------------------------
 
+    def _grew(self) -> bool:
+        """A buffer grew: enforce the per-connection cap. False when over it (disabled)."""
+        if self.listener.buffered() > self.max_buffer:
+            self._invalid("buffer_limit")
+            return False
+        return True
+
     def _keep(self, data: bytes, pos: int, count: int) -> None:
         take = count if count < self.prefix_left else self.prefix_left
         self.prefix += data[pos : pos + take]  # type: ignore[operator]
@@ -509,6 +530,7 @@ class MessageFramer:
                     return n
                 self.buf = bytearray(data[pos:])
                 self.searched = max(0, n - pos - 3)
+                self._grew()
                 return n
             if idx - pos > self.max_header:
                 self._invalid("header_too_large")
@@ -523,6 +545,7 @@ class MessageFramer:
                 self._invalid("header_too_large")
                 return n
             self.searched = len(buf) - 3
+            self._grew()
             return n
         self.buf = None
         if idx > self.max_header:
@@ -615,6 +638,7 @@ class MessageFramer:
                     self._invalid(None)
                     return n
                 self.buf = bytearray(data[pos:])
+                self._grew()
                 return n
             line = data[pos:idx]
             newpos = idx + 2
@@ -625,6 +649,8 @@ class MessageFramer:
             if idx < 0:
                 if len(buf) > MAX_CHUNK_LINE:
                     self._invalid(None)
+                else:
+                    self._grew()
                 return n
             line = bytes(buf[:idx])
             newpos = pos + idx + 2 - old
@@ -664,6 +690,7 @@ class MessageFramer:
                 return len(data)
             if buf is None:
                 self.buf = bytearray(text)
+            self._grew()
             return len(data)
         self.buf = None
         self._end(ts, None)
@@ -700,6 +727,8 @@ class MessageFramer:
                 if tail < len(text):
                     self.buf = bytearray(text[tail:])
             self._skip(tail)
+            if self.buf is not None and self.state != DEAD:
+                self._grew()
             return n
         k = m.start()
         if k:
