@@ -33,6 +33,7 @@ daemon loop). shutdown() is idempotent and flushes everything first.
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Callable, Mapping
 from typing import Protocol
 
@@ -104,6 +105,7 @@ class Telemetry:
         self._batch_since: float | None = None  # tick time at which a batch was first seen
         self._next_metrics: float | None = None
         self._closed = False
+        self._warned_encode = False
         # Hot-path counters, pushed into Stats at each flush (Stats.add is a dict update
         # per call; batching it keeps it off the per-exchange path).
         self._n_exchanges = 0
@@ -131,7 +133,13 @@ class Telemetry:
                 span = self._encoder.encode(exchange, route, path, query if sep else None)
             except Exception:  # a value we cannot encode must not stop capture
                 self._n_dropped += 1
-                log.debug("span of pid %d not encodable; dropped", pid, exc_info=True)
+                if not self._warned_encode:
+                    self._warned_encode = True
+                    log.warning("a span of pid %d could not be encoded and was dropped "
+                                "(counted in telemetry.spans_dropped; further ones are "
+                                "logged at debug level)", pid, exc_info=True)
+                else:
+                    log.debug("span of pid %d not encodable; dropped", pid, exc_info=True)
                 span = b""
             if span is None:
                 self._n_unsampled += 1
@@ -276,6 +284,7 @@ class Telemetry:
             elif now_s >= self._next_metrics:
                 self._next_metrics = now_s + self._options.metric_export_interval_s
                 self._export_metrics()
+                self._forget_vanished()
 
     def forget(self, pid: int) -> None:
         """The process exited: export its pending spans and last metric values, then
@@ -293,6 +302,13 @@ class Telemetry:
         self._routes.forget(pid)
         self._resources.pop(pid, None)
         self._fallback.discard(pid)
+
+    def _forget_vanished(self) -> None:
+        """Pids the process module never knew (gone before their first lookup) are
+        never swept by the daemon; forget them here once they left /proc, so that
+        per-pid state stays bounded by the live processes."""
+        for pid in [p for p in self._fallback if not os.path.exists("/proc/%d" % p)]:
+            self.forget(pid)
 
     def flush(self) -> None:
         """Export pending spans and the current metrics now."""

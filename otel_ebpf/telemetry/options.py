@@ -24,7 +24,8 @@ HISTOGRAM_AGGREGATIONS: tuple[str, ...] = (
 
 @dataclass(frozen=True, slots=True)
 class TelemetryOptions:
-    # Emit one span per exchange / aggregate RED metrics.
+    # Emit one span per exchange / aggregate RED metrics (metrics off also turns off
+    # the daemon's own health metrics, which ride on the same export).
     spans_enabled: bool = True
     metrics_enabled: bool = True
     # http.route templates, tried in order: "/users/{id}" ({name} = one segment),

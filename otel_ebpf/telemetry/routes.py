@@ -13,6 +13,7 @@ Order of rules:
    all digits; a UUID; hex of >= 8 characters with at least one digit; a long token
    (>= 16 characters with a digit, >= 32 of anything, or containing `@`); or any
    segment longer than 64 characters.
+   A request-target that is not a path (other than `*`) gets OVERFLOW_ROUTE.
 3. Overflow: per pid, at most `max_routes` distinct default-templated routes are
    handed out; after that every new one becomes OVERFLOW_ROUTE, `/*` (a catch-all
    template, which is what it honestly is). Configured patterns never overflow: their
@@ -61,7 +62,8 @@ def is_identifier(segment: str) -> bool:
 def template_path(path: str) -> str:
     """Default templating (rule 2) of one path."""
     if not path.startswith("/"):
-        return path if path == "*" else PLACEHOLDER  # OPTIONS *, or garbage
+        # "OPTIONS *" keeps its asterisk-form; anything else is not a path at all.
+        return path if path == "*" else OVERFLOW_ROUTE
     segments = path.split("/")
     changed = False
     for i, segment in enumerate(segments):

@@ -617,3 +617,26 @@ def test_options_reject_bad_values():
     with pytest.raises(ValueError, match="histogram_aggregation"):
         TelemetryOptions(histogram_aggregation="summary")  # type: ignore[arg-type]
     assert dataclasses.replace(TelemetryOptions(), max_routes=5).max_routes == 5
+
+
+def test_vanished_unknown_pids_are_forgotten_at_metric_export():
+    sink = Sink()
+    t = Telemetry(TelemetryOptions(metric_export_interval_s=1.0), resource_for_pid=lambda p: None,
+                  daemon_resource={}, sink=sink, stats=Stats())
+    gone = 2**22 + 12345  # above pid_max's default: never a live process
+    t.record(make(pid=gone))
+    t.tick(0.0)
+    t.tick(1.0)
+    assert any(attrs_of(rm.resource.attributes).get("process.pid") == gone
+               for rm in sink.metrics[0].resource_metrics)
+    assert gone not in t._resources and t._metrics.series_count(gone) == 0
+
+
+def test_encode_failure_is_counted_not_raised():
+    sink, stats = Sink(), Stats()
+    t = telemetry(sink, stats)
+    t.record(make(start_time_unix_nano=-1))  # cannot be a fixed64: dropped, counted
+    t.record(make())
+    t.flush()
+    assert len(sink.spans()) == 1
+    assert stats.get("telemetry.spans_dropped") == 1
