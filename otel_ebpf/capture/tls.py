@@ -411,6 +411,25 @@ class TlsAttacher:
         self._pid_exe: dict[int, FileId | None] = {}
         self._scans = 0
         self._closed = False
+        self._disabled = not self._programs_present()
+
+    def _programs_present(self) -> bool:
+        """Whether the BPF object was built with -DWITH_OPENSSL (has our programs)."""
+        load_func = getattr(self.bpf, "load_func", None)
+        if load_func is None:  # not a BCC object (unit tests)
+            return True
+        try:
+            from bcc import BPF
+
+            load_func(b"tls_enter_read", BPF.KPROBE)
+        except Exception as exc:  # BCC raises bare Exception for a missing function
+            log.error(
+                "TLS capture disabled: the BPF program has no OpenSSL probes (%s); the "
+                "capture stage must compile bpf/syscalls.c with -DWITH_OPENSSL",
+                exc,
+            )
+            return False
+        return True
 
     @property
     def bpf(self) -> Any:
@@ -422,7 +441,7 @@ class TlsAttacher:
 
     def scan(self) -> int:
         """Attach to providers that appeared since the last scan; returns how many."""
-        if self._closed:
+        if self._closed or self._disabled:
             return 0
         full = self._scans % self._full_every == 0
         self._scans += 1
