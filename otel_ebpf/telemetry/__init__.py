@@ -38,9 +38,9 @@ from collections.abc import Callable, Mapping
 from typing import Protocol
 
 from otel_ebpf.capture.events import Role
-from otel_ebpf.exchange import HttpExchange, Outcome
+from otel_ebpf.exchange import HttpExchange
 from otel_ebpf.telemetry import otlp_encode as enc
-from otel_ebpf.telemetry.attributes import KNOWN_METHODS, AttrValue, server_endpoint, url_path
+from otel_ebpf.telemetry.attributes import AttrValue, server_endpoint, url_path
 from otel_ebpf.telemetry.metrics import ActiveRequests, MetricsAggregator
 from otel_ebpf.telemetry.options import TelemetryOptions
 from otel_ebpf.telemetry.redact import QueryRedactor
@@ -55,7 +55,6 @@ log = logging.getLogger(__name__)
 # over 4 MiB by default, and a batch of 512 spans with long URLs can get there.
 MAX_BATCH_BYTES = 1 << 20
 
-_OK = Outcome.OK
 _CLIENT = Role.CLIENT
 _SERVER = Role.SERVER
 
@@ -128,9 +127,14 @@ class Telemetry:
         if path[:1] != "/":
             path = url_path(exchange)
         route = self._routes.route(pid, path)
+        role = exchange.role
+        is_client = role is _CLIENT
+        request = self._encoder.request_info(
+            exchange.method, route, exchange.status_code, exchange.outcome, is_client)
         if self._spans_on:
             try:
-                span = self._encoder.encode(exchange, route, path, query if sep else None)
+                span = self._encoder.encode(exchange, route, path, query if sep else None,
+                                            request)
             except Exception:  # a value we cannot encode must not stop capture
                 self._n_dropped += 1
                 if not self._warned_encode:
@@ -154,38 +158,23 @@ class Telemetry:
                         or self._pending_bytes >= MAX_BATCH_BYTES):
                     self._flush_spans()
         if self._metrics_on:
-            role = exchange.role
             if role is _SERVER:
-                is_client = False
                 port = exchange.local_port
                 address = None
-            elif role is _CLIENT:
-                is_client = True
+            elif is_client:
                 address, port = server_endpoint(exchange)
                 if not self._client_address:
                     address = None
             else:
                 self._n_unknown += 1
                 return
-            code = exchange.status_code
-            outcome = exchange.outcome
-            if outcome is not _OK:
-                error_type = outcome.value
-            elif code is None:
-                error_type = "no_response"
-            elif code >= (400 if is_client else 500):
-                error_type = str(code)
-            else:
-                error_type = None
-            method = exchange.method
-            if method not in KNOWN_METHODS:
-                method = "_OTHER"
             duration = (exchange.end_time_unix_nano - exchange.start_time_unix_nano) / 1e9
+            # request = (..., error.type, normalized method): see SpanEncoder.request_info
             self._metrics.record(
                 pid,
                 is_client,
-                (method, code, route, exchange.scheme, exchange.protocol_version, port,
-                 error_type, address),
+                (request[4], exchange.status_code, route, exchange.scheme,
+                 exchange.protocol_version, port, request[3], address),
                 duration if duration > 0.0 else 0.0,
                 exchange.request_body_size,
                 exchange.response_body_size,

@@ -122,7 +122,7 @@ class SpanEncoder:
         self._status: dict[tuple[bool, str | None], bytes] = {}
         # Whole attribute blocks: per (method, route, status, outcome, role), per origin
         # and per peer socket. Bounded, cleared when full.
-        self._requests: dict[tuple, tuple[bytes, bytes, bytes, str | None]] = {}
+        self._requests: dict[tuple, tuple[bytes, bytes, bytes, str | None, str]] = {}
         self._endpoints: dict[tuple, bytes] = {}
         self._peers: dict[tuple, bytes] = {}
 
@@ -220,10 +220,27 @@ class SpanEncoder:
             parts.append(self._attr.fresh_int("network.peer.port", port))
         return b"".join(parts)
 
+    def request_info(
+        self, method: str, route: str | None, code: int | None, outcome: Outcome,
+        is_client: bool,
+    ) -> tuple[bytes, bytes, bytes, str | None, str]:
+        """Cached (attribute fields, name field, status field, error.type, metric
+        http.request.method) of one kind of request; shared with the metric path."""
+        key = (method, route, code, outcome, is_client)
+        info = self._requests.get(key)
+        if info is None:
+            info = self._request_block(method, route, code, outcome, is_client) + (
+                method if method in KNOWN_METHODS else "_OTHER",)
+            if len(self._requests) >= 4096:
+                self._requests.clear()
+            self._requests[key] = info
+        return info
+
     def encode(self, ex: HttpExchange, route: str | None, path: str | None = None,
-               query: str | None = None) -> bytes | None:
+               query: str | None = None, request: tuple | None = None) -> bytes | None:
         """`path`/`query` may be passed when the caller already split the target
-        (url.path as attributes.url_path gives it; query None when there is none)."""
+        (url.path as attributes.url_path gives it; query None when there is none),
+        `request` when it already has this exchange's request_info()."""
         trace_state = None
         parent = None
         tp = ex.traceparent
@@ -246,14 +263,9 @@ class SpanEncoder:
         role = ex.role
         is_client = role is _CLIENT
         outcome = ex.outcome
-        rkey = (ex.method, route, ex.status_code, outcome, is_client)
-        request = self._requests.get(rkey)
         if request is None:
-            request = self._request_block(*rkey)
-            if len(self._requests) >= 4096:
-                self._requests.clear()
-            self._requests[rkey] = request
-        attrs, name_field, status, _ = request
+            request = self.request_info(ex.method, route, ex.status_code, outcome, is_client)
+        attrs, name_field, status = request[0], request[1], request[2]
         if outcome is not _OK and ex.error_reason:
             status = self._status_field(True, ex.error_reason)
 
