@@ -57,11 +57,12 @@ _STATUS_LINE = rb"HTTP/1\.[01] [0-9]{3}[ \r]"
 # Plausible message starts, at the start of a line: used after mid-stream attach or a
 # gap. A request needs its whole request line to match (cheap false positives in
 # bodies are what this avoids); a status line is distinctive after 13 bytes.
-_START_RE = {
-    _REQUEST: re.compile(rb"^" + _REQUEST_LINE, re.M),
-    _RESPONSE: re.compile(rb"^" + _STATUS_LINE, re.M),
-    _SNIFF: re.compile(rb"^(?:(?P<req>" + _REQUEST_LINE + rb")|(?P<resp>" + _STATUS_LINE + rb"))", re.M),
+_START_AT = {  # used with .match() at a chunk boundary
+    _REQUEST: re.compile(_REQUEST_LINE),
+    _RESPONSE: re.compile(_STATUS_LINE),
+    _SNIFF: re.compile(rb"(?P<req>" + _REQUEST_LINE + rb")|(?P<resp>" + _STATUS_LINE + rb")"),
 }
+_START_RE = {kind: re.compile(rb"^(?:" + r.pattern + rb")", re.M) for kind, r in _START_AT.items()}
 
 _H_HOST, _H_UA, _H_CL, _H_TE, _H_TP, _H_TS = range(6)
 _FIELD_IDS = {
@@ -544,7 +545,7 @@ class MessageFramer:
             if len(buf) > self.max_header:
                 self._invalid("header_too_large")
                 return n
-            self.searched = len(buf) - 3
+            self.searched = max(0, len(buf) - 3)
             self._grew()
             return n
         self.buf = None
@@ -704,17 +705,23 @@ class MessageFramer:
         buf = self.buf
         if buf:
             text: bytes = bytes(buf) + data[pos:]
+            boundary = len(buf)
         else:
             text = data[pos:] if pos else data
+            boundary = 0
         self.buf = None
-        start = 0
-        if not self.at_line_start:
-            nl = text.find(b"\n")
-            if nl < 0:
-                self._skip(len(text))
-                return n
-            start = nl + 1
-        m = _START_RE[self.kind].search(text, start)
+        # A chunk boundary is the likeliest message start (one write per message is the
+        # common case): it wins over a line start in buffered bytes that would run into it.
+        m = _START_AT[self.kind].match(text, boundary)
+        if m is None:
+            start = 0
+            if not self.at_line_start:
+                nl = text.find(b"\n")
+                if nl < 0:
+                    self._skip(len(text))
+                    return n
+                start = nl + 1
+            m = _START_RE[self.kind].search(text, start)
         if m is None:
             # Keep the last partial line: it may grow into a message start.
             nl = text.rfind(b"\n", start)
