@@ -21,6 +21,7 @@ new. What is lost is counted in Stats and logged at most once per 10 s:
   export.retries           retry attempts
   export.payloads_sent / export.spans_sent / export.points_sent
   export.spans_rejected / export.points_rejected   partial success reported by the server
+  export.queue_payloads / export.queue_bytes       gauges: what waits for the collector
 """
 
 from __future__ import annotations
@@ -331,6 +332,9 @@ class OtlpExporter:
         self._closed = False
         self._warn = RateLimitedLog(log, 10.0)
         self._drops_since_log = [0, 0]  # payloads, items
+        # Gauges: how far behind the collector is (read at stats time, not per export).
+        stats.gauge("export.queue_payloads", lambda: len(self._queue))
+        stats.gauge("export.queue_bytes", lambda: self._queued_bytes)
         self._thread = threading.Thread(target=self._run, name="otlp-export", daemon=True)
         self._thread.start()
 

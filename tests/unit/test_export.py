@@ -205,6 +205,8 @@ def test_bounded_queue_drops_oldest_and_counts(caplog):
     enqueue_s = time.perf_counter() - start
     assert stats.get("export.payloads_dropped") == 23 - 5
     assert stats.get("export.spans_dropped") == (23 - 5) * 2
+    assert stats.snapshot()["export.queue_payloads"] == 5
+    assert stats.snapshot()["export.queue_bytes"] == 5 * 3
     # Rate-limited: one warning for 18 drops within 10 s.
     assert len([r for r in caplog.records if "dropped" in r.getMessage()]) == 1
     transport.release.set()
