@@ -134,14 +134,19 @@ _DISCOVERY = {
     "/version": {"major": "1", "minor": "33", "gitVersion": "v1.33.0", "platform": "linux/amd64"},
     "/api": {"kind": "APIVersions", "versions": ["v1"], "serverAddressByClientCIDRs": []},
     "/apis": {"kind": "APIGroupList", "apiVersion": "v1", "groups": [
-        {"name": "apps", "versions": [{"groupVersion": "apps/v1", "version": "v1"}],
-         "preferredVersion": {"groupVersion": "apps/v1", "version": "v1"}}]},
+        {"name": group, "versions": [{"groupVersion": group + "/v1", "version": "v1"}],
+         "preferredVersion": {"groupVersion": group + "/v1", "version": "v1"}}
+        for group in ("apps", "rbac.authorization.k8s.io")]},
     "/api/v1": {"kind": "APIResourceList", "groupVersion": "v1", "resources": [
         _resource("configmaps", "ConfigMap"), _resource("secrets", "Secret"),
         _resource("serviceaccounts", "ServiceAccount"), _resource("services", "Service"),
         _resource("namespaces", "Namespace", namespaced=False)]},
     "/apis/apps/v1": {"kind": "APIResourceList", "groupVersion": "apps/v1", "resources": [
         _resource("daemonsets", "DaemonSet"), _resource("deployments", "Deployment")]},
+    "/apis/rbac.authorization.k8s.io/v1": {
+        "kind": "APIResourceList", "groupVersion": "rbac.authorization.k8s.io/v1", "resources": [
+            _resource("clusterroles", "ClusterRole", namespaced=False),
+            _resource("clusterrolebindings", "ClusterRoleBinding", namespaced=False)]},
 }
 
 

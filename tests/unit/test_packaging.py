@@ -261,7 +261,8 @@ def test_helm_lint_finds_no_error(helm):
 def test_helm_rendering_with_defaults_equals_the_plain_manifests(helm):
     rendered = by_kind(normalise(o) for o in render(helm))
     plain = by_kind(normalise(o) for o in plain_objects() if o["kind"] != "Namespace")
-    assert set(rendered) == set(plain) == {"ServiceAccount", "ConfigMap", "DaemonSet"}
+    assert set(rendered) == set(plain) == {"ServiceAccount", "ClusterRole", "ClusterRoleBinding",
+                                           "ConfigMap", "DaemonSet"}
     for kind in plain:
         assert rendered[kind] == plain[kind], f"{kind} differs between Helm and plain manifests"
 
@@ -282,6 +283,7 @@ def test_helm_values_reach_the_objects(helm, tmp_path):
         "hostKernelHeaders": False,
         "nodeSelector": {"kubernetes.io/os": "linux"},
         "extraEnv": [{"name": "OTEL_EBPF_TELEMETRY_MAX_ROUTES", "value": "50"}],
+        "kubernetesMetadata": {"enabled": False},
     }
     objects = render(helm, values)
     for obj in objects:
@@ -297,6 +299,9 @@ def test_helm_values_reach_the_objects(helm, tmp_path):
         "name": "vendor-key", "key": "h", "optional": False}
     assert env["OTEL_EBPF_TELEMETRY_MAX_ROUTES"]["value"] == "50"
     assert pod["nodeSelector"] == {"kubernetes.io/os": "linux"}
+    # Without Kubernetes metadata: no RBAC, no token, no node name.
+    assert "ClusterRole" not in kinds and "ClusterRoleBinding" not in kinds
+    assert pod["automountServiceAccountToken"] is False and "K8S_NODE_NAME" not in env
     mounts = {m["name"] for m in container["volumeMounts"]}
     assert "host-modules" not in mounts and "modules" in mounts
     config = configmap_config(objects)
@@ -414,3 +419,16 @@ def test_bpf_dir_override_and_its_error(monkeypatch, tmp_path):
     monkeypatch.setenv(resources.BPF_DIR_ENV, str(tmp_path / "missing"))
     with pytest.raises(resources.ResourceError, match="unset it to use the BPF programs"):
         resources.bpf_dir()
+
+
+def test_rbac_is_read_only_pods_for_the_agents_service_account():
+    kinds = by_kind(plain_objects())
+    assert kinds["ClusterRole"]["rules"] == [
+        {"apiGroups": [""], "resources": ["pods"], "verbs": ["get", "list"]}]
+    subject = kinds["ClusterRoleBinding"]["subjects"][0]
+    pod = kinds["DaemonSet"]["spec"]["template"]["spec"]
+    assert (subject["name"], subject["namespace"]) == (pod["serviceAccountName"], "otel-ebpf")
+    env = {e["name"]: e for e in pod["containers"][0]["env"]}
+    from otel_ebpf.kubernetes_metadata import NODE_NAME_ENV
+
+    assert env[NODE_NAME_ENV]["valueFrom"]["fieldRef"]["fieldPath"] == "spec.nodeName"
