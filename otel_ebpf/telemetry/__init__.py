@@ -89,6 +89,7 @@ class Telemetry:
             temporality=options.metrics_temporality,
             histogram_aggregation=options.histogram_aggregation,
             cardinality_limit=options.metric_cardinality_limit,
+            max_series=options.metric_max_series,
             exponential_max_size=options.exponential_max_size,
             exponential_max_scale=options.exponential_max_scale,
             active_server_requests=active_server_requests,

@@ -26,7 +26,8 @@ explicit buckets, or base-2 exponential buckets with the SDK's max_size 160 / ma
 
 Cardinality: at most `cardinality_limit` attribute sets per (pid, role), the last one
 being the overflow set `otel.metric.overflow=true` that takes everything beyond, as
-the SDK does (default 2000). `forget(pid)` drops a process's series; the caller
+the SDK does (default 2000); and at most `max_series` sets over all processes (the
+memory bound), past which new sets also go to their process's overflow series. `forget(pid)` drops a process's series; the caller
 collects them first so their last values are exported.
 """
 
@@ -271,6 +272,7 @@ class MetricsAggregator:
         temporality: str = "cumulative",
         histogram_aggregation: str = "explicit_bucket_histogram",
         cardinality_limit: int = 2000,
+        max_series: int = 20000,
         exponential_max_size: int = 160,
         exponential_max_scale: int = 20,
         active_server_requests: ActiveRequests | None = None,
@@ -280,6 +282,7 @@ class MetricsAggregator:
         self._counter_delta = temporality == "delta"  # observed counters (self metrics)
         self._exponential = histogram_aggregation == "base2_exponential_bucket_histogram"
         self._limit = cardinality_limit
+        self._max_series = max_series
         self._clock = clock_ns
         self._active = active_server_requests
         self._start_ns = clock_ns()
@@ -323,7 +326,9 @@ class MetricsAggregator:
     def _new_series(self, pid: int, is_client: bool, attrs: tuple) -> Series:
         role_key = (pid, is_client)
         n = self._per_role.get(role_key, 0)
-        if n >= self._limit - 1:  # the last slot is reserved for the overflow series
+        # The last slot per (pid, role) is reserved for the overflow series, which may
+        # also be created past the global max_series (one per pid and role at most).
+        if n >= self._limit - 1 or len(self._series) >= self._max_series:
             self.overflowed += 1
             key = (pid, is_client, OVERFLOW)
             series = self._series.get(key)

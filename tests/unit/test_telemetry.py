@@ -640,3 +640,18 @@ def test_encode_failure_is_counted_not_raised():
     t.flush()
     assert len(sink.spans()) == 1
     assert stats.get("telemetry.spans_dropped") == 1
+
+
+def test_global_series_cap_bounds_memory_across_processes():
+    sink = Sink()
+    t = telemetry(sink, metric_max_series=10)
+    for pid in range(23):
+        t.record(make(pid=pid, status_code=200))
+        t.record(make(pid=pid, status_code=201))
+    t.flush()
+    points = [p for rm in sink.metrics[0].resource_metrics for sm in rm.scope_metrics
+              for m in sm.metrics if m.name == "http.server.request.duration"
+              for p in m.histogram.data_points]
+    assert sum(p.count for p in points) == 46
+    regular = [p for p in points if "otel.metric.overflow" not in attrs_of(p.attributes)]
+    assert len(regular) == 10
