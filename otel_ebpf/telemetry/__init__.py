@@ -41,7 +41,7 @@ from otel_ebpf.capture.events import Role
 from otel_ebpf.exchange import HttpExchange
 from otel_ebpf.telemetry import otlp_encode as enc
 from otel_ebpf.telemetry.attributes import AttrValue, server_endpoint, url_path
-from otel_ebpf.telemetry.metrics import ActiveRequests, MetricsAggregator
+from otel_ebpf.telemetry.metrics import MAX_SERIES, ActiveRequests, MetricsAggregator
 from otel_ebpf.telemetry.options import TelemetryOptions
 from otel_ebpf.telemetry.redact import QueryRedactor
 from otel_ebpf.telemetry.routes import RouteResolver
@@ -74,6 +74,7 @@ class Telemetry:
         sink: TelemetrySink,
         stats,  # otel_ebpf.stats.Stats
         active_server_requests: ActiveRequests | None = None,
+        max_series: int = MAX_SERIES,
     ) -> None:
         self._options = options
         self._resource_for_pid = resource_for_pid
@@ -89,7 +90,7 @@ class Telemetry:
             temporality=options.metrics_temporality,
             histogram_aggregation=options.histogram_aggregation,
             cardinality_limit=options.metric_cardinality_limit,
-            max_series=options.metric_max_series,
+            max_series=max_series,
             exponential_max_size=options.exponential_max_size,
             exponential_max_scale=options.exponential_max_scale,
             active_server_requests=active_server_requests,

@@ -63,6 +63,9 @@ METRIC_ATTRIBUTE_KEYS: tuple[str, ...] = (
     "error.type",
     "server.address",  # client metrics only, and only when enabled in the options
 )
+# Attribute sets over all processes together: the memory bound of the aggregator
+# (~2 KB per set with explicit buckets, so ~40 MB at most).
+MAX_SERIES = 20000
 OVERFLOW = ("__overflow__",)  # the attribute tuple of the overflow series
 OVERFLOW_ATTRIBUTES = {"otel.metric.overflow": True}
 
@@ -272,7 +275,7 @@ class MetricsAggregator:
         temporality: str = "cumulative",
         histogram_aggregation: str = "explicit_bucket_histogram",
         cardinality_limit: int = 2000,
-        max_series: int = 20000,
+        max_series: int = MAX_SERIES,
         exponential_max_size: int = 160,
         exponential_max_scale: int = 20,
         active_server_requests: ActiveRequests | None = None,

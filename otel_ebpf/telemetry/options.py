@@ -55,10 +55,6 @@ class TelemetryOptions:
     # Attribute sets per (pid, instrument) before the rest go to the
     # otel.metric.overflow=true series (the SDK's default cardinality limit).
     metric_cardinality_limit: int = 2000
-    # Attribute sets over all processes together: the memory bound of the metric
-    # aggregator (~2 KB per set with explicit buckets). Past it, new sets of any
-    # process go to that process's overflow series.
-    metric_max_series: int = 20000
     # server.address on http.client.* metrics: semconv allows it, but a client that
     # talks to many hosts makes it high-cardinality; off by default.
     client_metrics_server_address: bool = False
@@ -76,8 +72,7 @@ class TelemetryOptions:
                 % (", ".join(HISTOGRAM_AGGREGATIONS), self.histogram_aggregation)
             )
         for name in ("max_routes", "route_cache_size", "span_batch_size", "span_queue_size",
-                     "metric_cardinality_limit", "metric_max_series",
-                     "exponential_max_size"):
+                     "metric_cardinality_limit", "exponential_max_size"):
             if getattr(self, name) < 1:
                 raise ValueError("%s must be >= 1, got %r" % (name, getattr(self, name)))
         if not -10 <= self.exponential_max_scale <= 20:

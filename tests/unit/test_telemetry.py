@@ -644,7 +644,8 @@ def test_encode_failure_is_counted_not_raised():
 
 def test_global_series_cap_bounds_memory_across_processes():
     sink = Sink()
-    t = telemetry(sink, metric_max_series=10)
+    t = Telemetry(TelemetryOptions(), resource_for_pid=RESOURCES.get, daemon_resource={},
+                  sink=sink, stats=Stats(), max_series=10)
     for pid in range(23):
         t.record(make(pid=pid, status_code=200))
         t.record(make(pid=pid, status_code=201))
