@@ -263,11 +263,12 @@ class Telemetry:
         """Call often (every loop iteration): time-based span and metric export."""
         if self._closed:
             return
+        if self._n_exchanges:  # keep Stats current for the console line and /stats
+            self._push_counters()
         if self._pending_spans:
             if self._batch_since is None:
                 self._batch_since = now_s
             elif now_s - self._batch_since >= self._options.span_schedule_delay_s:
-                self._push_counters()
                 self._flush_spans()
         if self._metrics_on:
             if self._next_metrics is None:

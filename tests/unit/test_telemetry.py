@@ -656,3 +656,15 @@ def test_global_series_cap_bounds_memory_across_processes():
     assert sum(p.count for p in points) == 46
     regular = [p for p in points if "otel.metric.overflow" not in attrs_of(p.attributes)]
     assert len(regular) == 10
+
+
+def test_stats_are_current_after_each_tick():
+    sink, stats = Sink(), Stats()
+    t = telemetry(sink, stats, span_batch_size=512)
+    for _ in range(23):
+        t.record(make())
+    t.record(make(traceparent="00-%s-%s-00" % (TRACE, PARENT)))
+    t.tick(1.0)
+    assert stats.get("telemetry.exchanges") == 24
+    assert stats.get("telemetry.spans_unsampled") == 1
+    assert stats.get("telemetry.spans") == 0  # still pending in the batch
