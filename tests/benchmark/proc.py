@@ -166,7 +166,20 @@ def versions() -> dict[str, str]:
         try:
             res = subprocess.run(argv, capture_output=True, text=True, timeout=10)
             text = (res.stdout + res.stderr).strip().splitlines()
-            out[name] = text[0] if text else "?"
+            first = text[0] if text else "?"
         except (OSError, subprocess.TimeoutExpired):
-            out[name] = "missing"
+            first = "missing"
+        # "nginx version: nginx/1.22.1", "wrk debian/4.1.0-3+b2 [epoll] ...", "v20.20.2"
+        out[name] = first.split()[-1] if name == "nginx" else \
+            " ".join(first.split()[:2]) if name == "wrk" else "node " + first
+    try:
+        import bcc
+        out["bcc"] = "bcc " + getattr(bcc, "__version__", "?")
+    except ImportError:
+        out["bcc"] = "bcc missing"
+    try:
+        from importlib.metadata import version
+        out["rotel"] = "rotel " + version("rotel")
+    except Exception:  # noqa: BLE001  (metadata of an optional peer; never fatal)
+        out["rotel"] = "rotel ?"
     return out
