@@ -237,6 +237,10 @@ class Http1Session:
                             p, self.resp_head, ts, framer.body_size, None, outcome, reason
                         )
             framer.stop()
+        if self.resp_lost:
+            # Response bytes were lost since the last response we saw: the answers to
+            # these requests may well have been sent; say so instead of blaming the peer.
+            outcome, reason = _TRUNCATED, "response_lost"
         for p in self.pending:
             if not p.timed_out:
                 self._emit(p, None, ts, None, None, outcome, reason)
@@ -279,7 +283,10 @@ class Http1Session:
                 continue
             if now - p.start_ts >= timeout_ns:
                 p.timed_out = True
-                self._emit(p, None, now, None, None, _TIMEOUT, "timeout")
+                if self.resp_lost:  # see close(): the response may have been sent
+                    self._emit(p, None, now, None, None, _TRUNCATED, "response_lost")
+                else:
+                    self._emit(p, None, now, None, None, _TIMEOUT, "timeout")
             else:
                 waiting = True
         return waiting
