@@ -287,3 +287,21 @@ def test_builder_matches_the_dataclass_constructor():
     built = build_exchange(*values)
     assert type(built) is HttpExchange
     assert built == HttpExchange(*values)
+
+
+def test_pending_requests_after_lost_response_bytes_are_truncated_not_blamed_on_the_peer():
+    table, _ = make_table(request_timeout_s=30)
+    a = FakeConn(table, Role.SERVER, fd=1)
+    a.request(get_request("/a1") + get_request("/a2"), ts=1_000)
+    resp = ok_response(b"1") + ok_response(b"2")
+    a.response(b"", size=len(resp), ts=2_000)  # both responses fell in uncaptured bytes
+    b = FakeConn(table, Role.SERVER, fd=2)
+    b.request(get_request("/b"), ts=1_000)
+    b.response(b"", size=10, ts=2_000)
+    got_a = a.close(ts=3_000)
+    got_b = table.expire(40_000_000_000)
+    assert [(e.target, e.outcome, e.error_reason) for e in got_a + got_b] == [
+        ("/a1", Outcome.TRUNCATED, "response_lost"),
+        ("/a2", Outcome.TRUNCATED, "response_lost"),
+        ("/b", Outcome.TRUNCATED, "response_lost"),
+    ]
