@@ -27,7 +27,7 @@ from collections.abc import Callable
 from dataclasses import fields
 from typing import TYPE_CHECKING
 
-from otel_ebpf.capture.events import Direction, Role
+from otel_ebpf.capture.events import Role
 from otel_ebpf.exchange import HttpExchange, Outcome
 from otel_ebpf.protocols.base import HeadVerdict, MessageKind
 from otel_ebpf.protocols.http1.parse import (
@@ -505,4 +505,4 @@ class Http1Session:
             ctx.stats.add("http.outcome." + outcome.value)
 
 
-__all__ = ["ConnectionInfo", "Direction", "Http1Session", "SessionContext"]
+__all__ = ["ConnectionInfo", "Http1Session", "SessionContext", "build_exchange"]
