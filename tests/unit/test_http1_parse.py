@@ -319,3 +319,18 @@ def test_terminator_split_right_after_the_first_bytes():
     # no length, not chunked: a close-delimited body follows the head
     assert rec2.events == [("resp", 200, 1)]
     assert f2.state == ParseState.BODY_CLOSE
+
+
+def test_resync_budget_counts_captured_bytes_between_gaps_only():
+    # Attached in the middle of a large download: 4096 bytes captured per 64 KiB write.
+    f, rec = framer(MessageKind.RESPONSE, strict=False, max_resync=16 * 1024)
+    for i in range(50):
+        f.feed(b"body " * 819, i, 1)
+        f.gap(65536 - 4095, i)
+    f.feed(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n", 99, 1)
+    assert ("resp", 200, 99) in rec.events
+    # A chatty non-HTTP protocol with small writes and no gaps runs out of budget.
+    g, rec2 = framer(MessageKind.RESPONSE, strict=False, max_resync=16 * 1024)
+    for i in range(50):
+        g.feed(b"+OK some redis-ish reply\r\n" * 20, i, 1)
+    assert rec2.events[-1] == ("invalid", "not_http")

@@ -449,6 +449,9 @@ class MessageFramer:
             # start a message (a truncated write ends where the next one begins).
             self.buf = None
             self.at_line_start = True
+            # Truncated writes mean bulk transfer (a body we attached in the middle of),
+            # not a chatty foreign protocol: do not let them exhaust the resync budget.
+            self.resync_skipped = 0
 
     def close(self) -> bool:
         """The connection closed. Ends a close-delimited body (True if it did)."""
