@@ -432,3 +432,13 @@ def test_rbac_is_read_only_pods_for_the_agents_service_account():
     from otel_ebpf.kubernetes_metadata import NODE_NAME_ENV
 
     assert env[NODE_NAME_ENV]["valueFrom"]["fieldRef"]["fieldPath"] == "spec.nodeName"
+
+
+@pytest.mark.parametrize("values,complaint", [
+    ({"otlp": {"protocol": "grpcc"}}, "protocol"),
+    ({"selection": {"ports": [0]}}, "ports"),
+    ({"hostKernelHeaders": "yes"}, "hostKernelHeaders"),
+])
+def test_helm_values_schema_rejects_bad_values(helm, values, complaint):
+    with pytest.raises(helm.HelmError, match=complaint):
+        helm.render(CHART, values)
