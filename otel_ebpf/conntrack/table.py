@@ -24,12 +24,14 @@ Memory is bounded: per-connection buffered bytes (both framers) <= max_buffer_by
 at most max_connections trackers (least recently active evicted), idle trackers
 forgotten by expire(), at most max_pending_requests pipelined requests per connection.
 Counters (otel_ebpf.stats): conntrack.connections.opened/closed, conntrack.evicted,
-conntrack.expired_idle, conntrack.filtered, conntrack.disabled.<reason>,
-conntrack.gaps, conntrack.gap_bytes, conntrack.duplicate_chunks,
+conntrack.expired_idle, conntrack.filtered, conntrack.disabled.<reason> (not_http,
+parse_error, header_too_large, buffer_limit, lost_sync, too_many_pending; upgrade and
+tunnel are not failures), conntrack.gaps, conntrack.gap_bytes (position jumps),
+conntrack.truncated_bytes (uncaptured tails), conntrack.duplicate_chunks,
 conntrack.ciphertext_ignored, conntrack.late_events, conntrack.resolve_failures,
-http.exchanges, http.outcome.<outcome>, http.parse_failures, http.skipped_bytes,
-http.resyncs, http.unpaired_responses, http.late_responses, http.dropped_pending;
-gauge conntrack.connections.
+conntrack.role_inferred, http.exchanges, http.outcome.<outcome> (non-OK only),
+http.parse_failures, http.skipped_bytes, http.resyncs, http.unpaired_responses,
+http.late_responses, http.dropped_pending; gauge conntrack.connections.
 """
 
 from __future__ import annotations

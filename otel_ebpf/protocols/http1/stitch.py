@@ -14,6 +14,13 @@ bytes from shifting every later pair:
   ("response_lost").
 A request that times out stays in the FIFO as a marker so that its late response is
 consumed (`http.late_responses`) instead of being paired with the next request.
+Requests still pending at close or timeout after the response stream lost bytes are
+reported TRUNCATED ("response_lost"): their answers may have been sent unseen.
+
+Outcomes: OK; TIMEOUT ("timeout", end = the expire() time); CONNECTION_CLOSED
+("connection_closed", or "shutdown" from close_all); CONNECTION_RESET; TRUNCATED
+("gap_in_headers", "gap_in_chunked_framing", "response_lost"). A 101 response is
+reported with status 101 (the upgrade's final answer), then the connection is ignored.
 
 Timing (exchange.py): start = timestamp of the chunk carrying the first request byte;
 end = the chunk carrying the last response byte. Server and client roles only differ
