@@ -675,6 +675,26 @@ def _signal_options(signal: str, values: dict[str, object]) -> OtlpSignalOptions
     return OtlpSignalOptions(**kwargs)  # type: ignore[arg-type]
 
 
+def _warn_port_protocol_mismatch(otlp: OtlpOptions, values: Mapping[str, object]) -> None:
+    """4317 is the collector's gRPC port, 4318 its HTTP one: a mismatch is almost always
+    a forgotten OTEL_EXPORTER_OTLP_PROTOCOL (whose default, per the spec, is
+    http/protobuf). Not an error: a collector may listen anywhere."""
+    for signal, opts in (("traces", otlp.traces), ("metrics", otlp.metrics)):
+        try:
+            port = urlparse(opts.endpoint if "://" in opts.endpoint
+                            else "//" + opts.endpoint).port
+        except ValueError:
+            continue
+        expected = {4317: "grpc", 4318: "http/protobuf"}.get(port or 0)
+        if expected and expected != opts.protocol:
+            log.warning(
+                "OTLP %s endpoint %s uses port %d, the collector's %s port, but the protocol "
+                "is %s%s; set OTEL_EXPORTER_OTLP_PROTOCOL=%s (or export.otlp.protocol) if "
+                "that is what it serves", signal, opts.endpoint, port, expected, opts.protocol,
+                "" if "export.otlp.protocol" in values or
+                "export.otlp.%s.protocol" % signal in values else " (the default)", expected)
+
+
 def _port_set(ports: object) -> frozenset[int] | None:
     if ports is None:
         return None
@@ -727,6 +747,7 @@ def load(config_path: str | None = None, environ: Mapping[str, str] | None = Non
         "export.otlp.retry_max_backoff_s") if k in values}
     otlp = OtlpOptions(traces=_signal_options("traces", values),
                        metrics=_signal_options("metrics", values), **otlp_kwargs)
+    _warn_port_protocol_mismatch(otlp, values)
 
     exporter = values.get("output.exporter")
     if exporter is None:

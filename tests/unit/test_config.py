@@ -356,6 +356,17 @@ def test_client_key_without_certificate(tmp_path):
     assert "client_key is set without client_certificate" in msg
 
 
+def test_grpc_port_with_http_protocol_is_warned(tmp_path, caplog):
+    load(empty(tmp_path), {"OTEL_EXPORTER_OTLP_ENDPOINT": "http://collector:4317"}, {})
+    assert ("OTLP traces endpoint http://collector:4317/v1/traces uses port 4317, the "
+            "collector's grpc port, but the protocol is http/protobuf (the default); set "
+            "OTEL_EXPORTER_OTLP_PROTOCOL=grpc") in caplog.text
+    caplog.clear()
+    load(empty(tmp_path), {"OTEL_EXPORTER_OTLP_ENDPOINT": "http://collector:4317",
+                           "OTEL_EXPORTER_OTLP_PROTOCOL": "grpc"}, {})
+    assert "port" not in caplog.text
+
+
 def test_unknown_own_variable_is_warned_not_fatal(tmp_path, caplog):
     load(empty(tmp_path), {"OTEL_EBPF_CONNTRACK_MAX_CONECTIONS": "5"}, {})
     assert "did you mean OTEL_EBPF_CONNTRACK_MAX_CONNECTIONS" in caplog.text
