@@ -1,0 +1,118 @@
+/* The kernel <-> Python contract: every record the BPF programs put on the ring buffer.
+ *
+ * Rules (see shared/STYLE.md): fixed-width types only, no kernel headers, explicit
+ * padding, never packed. The first byte of every record is its kind; user space
+ * (otel_ebpf/capture/reader.py) switches on it. Numbers match the IntEnums in
+ * otel_ebpf/capture/events.py; tests/unit/test_events_layout.py compiles this file with
+ * gcc and checks every offset against the Python decoder.
+ *
+ * Userspace includers must provide __u8..__u64/__s32 first (#include <linux/types.h>).
+ */
+#ifndef OTEL_EBPF_EVENTS_H
+#define OTEL_EBPF_EVENTS_H
+
+/* Compile-time knobs, passed as -D flags by otel_ebpf/capture/loader.py. */
+#ifndef MAX_CAPTURE_BYTES
+#define MAX_CAPTURE_BYTES 4096 /* bytes captured per chunk; must be a power of two */
+#endif
+#if (MAX_CAPTURE_BYTES & (MAX_CAPTURE_BYTES - 1)) != 0 || MAX_CAPTURE_BYTES < 16
+#error "MAX_CAPTURE_BYTES must be a power of two >= 16"
+#endif
+
+/* Record kinds: first byte of every ring-buffer record (EventKind). */
+#define EVENT_CONN_OPEN 1
+#define EVENT_DATA 2
+#define EVENT_CONN_CLOSE 3
+
+/* Role (Role). */
+#define ROLE_UNKNOWN 0 /* socket opened before we attached: user space infers it */
+#define ROLE_SERVER 1  /* from accept/accept4 */
+#define ROLE_CLIENT 2  /* from connect */
+
+/* Direction (Direction). */
+#define DIR_INGRESS 0 /* read/recv*: bytes the traced process received */
+#define DIR_EGRESS 1  /* write, send*, sendfile: bytes it sent */
+
+/* Source (Source). */
+#define SOURCE_SYSCALL 0
+#define SOURCE_OPENSSL 1
+
+/* Address families as the kernel numbers them (AF_INET, AF_INET6). */
+#define OTEL_AF_INET 2
+#define OTEL_AF_INET6 10
+
+/* EVENT_CONN_OPEN: emitted once per connection, right before its first emitted data
+ * event (so non-HTTP connections cost no ring-buffer traffic at all). Addresses are
+ * what the kernel knew by then: family 0 means unknown (user space falls back to
+ * /proc). For AF_INET the address is in the first 4 bytes. Ports in host order. */
+struct conn_open_event {
+    __u8 kind;      /* EVENT_CONN_OPEN */
+    __u8 role;      /* ROLE_* */
+    __u8 source;    /* SOURCE_* */
+    __u8 _pad0;
+    __u32 tgid;
+    __u32 tid;
+    __s32 fd;
+    __u64 generation;   /* together with (tgid, fd): the connection id */
+    __u64 timestamp_ns; /* accept/connect return, or first sight for older sockets */
+    __u16 family;       /* 0 unknown, OTEL_AF_INET, OTEL_AF_INET6 */
+    __u16 local_port;
+    __u16 remote_port;
+    __u16 _pad1;
+    __u8 local_addr[16];
+    __u8 remote_addr[16];
+};
+
+/* EVENT_DATA header; followed by captured_len bytes of data (the record is
+ * variable-length: header + captured bytes, so ring-buffer traffic is proportional to
+ * what was captured). size - captured_len bytes were moved but not captured. */
+struct data_event_hdr {
+    __u8 kind;      /* EVENT_DATA */
+    __u8 direction; /* DIR_* */
+    __u8 source;    /* SOURCE_* */
+    __u8 role;      /* ROLE_* of the connection (also in its open event) */
+    __u32 tgid;
+    __u32 tid;
+    __s32 fd;
+    __u64 generation;
+    __u64 timestamp_ns; /* when the syscall (or SSL call) returned */
+    __u64 position;     /* offset of this chunk's first byte in its direction's stream */
+    __u64 size;         /* bytes the call really moved for this chunk */
+    __u32 captured_len; /* bytes that follow the header, <= MAX_CAPTURE_BYTES */
+    __u32 _pad0;
+};
+
+struct data_event {
+    struct data_event_hdr hdr;
+    __u8 data[MAX_CAPTURE_BYTES];
+};
+
+/* EVENT_CONN_CLOSE: only for connections whose open event was emitted. */
+struct conn_close_event {
+    __u8 kind;   /* EVENT_CONN_CLOSE */
+    __u8 source; /* SOURCE_* */
+    __u8 _pad0[2];
+    __u32 tgid;
+    __u32 tid;
+    __s32 fd;
+    __u64 generation;
+    __u64 timestamp_ns;
+    __u64 bytes_sent;     /* total bytes the process sent on it (incl. not emitted) */
+    __u64 bytes_received; /* total bytes it received */
+};
+
+/* Loss and health counters: indexes into the per-CPU array `counters`. User space
+ * sums the CPUs (Capture.loss_counters()); names there are the lower-case suffixes. */
+#define CNT_RINGBUF_FULL 0      /* records dropped: ring buffer output failed */
+#define CNT_TRUNCATED_EVENTS 1  /* data events with captured_len < size */
+#define CNT_TRUNCATED_BYTES 2   /* bytes moved but not captured */
+#define CNT_CONN_TABLE_FULL 3   /* connections not tracked: table full */
+#define CNT_IOVEC_SKIPPED 4     /* vectored calls with more segments than we walk */
+#define CNT_MMSG_SKIPPED 5      /* recvmmsg/sendmmsg messages after the first */
+#define CNT_STASH_FULL 6        /* syscalls missed: in-flight argument table full */
+#define CNT_CONN_RESET 7        /* ECONNRESET/EPIPE returned on a tracked connection */
+#define CNT_NOT_HTTP 8          /* connections given up by protocol inference */
+#define CNT_READ_FAULT 9        /* bpf_probe_read_user failed on a data buffer */
+#define CNT_MAX 10
+
+#endif /* OTEL_EBPF_EVENTS_H */

@@ -1,0 +1,114 @@
+/* Maps shared by the syscall programs (syscalls.c) and the OpenSSL uprobes (openssl.h).
+ * Kernel-private structs live here; what user space decodes lives in events.h.
+ * Sizes are -D knobs set by otel_ebpf/capture/loader.py. */
+#ifndef OTEL_EBPF_MAPS_H
+#define OTEL_EBPF_MAPS_H
+
+#include "events.h"
+
+#ifndef MAX_CONNS
+#define MAX_CONNS 65536 /* tracked (tgid, fd) connections; overflow counted */
+#endif
+#ifndef RINGBUF_PAGES
+#define RINGBUF_PAGES 1024 /* 4 MiB with 4 KiB pages; power of two */
+#endif
+#ifndef MAX_IOVECS
+#define MAX_IOVECS 16 /* iovec segments walked per vectored call */
+#endif
+#ifndef INFER_MAX_TRIES
+#define INFER_MAX_TRIES 4 /* non-HTTP chunks before a connection is given up */
+#endif
+
+/* protocol state of a connection */
+#define PROTO_UNKNOWN 0
+#define PROTO_HTTP 1
+#define PROTO_NOT_HTTP 2
+
+/* conn_t.flags */
+#define CONN_OPEN_SENT 1 /* the open event was emitted: close must be emitted too */
+
+struct conn_key_t {
+    __u32 tgid;
+    __s32 fd;
+};
+
+struct conn_t {
+    __u64 generation;   /* ktime at creation: a reused fd gets a new one */
+    __u64 open_ts;
+    __u64 pos[2];       /* syscall stream positions, indexed by DIR_* */
+    __u64 tls_pos[2];   /* plaintext positions for SOURCE_OPENSSL events (openssl.h) */
+    __u64 sk;           /* struct sock * learned from sock:sock_{send,recv}_length */
+    __u64 head[2];      /* first bytes of each direction (LE), for inference on tiny writes */
+    __u8 head_len[2];   /* bytes in head[dir]; 0xff: head no longer useful */
+    __u8 role;          /* ROLE_* */
+    __u8 proto;         /* PROTO_* */
+    __u8 fails;         /* chunks that did not look like HTTP while PROTO_UNKNOWN */
+    __u8 flags;         /* CONN_* */
+    __u16 family;       /* 0 unknown */
+    __u16 local_port;
+    __u16 remote_port;
+    __u16 _pad0;
+    __u8 _pad1[2];
+    __u8 local_addr[16];
+    __u8 remote_addr[16];
+};
+
+/* Arguments stashed at sys_enter_*, keyed by pid_tgid, consumed at sys_exit_*. */
+#define OP_READ 1    /* buf, count */
+#define OP_WRITE 2
+#define OP_READV 3   /* iov, iovcnt */
+#define OP_WRITEV 4
+#define OP_RECVMSG 5 /* msghdr */
+#define OP_SENDMSG 6
+#define OP_RECVMMSG 7 /* mmsghdr */
+#define OP_SENDMMSG 8
+#define OP_SENDFILE 9
+#define OP_ACCEPT 10 /* sockaddr */
+#define OP_CONNECT 11
+
+struct stash_t {
+    __u64 buf;      /* user buffer / iovec array / msghdr / mmsghdr / sockaddr */
+    __u64 count;    /* byte count or iovec count */
+    __u64 sk;       /* set by sock:sock_{send,recv}_length during the syscall */
+    __s32 fd;
+    __u8 op;        /* OP_* */
+    __u8 _pad0;
+    __u16 sk_family; /* family/protocol from sock_*_length; 0 when not seen */
+    __u16 sk_protocol;
+    __u16 _pad1[3];
+};
+
+/* The 4-tuple of a socket, keyed by its struct sock * (only as an opaque number:
+ * we never dereference kernel structs, their layout differs between kernels). Filled
+ * by sock:inet_sock_set_state (handshake, softirq) and tcp:tcp_rcv_space_adjust
+ * (inside tcp_recvmsg, so also for sockets older than us). */
+struct sk_addr_t {
+    __u16 family;
+    __u16 local_port;
+    __u16 remote_port;
+    __u16 _pad;
+    __u8 local_addr[16];
+    __u8 remote_addr[16];
+};
+
+BPF_RINGBUF_OUTPUT(events, RINGBUF_PAGES);
+BPF_HASH(conns, struct conn_key_t, struct conn_t, MAX_CONNS);
+BPF_HASH(active, __u64, struct stash_t, 16384);
+BPF_TABLE("lru_hash", __u64, struct sk_addr_t, sk_addrs, MAX_CONNS);
+BPF_PERCPU_ARRAY(scratch, struct data_event, 1);
+BPF_PERCPU_ARRAY(counters, __u64, CNT_MAX);
+/* Selection: when config[CFG_PID_FILTER] != 0 only tgids present in pid_filter are
+ * traced. SELF_TGID (the daemon) is always excluded at compile time. */
+#define CFG_PID_FILTER 0
+#define CFG_MAX 4
+BPF_ARRAY(config, __u64, CFG_MAX);
+BPF_HASH(pid_filter, __u32, __u8, 4096);
+
+static __always_inline void counter_add(__u32 idx, __u64 n)
+{
+    __u64 *c = counters.lookup(&idx);
+    if (c)
+        *c += n;
+}
+
+#endif /* OTEL_EBPF_MAPS_H */

@@ -1,0 +1,605 @@
+/* otel-ebpf kernel side: HTTP/1.x capture at the socket syscalls (one compilation unit).
+ *
+ * In:  syscall tracepoints (enter + exit) for accept, accept4, connect, close, read,
+ *      readv, recvfrom, recvmsg, recvmmsg, write, writev, sendto, sendmsg, sendmmsg,
+ *      sendfile64; sock:sock_{send,recv}_length (is this fd a socket? which struct
+ *      sock?); sock:inet_sock_set_state and tcp:tcp_rcv_space_adjust (the 4-tuple of a
+ *      struct sock, read from tracepoint fields only: we never dereference kernel
+ *      structs, whose layout differs between the 6.1 headers and the running kernel).
+ * Out: ring buffer `events` of the records in include/events.h: one CONN_OPEN right
+ *      before a connection's first data event, DATA per chunk (per iovec segment for
+ *      vectored calls), CONN_CLOSE at close(2) for connections that were opened.
+ * Dropped and counted (include/events.h CNT_*): ring buffer full, truncated bytes,
+ *      table full, iovec segments past MAX_IOVECS, mmsg messages after the first.
+ * Gated: connections stay silent until in-kernel inference (protocol_infer.h) says
+ *      HTTP; after INFER_MAX_TRIES non-HTTP chunks they are ignored for good. Non-TCP
+ *      and non-socket fds never create connection entries (when sock_*_length exist).
+ *
+ * Compile-time flags (loader.py): MAX_CAPTURE_BYTES, MAX_CONNS, RINGBUF_PAGES,
+ * MAX_IOVECS, SELF_TGID (the daemon, never traced), HAVE_SOCK_LENGTH, WITH_OPENSSL.
+ */
+#include <uapi/linux/ptrace.h>
+
+#include "include/events.h"
+#include "include/maps.h"
+#include "protocol_infer.h"
+
+#define OTEL_EINPROGRESS 115
+#define OTEL_ECONNRESET 104
+#define OTEL_EPIPE 32
+#define OTEL_IPPROTO_TCP 6
+#define OTEL_TCP_ESTABLISHED 1
+
+/* User-space ABI structs (x86_64/arm64 LP64 UAPI; stable, unlike kernel structs). */
+struct otel_iovec {
+    __u64 base;
+    __u64 len;
+};
+struct otel_msghdr {
+    __u64 name;
+    __u32 namelen;
+    __u32 _pad0;
+    __u64 iov;
+    __u64 iovlen;
+    __u64 control;
+    __u64 controllen;
+    __u32 flags;
+    __u32 _pad1;
+};
+struct otel_mmsghdr {
+    struct otel_msghdr hdr;
+    __u32 len;
+    __u32 _pad;
+};
+struct otel_sockaddr_in6 { /* also covers sockaddr_in: family, port, then v4 addr */
+    __u16 family;
+    __u16 port; /* network order */
+    __u32 v4_or_flowinfo;
+    __u8 v6[16];
+};
+
+/* ---- selection ------------------------------------------------------------------ */
+
+static __always_inline int traced_tgid(__u32 tgid)
+{
+#ifdef SELF_TGID
+    if (tgid == SELF_TGID)
+        return 0;
+#endif
+    __u32 k = CFG_PID_FILTER;
+    __u64 *on = config.lookup(&k);
+    if (on && *on)
+        return pid_filter.lookup(&tgid) != 0;
+    return 1;
+}
+
+/* ---- emission: shared with openssl.h ---------------------------------------------- */
+
+/* Emit one DATA record: header + up to MAX_CAPTURE_BYTES of ubuf (NULL: nothing
+ * captured, e.g. sendfile), through the per-CPU scratch buffer and one
+ * bpf_ringbuf_output of exactly header + captured bytes. Counts truncation and ring
+ * buffer loss. Returns captured bytes, or -1 when the record was lost.
+ * For the OpenSSL uprobes: pass source = SOURCE_OPENSSL and conn->tls_pos[dir]. */
+static __always_inline int emit_data(void *ctx, __u32 tgid, __u32 tid, __s32 fd,
+                                     __u64 generation, __u8 role, __u8 direction,
+                                     __u8 source, const void *ubuf, __u64 size,
+                                     __u64 position)
+{
+    __u32 zero = 0;
+    struct data_event *ev = scratch.lookup(&zero);
+    if (!ev)
+        return -1;
+    ev->hdr.kind = EVENT_DATA;
+    ev->hdr.direction = direction;
+    ev->hdr.source = source;
+    ev->hdr.role = role;
+    ev->hdr.tgid = tgid;
+    ev->hdr.tid = tid;
+    ev->hdr.fd = fd;
+    ev->hdr.generation = generation;
+    ev->hdr.timestamp_ns = bpf_ktime_get_ns();
+    ev->hdr.position = position;
+    ev->hdr.size = size;
+    ev->hdr._pad0 = 0;
+
+    __u32 len = 0;
+    if (ubuf) {
+        /* Re-read the size from map memory: the verifier then tracks `len` from this
+         * load only and does not mark the caller's loop variables precise, which would
+         * stop state pruning and blow its budget on the iovec loop. */
+        __u64 sz = *(volatile __u64 *)&ev->hdr.size;
+        len = sz < MAX_CAPTURE_BYTES ? (__u32)sz : MAX_CAPTURE_BYTES;
+        /* keep the verifier's bound even if clang reorders the min() above */
+        len &= (MAX_CAPTURE_BYTES << 1) - 1;
+        if (len > MAX_CAPTURE_BYTES)
+            len = MAX_CAPTURE_BYTES;
+        if (len && bpf_probe_read_user(ev->data, len, ubuf) != 0) {
+            counter_add(CNT_READ_FAULT, 1);
+            len = 0;
+        }
+    }
+    ev->hdr.captured_len = len;
+    /* branch-free on purpose: fewer verifier paths per iovec loop iteration */
+    counter_add(CNT_TRUNCATED_EVENTS, len < size);
+    counter_add(CNT_TRUNCATED_BYTES, size - len);
+    __u64 total = sizeof(struct data_event_hdr) + len;
+    if (total > sizeof(struct data_event))
+        return -1;
+    if (events.ringbuf_output(ev, total, 0) != 0) {
+        counter_add(CNT_RINGBUF_FULL, 1);
+        return -1;
+    }
+    return len;
+}
+
+/* Emit the connection's CONN_OPEN once, with the best addresses known now: the
+ * struct sock's 4-tuple when a tracepoint gave it to us, else what accept/connect
+ * saw (remote only). Shared with openssl.h. */
+static __always_inline void conn_ensure_open(void *ctx, struct conn_key_t *key,
+                                             struct conn_t *conn, __u32 tid, __u8 source)
+{
+    if (conn->flags & CONN_OPEN_SENT)
+        return;
+    conn->flags |= CONN_OPEN_SENT; /* once, even if the ring buffer was full */
+    struct conn_open_event ev = {};
+    ev.kind = EVENT_CONN_OPEN;
+    ev.role = conn->role;
+    ev.source = source;
+    ev.tgid = key->tgid;
+    ev.tid = tid;
+    ev.fd = key->fd;
+    ev.generation = conn->generation;
+    ev.timestamp_ns = conn->open_ts;
+    struct sk_addr_t *a = 0;
+    if (conn->sk) {
+        __u64 sk = conn->sk;
+        a = sk_addrs.lookup(&sk);
+    }
+    if (a && a->family) {
+        ev.family = a->family;
+        ev.local_port = a->local_port;
+        ev.remote_port = a->remote_port;
+        __builtin_memcpy(ev.local_addr, a->local_addr, 16);
+        __builtin_memcpy(ev.remote_addr, a->remote_addr, 16);
+    } else {
+        ev.family = conn->family;
+        ev.local_port = conn->local_port;
+        ev.remote_port = conn->remote_port;
+        __builtin_memcpy(ev.local_addr, conn->local_addr, 16);
+        __builtin_memcpy(ev.remote_addr, conn->remote_addr, 16);
+    }
+    if (events.ringbuf_output(&ev, sizeof(ev), 0) != 0)
+        counter_add(CNT_RINGBUF_FULL, 1);
+}
+
+/* Look up (tgid, fd); NULL when untracked. Shared with openssl.h. */
+static __always_inline struct conn_t *conn_lookup(__u32 tgid, __s32 fd)
+{
+    struct conn_key_t key = {.tgid = tgid, .fd = fd};
+    return conns.lookup(&key);
+}
+
+/* Create (or replace: a reused fd is a new connection) the entry for (tgid, fd).
+ * NULL when the table is full (counted). Shared with openssl.h. */
+static __always_inline struct conn_t *conn_create(__u32 tgid, __s32 fd, __u8 role)
+{
+    struct conn_key_t key = {.tgid = tgid, .fd = fd};
+    struct conn_t c = {};
+    __u64 now = bpf_ktime_get_ns();
+    c.generation = now;
+    c.open_ts = now;
+    c.role = role;
+    if (conns.update(&key, &c) != 0) {
+        counter_add(CNT_CONN_TABLE_FULL, 1);
+        return 0;
+    }
+    return conns.lookup(&key);
+}
+
+/* Lookup, else create with ROLE_UNKNOWN: what the TLS uprobes use for an fd. */
+static __always_inline struct conn_t *conn_get_or_create(__u32 tgid, __s32 fd)
+{
+    struct conn_t *c = conn_lookup(tgid, fd);
+    if (c)
+        return c;
+    return conn_create(tgid, fd, ROLE_UNKNOWN);
+}
+
+/* ---- TLS hook ----------------------------------------------------------------------- */
+#ifdef WITH_OPENSSL
+/* openssl.h must define:
+ *   static __always_inline int tls_syscall_hook(__u64 pid_tgid, __s32 fd);
+ * called at every data syscall exit on a tracked connection before anything is
+ * emitted; returns 1 when the bytes are ciphertext inside an SSL call (then the
+ * syscall bytes only advance positions and are never emitted). */
+#include "openssl.h"
+#else
+static __always_inline int tls_syscall_hook(__u64 pid_tgid, __s32 fd)
+{
+    return 0;
+}
+#endif
+
+/* ---- the data path ------------------------------------------------------------------ */
+
+/* Is this chunk HTTP? Updates the connection's inference state; INFER_PREFIX chunks
+ * (too short to know) are emitted so byte-at-a-time writers are not lost. */
+static __always_inline int infer_chunk(struct conn_t *conn, __u8 dir, const void *ubuf,
+                                       __u64 size)
+{
+    __u64 v = 0;
+    __u32 n = size < 8 ? (__u32)size : 8;
+    if (bpf_probe_read_user(&v, n & 15, ubuf) != 0)
+        return INFER_NO;
+    int r = INFER_NO;
+    __u8 d = dir & 1;
+    __u8 hl = conn->head_len[d];
+    if (hl < 8) {
+        __u32 room = 8 - hl;
+        __u32 take = n < room ? n : room;
+        conn->head[d] |= (v & byte_mask(take)) << ((hl & 7) * 8);
+        hl += take;
+        conn->head_len[d] = hl;
+        r = infer_http(conn->head[d], hl);
+        if (r == INFER_NO)
+            conn->head_len[d] = 0xff;
+    }
+    if (r == INFER_NO && infer_http(v, n) == INFER_MATCH)
+        r = INFER_MATCH;
+    if (r == INFER_MATCH) {
+        conn->proto = PROTO_HTTP;
+    } else if (r == INFER_NO) {
+        if (++conn->fails >= INFER_MAX_TRIES) {
+            conn->proto = PROTO_NOT_HTTP;
+            counter_add(CNT_NOT_HTTP, 1);
+        }
+    }
+    return r;
+}
+
+static __always_inline void handle_chunk(void *ctx, struct conn_key_t *key,
+                                         struct conn_t *conn, __u32 tid, __u8 dir,
+                                         const void *ubuf, __u64 size)
+{
+    __u8 d = dir & 1;
+    __u64 pos = conn->pos[d];
+    conn->pos[d] = pos + size; /* every moved byte counts, emitted or not */
+    if (conn->proto == PROTO_NOT_HTTP)
+        return;
+    if (conn->proto == PROTO_UNKNOWN) {
+        if (!ubuf || infer_chunk(conn, d, ubuf, size) == INFER_NO)
+            return;
+    }
+    conn_ensure_open(ctx, key, conn, tid, SOURCE_SYSCALL);
+    emit_data(ctx, key->tgid, tid, key->fd, conn->generation, conn->role, d,
+              SOURCE_SYSCALL, ubuf, size, pos);
+}
+
+/* One DATA event per iovec segment actually moved (bounded by the return value), so
+ * framing written in separate segments (Node.js chunk headers) keeps its positions.
+ * Inference looks at the first segment only: running it inside the loop multiplies
+ * the verifier's paths per iteration past its 1M-instruction budget. Bytes beyond
+ * MAX_IOVECS segments go out as one uncaptured chunk: positions stay exact, the skip
+ * is counted. */
+static __always_inline void handle_iov(void *ctx, struct conn_key_t *key,
+                                       struct conn_t *conn, __u32 tid, __u8 dir,
+                                       __u64 iov, __u64 iovcnt, __u64 total)
+{
+    __u8 d = dir & 1;
+    __u64 left = total;
+    int emit = conn->proto == PROTO_HTTP;
+    if (conn->proto == PROTO_UNKNOWN && iovcnt > 0) {
+        struct otel_iovec first = {};
+        if (bpf_probe_read_user(&first, sizeof(first), (void *)iov) == 0 && first.len) {
+            __u64 n = first.len < left ? first.len : left;
+            emit = infer_chunk(conn, d, (const void *)first.base, n) != INFER_NO;
+        }
+    }
+    if (emit)
+        conn_ensure_open(ctx, key, conn, tid, SOURCE_SYSCALL);
+#pragma clang loop unroll(disable)
+    for (int i = 0; i < MAX_IOVECS; i++) {
+        if (left == 0 || i >= iovcnt)
+            break;
+        struct otel_iovec seg = {};
+        if (bpf_probe_read_user(&seg, sizeof(seg), (void *)(iov + i * sizeof(seg))) != 0)
+            break;
+        __u64 n = seg.len < left ? seg.len : left;
+        if (n == 0)
+            continue;
+        __u64 pos = conn->pos[d];
+        conn->pos[d] = pos + n;
+        if (emit)
+            emit_data(ctx, key->tgid, tid, key->fd, conn->generation, conn->role, d,
+                      SOURCE_SYSCALL, (const void *)seg.base, n, pos);
+        left -= n;
+    }
+    if (left) {
+        counter_add(CNT_IOVEC_SKIPPED, 1);
+        __u64 pos = conn->pos[d];
+        conn->pos[d] = pos + left;
+        if (emit)
+            emit_data(ctx, key->tgid, tid, key->fd, conn->generation, conn->role, d,
+                      SOURCE_SYSCALL, 0, left, pos);
+    }
+}
+
+/* Common exit: consume the stashed arguments, find or lazily create the connection
+ * (sockets opened before we attached get ROLE_UNKNOWN), dispatch on the call shape.
+ * `op` is a compile-time constant per program, so each program keeps only its path. */
+static __always_inline int data_exit(void *ctx, long ret, __u8 op, __u8 dir)
+{
+    __u64 id = bpf_get_current_pid_tgid();
+    struct stash_t *sp = active.lookup(&id);
+    if (!sp)
+        return 0;
+    struct stash_t st = *sp;
+    active.delete(&id);
+    if (st.op != op)
+        return 0;
+    __u32 tgid = id >> 32, tid = (__u32)id;
+    struct conn_key_t key = {.tgid = tgid, .fd = st.fd};
+    struct conn_t *conn = conns.lookup(&key);
+    if (ret <= 0) {
+        if (conn && (ret == -OTEL_ECONNRESET || ret == -OTEL_EPIPE))
+            counter_add(CNT_CONN_RESET, 1);
+        return 0;
+    }
+    if (st.sk_family && st.sk_family != OTEL_AF_INET && st.sk_family != OTEL_AF_INET6)
+        return 0; /* AF_UNIX & co: never HTTP we report */
+    if (st.sk_protocol && st.sk_protocol != OTEL_IPPROTO_TCP)
+        return 0; /* UDP (connected DNS sockets) */
+    if (!conn) {
+#ifdef HAVE_SOCK_LENGTH
+        if (!st.sk)
+            return 0; /* not a socket: files, pipes, ttys never reach the ring */
+#endif
+        conn = conn_create(tgid, st.fd, ROLE_UNKNOWN);
+        if (!conn)
+            return 0;
+    }
+    if (!conn->sk && st.sk)
+        conn->sk = st.sk;
+    if (tls_syscall_hook(id, st.fd)) {
+        conn->pos[dir & 1] += ret; /* ciphertext: OpenSSL uprobes report the plaintext */
+        return 0;
+    }
+    if (op == OP_READ || op == OP_WRITE) {
+        handle_chunk(ctx, &key, conn, tid, dir, (const void *)st.buf, ret);
+    } else if (op == OP_SENDFILE) {
+        handle_chunk(ctx, &key, conn, tid, dir, 0, ret);
+    } else if (op == OP_READV || op == OP_WRITEV) {
+        handle_iov(ctx, &key, conn, tid, dir, st.buf, st.count, ret);
+    } else if (op == OP_RECVMSG || op == OP_SENDMSG) {
+        struct otel_msghdr m = {};
+        if (bpf_probe_read_user(&m, sizeof(m), (void *)st.buf) == 0)
+            handle_iov(ctx, &key, conn, tid, dir, m.iov, m.iovlen, ret);
+        else
+            handle_chunk(ctx, &key, conn, tid, dir, 0, ret);
+    } else if (op == OP_RECVMMSG || op == OP_SENDMMSG) {
+        /* ret is a message count: walk the first message only (HTTP over TCP with
+         * *mmsg is rare); later messages are counted, and their bytes are unknown
+         * here, so positions after them have a gap user space sees as loss. */
+        struct otel_mmsghdr m = {};
+        if (bpf_probe_read_user(&m, sizeof(m), (void *)st.buf) == 0 && m.len)
+            handle_iov(ctx, &key, conn, tid, dir, m.hdr.iov, m.hdr.iovlen, m.len);
+        if (ret > 1)
+            counter_add(CNT_MMSG_SKIPPED, ret - 1);
+    }
+    return 0;
+}
+
+static __always_inline int stash_args(__u8 op, __s32 fd, __u64 buf, __u64 count_)
+{
+    __u64 id = bpf_get_current_pid_tgid();
+    if (!traced_tgid(id >> 32) || fd < 0)
+        return 0;
+    struct stash_t st = {};
+    st.op = op;
+    st.fd = fd;
+    st.buf = buf;
+    st.count = count_;
+    if (active.update(&id, &st) != 0)
+        counter_add(CNT_STASH_FULL, 1);
+    return 0;
+}
+
+TRACEPOINT_PROBE(syscalls, sys_enter_read) { return stash_args(OP_READ, args->fd, (__u64)args->buf, args->count); }
+TRACEPOINT_PROBE(syscalls, sys_exit_read) { return data_exit(args, args->ret, OP_READ, DIR_INGRESS); }
+TRACEPOINT_PROBE(syscalls, sys_enter_recvfrom) { return stash_args(OP_READ, args->fd, (__u64)args->ubuf, args->size); }
+TRACEPOINT_PROBE(syscalls, sys_exit_recvfrom) { return data_exit(args, args->ret, OP_READ, DIR_INGRESS); }
+TRACEPOINT_PROBE(syscalls, sys_enter_readv) { return stash_args(OP_READV, args->fd, (__u64)args->vec, args->vlen); }
+TRACEPOINT_PROBE(syscalls, sys_exit_readv) { return data_exit(args, args->ret, OP_READV, DIR_INGRESS); }
+TRACEPOINT_PROBE(syscalls, sys_enter_recvmsg) { return stash_args(OP_RECVMSG, args->fd, (__u64)args->msg, 0); }
+TRACEPOINT_PROBE(syscalls, sys_exit_recvmsg) { return data_exit(args, args->ret, OP_RECVMSG, DIR_INGRESS); }
+TRACEPOINT_PROBE(syscalls, sys_enter_recvmmsg) { return stash_args(OP_RECVMMSG, args->fd, (__u64)args->mmsg, args->vlen); }
+TRACEPOINT_PROBE(syscalls, sys_exit_recvmmsg) { return data_exit(args, args->ret, OP_RECVMMSG, DIR_INGRESS); }
+TRACEPOINT_PROBE(syscalls, sys_enter_write) { return stash_args(OP_WRITE, args->fd, (__u64)args->buf, args->count); }
+TRACEPOINT_PROBE(syscalls, sys_exit_write) { return data_exit(args, args->ret, OP_WRITE, DIR_EGRESS); }
+TRACEPOINT_PROBE(syscalls, sys_enter_sendto) { return stash_args(OP_WRITE, args->fd, (__u64)args->buff, args->len); }
+TRACEPOINT_PROBE(syscalls, sys_exit_sendto) { return data_exit(args, args->ret, OP_WRITE, DIR_EGRESS); }
+TRACEPOINT_PROBE(syscalls, sys_enter_writev) { return stash_args(OP_WRITEV, args->fd, (__u64)args->vec, args->vlen); }
+TRACEPOINT_PROBE(syscalls, sys_exit_writev) { return data_exit(args, args->ret, OP_WRITEV, DIR_EGRESS); }
+TRACEPOINT_PROBE(syscalls, sys_enter_sendmsg) { return stash_args(OP_SENDMSG, args->fd, (__u64)args->msg, 0); }
+TRACEPOINT_PROBE(syscalls, sys_exit_sendmsg) { return data_exit(args, args->ret, OP_SENDMSG, DIR_EGRESS); }
+TRACEPOINT_PROBE(syscalls, sys_enter_sendmmsg) { return stash_args(OP_SENDMMSG, args->fd, (__u64)args->mmsg, args->vlen); }
+TRACEPOINT_PROBE(syscalls, sys_exit_sendmmsg) { return data_exit(args, args->ret, OP_SENDMMSG, DIR_EGRESS); }
+TRACEPOINT_PROBE(syscalls, sys_enter_sendfile64) { return stash_args(OP_SENDFILE, args->out_fd, 0, args->count); }
+TRACEPOINT_PROBE(syscalls, sys_exit_sendfile64) { return data_exit(args, args->ret, OP_SENDFILE, DIR_EGRESS); }
+
+/* ---- connection lifecycle ------------------------------------------------------------ */
+
+/* Read a user sockaddr; returns its family (0 on fault). */
+static __always_inline __u16 read_sockaddr(__u64 uaddr, __u16 *port, __u8 addr[16])
+{
+    struct otel_sockaddr_in6 sa = {};
+    if (!uaddr || bpf_probe_read_user(&sa, sizeof(sa), (void *)uaddr) != 0)
+        return 0;
+    if (sa.family == OTEL_AF_INET) {
+        *port = __builtin_bswap16(sa.port);
+        __builtin_memcpy(addr, &sa.v4_or_flowinfo, 4);
+    } else if (sa.family == OTEL_AF_INET6) {
+        *port = __builtin_bswap16(sa.port);
+        __builtin_memcpy(addr, sa.v6, 16);
+    }
+    return sa.family;
+}
+
+static __always_inline int accept_enter(__s32 fd, __u64 uaddr)
+{
+    return stash_args(OP_ACCEPT, fd, uaddr, 0);
+}
+
+static __always_inline int accept_exit(long ret)
+{
+    __u64 id = bpf_get_current_pid_tgid();
+    struct stash_t *sp = active.lookup(&id);
+    if (!sp)
+        return 0;
+    __u64 uaddr = sp->buf;
+    __u8 op = sp->op;
+    active.delete(&id);
+    if (op != OP_ACCEPT || ret < 0)
+        return 0;
+    __u16 port = 0;
+    __u8 addr[16] = {};
+    /* upeer_sockaddr may be NULL: family stays unknown, sock_*_length tells later */
+    __u16 family = read_sockaddr(uaddr, &port, addr);
+    if (family && family != OTEL_AF_INET && family != OTEL_AF_INET6)
+        return 0;
+    struct conn_t *c = conn_create(id >> 32, (__s32)ret, ROLE_SERVER);
+    if (c && family) {
+        c->family = family;
+        c->remote_port = port;
+        __builtin_memcpy(c->remote_addr, addr, 16);
+    }
+    return 0;
+}
+
+TRACEPOINT_PROBE(syscalls, sys_enter_accept) { return accept_enter(args->fd, (__u64)args->upeer_sockaddr); }
+TRACEPOINT_PROBE(syscalls, sys_exit_accept) { return accept_exit(args->ret); }
+TRACEPOINT_PROBE(syscalls, sys_enter_accept4) { return accept_enter(args->fd, (__u64)args->upeer_sockaddr); }
+TRACEPOINT_PROBE(syscalls, sys_exit_accept4) { return accept_exit(args->ret); }
+
+TRACEPOINT_PROBE(syscalls, sys_enter_connect)
+{
+    __u16 family = 0;
+    if (bpf_probe_read_user(&family, sizeof(family), (void *)args->uservaddr) != 0)
+        return 0;
+    if (family != OTEL_AF_INET && family != OTEL_AF_INET6)
+        return 0; /* AF_UNIX, AF_NETLINK...: not ours */
+    return stash_args(OP_CONNECT, args->fd, (__u64)args->uservaddr, 0);
+}
+
+TRACEPOINT_PROBE(syscalls, sys_exit_connect)
+{
+    __u64 id = bpf_get_current_pid_tgid();
+    struct stash_t *sp = active.lookup(&id);
+    if (!sp)
+        return 0;
+    struct stash_t st = *sp;
+    active.delete(&id);
+    if (st.op != OP_CONNECT)
+        return 0;
+    /* non-blocking connect returns EINPROGRESS and the fd is the connection */
+    if (args->ret != 0 && args->ret != -OTEL_EINPROGRESS)
+        return 0;
+    struct conn_t *c = conn_create(id >> 32, st.fd, ROLE_CLIENT);
+    if (!c)
+        return 0;
+    __u16 port = 0;
+    __u8 addr[16] = {};
+    __u16 family = read_sockaddr(st.buf, &port, addr);
+    c->family = family;
+    c->remote_port = port;
+    __builtin_memcpy(c->remote_addr, addr, 16);
+    return 0;
+}
+
+TRACEPOINT_PROBE(syscalls, sys_enter_close)
+{
+    __u64 id = bpf_get_current_pid_tgid();
+    struct conn_key_t key = {.tgid = id >> 32, .fd = (__s32)args->fd};
+    struct conn_t *c = conns.lookup(&key);
+    if (!c)
+        return 0;
+    if (c->flags & CONN_OPEN_SENT) {
+        struct conn_close_event ev = {};
+        ev.kind = EVENT_CONN_CLOSE;
+        ev.source = SOURCE_SYSCALL;
+        ev.tgid = key.tgid;
+        ev.tid = (__u32)id;
+        ev.fd = key.fd;
+        ev.generation = c->generation;
+        ev.timestamp_ns = bpf_ktime_get_ns();
+        ev.bytes_sent = c->pos[DIR_EGRESS];
+        ev.bytes_received = c->pos[DIR_INGRESS];
+        if (events.ringbuf_output(&ev, sizeof(ev), 0) != 0)
+            counter_add(CNT_RINGBUF_FULL, 1);
+    }
+    conns.delete(&key);
+    return 0;
+}
+
+/* ---- socket identity and addresses --------------------------------------------------- */
+
+#ifdef HAVE_SOCK_LENGTH
+/* Fires inside sock_sendmsg/sock_recvmsg, in the syscall's context: proves the fd of
+ * the in-flight syscall is a socket and tells us its struct sock and protocol. */
+static __always_inline void note_sock(__u64 sk, __u16 family, __u16 protocol)
+{
+    __u64 id = bpf_get_current_pid_tgid();
+    struct stash_t *sp = active.lookup(&id);
+    if (!sp || sp->sk)
+        return;
+    sp->sk = sk;
+    sp->sk_family = family;
+    sp->sk_protocol = protocol;
+}
+TRACEPOINT_PROBE(sock, sock_send_length) { note_sock((__u64)args->sk, args->family, args->protocol); return 0; }
+TRACEPOINT_PROBE(sock, sock_recv_length) { note_sock((__u64)args->sk, args->family, args->protocol); return 0; }
+#endif
+
+#define STORE_TUPLE(a, args)                                                          \
+    do {                                                                              \
+        (a).family = (args)->family;                                                  \
+        (a).local_port = (args)->sport;                                               \
+        (a).remote_port = (args)->dport;                                              \
+        if ((args)->family == OTEL_AF_INET) {                                         \
+            __builtin_memcpy((a).local_addr, (args)->saddr, 4);                       \
+            __builtin_memcpy((a).remote_addr, (args)->daddr, 4);                      \
+        } else {                                                                      \
+            __builtin_memcpy((a).local_addr, (args)->saddr_v6, 16);                   \
+            __builtin_memcpy((a).remote_addr, (args)->daddr_v6, 16);                  \
+        }                                                                             \
+    } while (0)
+
+/* Handshake completion (softirq context, keyed by the struct sock pointer only). */
+TRACEPOINT_PROBE(sock, inet_sock_set_state)
+{
+    if (args->protocol != OTEL_IPPROTO_TCP || args->newstate != OTEL_TCP_ESTABLISHED)
+        return 0;
+    if (args->family != OTEL_AF_INET && args->family != OTEL_AF_INET6)
+        return 0;
+    struct sk_addr_t a = {};
+    STORE_TUPLE(a, args);
+    __u64 sk = (__u64)args->skaddr;
+    sk_addrs.update(&sk, &a);
+    return 0;
+}
+
+#ifdef HAVE_TCP_RCV_SPACE_ADJUST
+/* Inside tcp_recvmsg: gives the tuple of sockets established before we attached. */
+TRACEPOINT_PROBE(tcp, tcp_rcv_space_adjust)
+{
+    if (args->family != OTEL_AF_INET && args->family != OTEL_AF_INET6)
+        return 0;
+    __u64 sk = (__u64)args->skaddr;
+    if (sk_addrs.lookup(&sk))
+        return 0;
+    struct sk_addr_t a = {};
+    STORE_TUPLE(a, args);
+    sk_addrs.update(&sk, &a);
+    return 0;
+}
+#endif
