@@ -334,3 +334,23 @@ def test_resync_budget_counts_captured_bytes_between_gaps_only():
     for i in range(50):
         g.feed(b"+OK some redis-ish reply\r\n" * 20, i, 1)
     assert rec2.events[-1] == ("invalid", "not_http")
+
+
+def test_one_byte_writes_cost_linear_time_in_header_size():
+    import time
+
+    def cost(header_bytes: int) -> float:
+        block = b"GET / HTTP/1.1\r\n" + b"X-Pad: " + b"a" * header_bytes + b"\r\n\r\n"
+        best = float("inf")
+        for _ in range(3):
+            f, rec = framer(MessageKind.REQUEST, max_header=64 * 1024, max_buffer=1 << 20)
+            t0 = time.thread_time()
+            for i in range(len(block)):
+                f.feed(block[i : i + 1], i, 1)
+            best = min(best, time.thread_time() - t0)
+            assert rec.events[0][:3] == ("req", "GET", "/")
+        return best
+
+    small, large = cost(2_000), cost(16_000)
+    # 8x the bytes: linear is ~8x the time, a rescan per byte would be ~64x
+    assert large / small < 24, (small, large)
