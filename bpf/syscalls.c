@@ -574,6 +574,7 @@ TRACEPOINT_PROBE(sock, sock_recv_length) { note_sock((__u64)args->sk, args->fami
         }                                                                             \
     } while (0)
 
+#ifdef HAVE_INET_SOCK_SET_STATE
 /* Handshake completion (softirq context, keyed by the struct sock pointer only). */
 TRACEPOINT_PROBE(sock, inet_sock_set_state)
 {
@@ -587,6 +588,7 @@ TRACEPOINT_PROBE(sock, inet_sock_set_state)
     sk_addrs.update(&sk, &a);
     return 0;
 }
+#endif
 
 #ifdef HAVE_TCP_RCV_SPACE_ADJUST
 /* Inside tcp_recvmsg: gives the tuple of sockets established before we attached. */
