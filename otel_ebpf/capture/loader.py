@@ -219,7 +219,7 @@ class Capture:
                  time.monotonic() - started, len(getattr(bpf, "tracepoint_fds", {})))
         self.set_pid_filter(self.options.pids)
         self._reader = RingReader(on_event, self.stats)
-        bpf["events"].open_ring_buffer(self._reader.callback)
+        bpf[b"events"].open_ring_buffer(self._reader.callback)
 
     @staticmethod
     def _explain(exc: Exception, source: Path) -> str:
@@ -241,12 +241,12 @@ class Capture:
     def set_pid_filter(self, pids: Iterable[int] | None) -> None:
         """Trace only these tgids (None or empty: all). The daemon is always excluded."""
         bpf = self._require()
-        table = bpf["pid_filter"]
+        table = bpf[b"pid_filter"]
         table.clear()
         wanted = sorted(set(pids or ()))
         for pid in wanted:
             table[ctypes.c_uint32(pid)] = ctypes.c_uint8(1)
-        bpf["config"][ctypes.c_int(CFG_PID_FILTER)] = ctypes.c_uint64(1 if wanted else 0)
+        bpf[b"config"][ctypes.c_int(CFG_PID_FILTER)] = ctypes.c_uint64(1 if wanted else 0)
 
     def poll(self, timeout_ms: int) -> int:
         """Drain the ring buffer (waiting up to timeout_ms); returns events handled."""
@@ -266,7 +266,7 @@ class Capture:
     def loss_counters(self) -> dict[str, int]:
         """Kernel-side loss/health counters, summed over CPUs, since start."""
         bpf = self._require()
-        table = bpf["counters"]
+        table = bpf[b"counters"]
         out = {}
         for index, name in enumerate(LOSS_COUNTERS):
             out[name] = int(sum(table[ctypes.c_int(index)]))
@@ -285,7 +285,7 @@ class Capture:
     def prune_connections(self) -> int:
         """Forget kernel entries of exited processes (their fds closed without close(2))."""
         bpf = self._require()
-        table = bpf["conns"]
+        table = bpf[b"conns"]
         dead = [key for key in table.keys() if not os.path.exists("/proc/%d" % key.tgid)]
         for key in dead:
             try:
