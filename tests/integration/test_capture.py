@@ -315,3 +315,139 @@ def test_loss_counters_readable(capture):
     capture.flush_stats()
     assert capture.stats.get("capture.events") > 0
     assert capture.stats.snapshot()["capture.kernel.truncated_bytes"] == counters["truncated_bytes"]
+
+
+KEEPALIVE_PAIR = textwrap.dedent("""
+    # A server and a client in one process, connected before the capture starts; each
+    # line on stdin makes the client send one request and read the response.
+    import socket, sys, threading
+    srv = socket.socket(); srv.bind(("127.0.0.1", 0)); srv.listen()
+    port = srv.getsockname()[1]
+    cli = socket.create_connection(("127.0.0.1", port))
+    conn, _ = srv.accept()
+    def serve():
+        while True:
+            req = conn.recv(65536)
+            if not req: return
+            conn.sendall(b"HTTP/1.1 200 OK\\r\\nContent-Length: 2\\r\\n\\r\\nok")
+    threading.Thread(target=serve, daemon=True).start()
+    print(port, cli.getsockname()[1], flush=True)
+    for line in sys.stdin:
+        cli.sendall(b"GET /old HTTP/1.1\\r\\nHost: x\\r\\n\\r\\n")
+        assert cli.recv(65536).endswith(b"ok")
+        print("done", flush=True)
+""")
+
+
+def test_connection_older_than_capture(bpf_available):
+    """Sockets that existed before attach: lazily tracked, ROLE_UNKNOWN, and the server
+    side (whose first call is a read) gets its 4-tuple from tcp:tcp_rcv_space_adjust."""
+    pair = subprocess.Popen([sys.executable, "-c", KEEPALIVE_PAIR], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, text=True)
+    events: list = []
+    cap = Capture(CaptureOptions(tls=False, pids=(pair.pid,)), Stats())
+    try:
+        server_port, client_port = map(int, pair.stdout.readline().split())
+        cap.start(events.append)
+        cap.events = events  # type: ignore[attr-defined]
+        # The server thread sits in recv() since before the attach: that call's entry
+        # was never seen, so its bytes are missed (a limitation of syscall tracing).
+        # One warm-up exchange moves it past that call; then count exactly.
+        pair.stdin.write("go\n")
+        pair.stdin.flush()
+        assert pair.stdout.readline() == "done\n"
+        warmup = drain(cap)
+        for _ in range(N):
+            pair.stdin.write("go\n")
+            pair.stdin.flush()
+            assert pair.stdout.readline() == "done\n"
+        got = drain(cap)
+    finally:
+        pair.kill()
+        pair.wait()
+        cap.close()
+    opens = [e for e in warmup + got if isinstance(e, ConnOpenEvent)]
+    assert len(opens) == 2 and {e.role for e in opens} == {Role.UNKNOWN}
+    requests = [e for e in data(got, Direction.INGRESS) if e.data.startswith(b"GET /old ")]
+    responses = [e for e in data(got, Direction.INGRESS) if e.data.startswith(b"HTTP/1.1 200")]
+    assert len(requests) == N and len(responses) == N
+    server_key = requests[0].key
+    (server_open,) = [e for e in opens if e.key == server_key]
+    assert (server_open.local_address, server_open.local_port) == ("127.0.0.1", server_port)
+    assert (server_open.remote_address, server_open.remote_port) == ("127.0.0.1", client_port)
+    assert_positions_contiguous(got)
+
+
+FILE_READER = textwrap.dedent("""
+    import os, sys
+    path = sys.argv[1]
+    with open(path, "wb") as f:
+        f.write(b"GET / HTTP/1.1\\r\\nHost: not-a-socket\\r\\n\\r\\n")
+    for _ in range(%d):
+        fd = os.open(path, os.O_RDONLY)
+        os.read(fd, 4096)
+        os.close(fd)
+    r, w = os.pipe()
+    os.write(w, b"HTTP/1.1 200 OK\\r\\n\\r\\n"); os.read(r, 100)
+""" % N)
+
+
+def test_files_and_pipes_with_http_bytes_are_not_captured(capture, tmp_path):
+    proc = subprocess.run([sys.executable, "-c", FILE_READER, str(tmp_path / "req.txt")],
+                          timeout=30, check=True)
+    assert proc.returncode == 0
+    events = drain(capture)
+    pids = {e.tgid for e in events}
+    assert capture.features.get("HAVE_SOCK_LENGTH"), "sock:sock_*_length missing on this kernel"
+    # The child's pid is gone; no event may carry HTTP-looking bytes from a file read.
+    assert not [e for e in data(events) if b"not-a-socket" in e.data], pids
+
+
+SENDFILE_SERVER = textwrap.dedent("""
+    # Headers with sendmsg (three buffers = three iovecs), the body with sendfile.
+    import os, socket, sys
+    body_path = sys.argv[1]
+    size = os.path.getsize(body_path)
+    srv = socket.socket(); srv.bind(("127.0.0.1", 0)); srv.listen()
+    print(srv.getsockname()[1], flush=True)
+    for _ in range(%d):
+        conn, _ = srv.accept()
+        buf = b""
+        while b"\\r\\n\\r\\n" not in buf:
+            buf += conn.recv(65536)
+        conn.sendmsg([b"HTTP/1.1 200 OK\\r\\n", b"Content-Length: %%d\\r\\n" %% size, b"\\r\\n"])
+        with open(body_path, "rb") as f:
+            sent = 0
+            while sent < size:
+                sent += os.sendfile(conn.fileno(), f.fileno(), sent, size - sent)
+        conn.close()
+""" % N)
+
+
+def test_sendmsg_iovecs_and_sendfile_sizes(capture, tmp_path):
+    body = tmp_path / "body.bin"
+    body.write_bytes(os.urandom(300_000))
+    server = subprocess.Popen([sys.executable, "-c", SENDFILE_SERVER, str(body)],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        port = int(server.stdout.readline())
+        curl_pid, lines = run_curl(port, "/file", N)
+        server.wait(timeout=30)
+    finally:
+        server.kill()
+        server.wait()
+    assert all(line.split()[0] == "200" for line in lines) and len(lines) == N
+    header_bytes = int(lines[0].split()[1])
+    events = drain(capture)
+    out = data(of_pid(events, server.pid), Direction.EGRESS)
+    by_conn: dict = defaultdict(list)
+    for e in out:
+        by_conn[e.key].append(e)
+    assert len(by_conn) == N
+    for chunks in by_conn.values():
+        assert [c.data for c in chunks[:3]] == [
+            b"HTTP/1.1 200 OK\r\n", b"Content-Length: 300000\r\n", b"\r\n"]
+        assert sum(c.size for c in chunks) == header_bytes + 300_000
+        assert all(c.data == b"" for c in chunks[3:])  # sendfile bytes are not visible
+        assert sum(c.size for c in chunks[3:]) == 300_000
+    assert_positions_contiguous(out)
