@@ -67,7 +67,7 @@ PRUNE_INTERVAL_S = 30.0
 class CaptureOptions:
     """Kernel capture settings (YAML section `capture:`, env OTEL_EBPF_CAPTURE_*)."""
 
-    # Bytes captured per data chunk (power of two, 16..32768); the rest is counted.
+    # Bytes captured per data chunk (power of two, 16..16384); the rest is counted.
     max_capture_bytes: int = 4096
     # Ring buffer size in KiB (power of two, >= 64 KiB; one per host, shared by CPUs).
     ringbuf_kib: int = 8192
@@ -128,9 +128,11 @@ def _power_of_two(n: int) -> bool:
 
 
 def validate(options: CaptureOptions) -> None:
-    if not _power_of_two(options.max_capture_bytes) or not 16 <= options.max_capture_bytes <= 32768:
+    # 16 KiB max: the per-CPU scratch record (header + bytes) must stay under the
+    # kernel's 32 KiB per-CPU map value limit with room to spare.
+    if not _power_of_two(options.max_capture_bytes) or not 16 <= options.max_capture_bytes <= 16384:
         raise CaptureError("capture.max_capture_bytes=%d must be a power of two between 16 and "
-                           "32768 (e.g. 4096)" % options.max_capture_bytes)
+                           "16384 (e.g. 4096)" % options.max_capture_bytes)
     if not _power_of_two(options.ringbuf_kib) or options.ringbuf_kib < 64:
         raise CaptureError("capture.ringbuf_kib=%d must be a power of two >= 64 (e.g. 8192)"
                            % options.ringbuf_kib)
