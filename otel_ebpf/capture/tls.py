@@ -74,6 +74,11 @@ _GNUTLS_NAME = re.compile(r"^libgnutls\.so(\.\d+)*$")
 FileId = tuple[int, int]  # (st_dev, st_ino)
 
 
+def _b(text: str) -> bytes:
+    """BCC wants bytes (str is deprecated there); paths may hold any byte."""
+    return os.fsencode(text)
+
+
 class Kind:
     OPENSSL_SHARED = "openssl-shared"  # libssl.so.* exporting the symbols
     OPENSSL_STATIC = "openssl-static"  # another ELF file defining the symbols itself
@@ -499,9 +504,9 @@ class TlsAttacher:
                 # Return probe first: a call caught by the entry probe then always has
                 # its return seen, so no stale in-call state swallows later syscalls.
                 if leave is not None:
-                    bpf.attach_uretprobe(name=m.open_path, sym=sym, fn_name=leave)
+                    bpf.attach_uretprobe(name=_b(m.open_path), sym=_b(sym), fn_name=_b(leave))
                     done.append((sym, leave, True))
-                bpf.attach_uprobe(name=m.open_path, sym=sym, fn_name=enter)
+                bpf.attach_uprobe(name=_b(m.open_path), sym=_b(sym), fn_name=_b(enter))
                 done.append((sym, enter, False))
                 symbols.append(sym)
             except Exception as exc:  # BCC raises bare Exception for attach failures
@@ -527,9 +532,9 @@ class TlsAttacher:
         for sym, _, is_return in done:
             try:
                 if is_return:
-                    bpf.detach_uretprobe(name=open_path, sym=sym)
+                    bpf.detach_uretprobe(name=_b(open_path), sym=_b(sym))
                 else:
-                    bpf.detach_uprobe(name=open_path, sym=sym)
+                    bpf.detach_uprobe(name=_b(open_path), sym=_b(sym))
             except Exception as exc:  # the file may be gone; the probe dies with the BPF object
                 log.debug("TLS: detaching %s from %s failed: %s", sym, open_path, exc)
 

@@ -201,13 +201,14 @@ def node_tls_server(workdir: Path, certs: tuple[Path, Path]) -> Iterator[tuple[i
 
 def curl_https(urls: list[str], cert: Path, *extra: str) -> tuple[int, list[str]]:
     """One curl process fetching `urls` over one kept-alive TLS connection (HTTP/1.1)."""
-    args = ["curl", "--http1.1", "-sS", "--cacert", str(cert)]
+    args = ["curl", "--http1.1", "-sS", "--cacert", str(cert), *extra]
     for url in urls:
         args += ["-o", "/dev/null", "-w", "%{http_code} %{size_download}\\n", url]
     proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 0, err
     return proc.pid, out.split("\n")[:-1]
+
 
 
 def tree_pids(pid: int) -> set[int]:

@@ -85,19 +85,20 @@ class FakeBpf:
         self.calls: list[tuple[str, str, str, str]] = []
         self.fail_on = fail_on or set()
 
-    def attach_uprobe(self, name: str, sym: str, fn_name: str) -> None:
-        if sym in self.fail_on:
+    # BCC takes bytes; recorded as str for readable assertions
+    def attach_uprobe(self, name: bytes, sym: bytes, fn_name: bytes) -> None:
+        if sym.decode() in self.fail_on:
             raise Exception("Failed to attach BPF to uprobe")
-        self.calls.append(("uprobe", name, sym, fn_name))
+        self.calls.append(("uprobe", name.decode(), sym.decode(), fn_name.decode()))
 
-    def attach_uretprobe(self, name: str, sym: str, fn_name: str) -> None:
-        self.calls.append(("uretprobe", name, sym, fn_name))
+    def attach_uretprobe(self, name: bytes, sym: bytes, fn_name: bytes) -> None:
+        self.calls.append(("uretprobe", name.decode(), sym.decode(), fn_name.decode()))
 
-    def detach_uprobe(self, name: str, sym: str) -> None:
-        self.calls.append(("detach", name, sym, ""))
+    def detach_uprobe(self, name: bytes, sym: bytes) -> None:
+        self.calls.append(("detach", name.decode(), sym.decode(), ""))
 
-    def detach_uretprobe(self, name: str, sym: str) -> None:
-        self.calls.append(("detach_ret", name, sym, ""))
+    def detach_uretprobe(self, name: bytes, sym: bytes) -> None:
+        self.calls.append(("detach_ret", name.decode(), sym.decode(), ""))
 
 
 class FakeCapture:
