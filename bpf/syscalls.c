@@ -249,7 +249,8 @@ static __always_inline int infer_chunk(struct conn_t *conn, __u8 dir, const void
     if (r == INFER_MATCH) {
         conn->proto = PROTO_HTTP;
     } else if (r == INFER_NO) {
-        if (++conn->fails >= INFER_MAX_TRIES) {
+        __u8 limit = conn->role == ROLE_UNKNOWN ? INFER_MAX_TRIES_ATTACHED : INFER_MAX_TRIES;
+        if (++conn->fails >= limit) {
             conn->proto = PROTO_NOT_HTTP;
             counter_add(CNT_NOT_HTTP, 1);
         }

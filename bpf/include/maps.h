@@ -18,6 +18,11 @@
 #ifndef INFER_MAX_TRIES
 #define INFER_MAX_TRIES 4 /* non-HTTP chunks before a connection is given up */
 #endif
+#ifndef INFER_MAX_TRIES_ATTACHED
+/* For sockets older than us (ROLE_UNKNOWN) we may start in the middle of a large
+ * body: allow more chunks before giving up (each costs an 8-byte read, no ring). */
+#define INFER_MAX_TRIES_ATTACHED 64
+#endif
 
 /* protocol state of a connection */
 #define PROTO_UNKNOWN 0
@@ -93,7 +98,9 @@ struct sk_addr_t {
 
 BPF_RINGBUF_OUTPUT(events, RINGBUF_PAGES);
 BPF_HASH(conns, struct conn_key_t, struct conn_t, MAX_CONNS);
-BPF_HASH(active, __u64, struct stash_t, 16384);
+/* LRU: a thread killed inside a syscall never reaches its exit; its entry ages out
+ * instead of leaking. 64k concurrent blocked syscalls before any eviction. */
+BPF_TABLE("lru_hash", __u64, struct stash_t, active, 65536);
 BPF_TABLE("lru_hash", __u64, struct sk_addr_t, sk_addrs, MAX_CONNS);
 BPF_PERCPU_ARRAY(scratch, struct data_event, 1);
 BPF_PERCPU_ARRAY(counters, __u64, CNT_MAX);
