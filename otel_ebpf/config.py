@@ -410,7 +410,10 @@ _MINIMUMS: dict[str, float] = {
     "span_batch_size": 1, "span_queue_size": 1, "span_schedule_delay_s": 0.001,
     "metric_export_interval_s": 0.001, "metric_cardinality_limit": 1,
     "exponential_max_size": 1,
+    "max_capture_bytes": 16, "ringbuf_kib": 64, "max_kernel_connections": 1, "max_iovecs": 1,
+    "pids": 1,
 }
+_MAXIMUMS: dict[str, float] = {"max_capture_bytes": 16384, "max_iovecs": 16}
 
 
 def _foreign_settings(section: str, cls: type, exclude: frozenset[str] = frozenset(),
@@ -421,8 +424,10 @@ def _foreign_settings(section: str, cls: type, exclude: frozenset[str] = frozens
         if f.name in exclude:
             continue
         kind = kind_for_type(hints.get(f.name, object))
-        if isinstance(kind, NumberKind) and f.name in _MINIMUMS:
-            kind.minimum = _MINIMUMS[f.name]
+        number = kind.item if isinstance(kind, ListKind) else kind
+        if isinstance(number, NumberKind):
+            number.minimum = _MINIMUMS.get(f.name, number.minimum)
+            number.maximum = _MAXIMUMS.get(f.name, number.maximum)
         out.append((Setting("%s.%s" % (section, f.name), kind, tuple((env or {}).get(f.name, ()))),
                     f.name))
     return out
@@ -675,6 +680,32 @@ def _signal_options(signal: str, values: dict[str, object]) -> OtlpSignalOptions
     return OtlpSignalOptions(**kwargs)  # type: ignore[arg-type]
 
 
+def _validate_capture(capture, values: Mapping[str, object], layers: list[_Layer]) -> None:
+    """The capture stage's own checks (powers of two, verifier bounds), reported with
+    where the value came from and its variable."""
+    from otel_ebpf.capture import CaptureError
+    from otel_ebpf.capture.loader import validate
+
+    try:
+        validate(capture)
+    except CaptureError as exc:
+        message = str(exc)
+        key = message.split("=", 1)[0].split(" ", 1)[0]
+        setting = {s.key: s for s in settings()}.get(key)
+        if setting is None:
+            raise ConfigError(message) from None
+        layer_index = values.get("@" + key)
+        env_name = None
+        if isinstance(layer_index, int):
+            layer = layers[layer_index]
+            env_name = layer.env_name.get(key)
+            source = env_name or layer.name
+        else:
+            source = "the default"
+        also = "" if env_name else "; environment: %s" % setting.env_names()
+        raise ConfigError("%s (from %s%s)" % (message, source, also)) from None
+
+
 def _warn_port_protocol_mismatch(otlp: OtlpOptions, values: Mapping[str, object]) -> None:
     """4317 is the collector's gRPC port, 4318 its HTTP one: a mismatch is almost always
     a forgotten OTEL_EXPORTER_OTLP_PROTOCOL (whose default, per the spec, is
@@ -735,6 +766,7 @@ def load(config_path: str | None = None, environ: Mapping[str, str] | None = Non
     capture = None
     if CaptureOptions is not None:
         capture = _build(CaptureOptions, "capture", _capture_settings(), values)
+        _validate_capture(capture, values, layers)
     conntrack = _build(ConntrackOptions, "conntrack",
                        _foreign_settings("conntrack", ConntrackOptions,
                                          exclude=frozenset({"ports"})),

@@ -317,6 +317,26 @@ def test_bad_exporter_variables(tmp_path):
     assert "OTEL_SDK_DISABLED" in error_of(empty(tmp_path), {"OTEL_SDK_DISABLED": "yes"}, {})
 
 
+def test_capture_keys_and_capture_validation(tmp_path):
+    if config_mod.CaptureOptions is None:
+        pytest.skip("the capture stage (otel_ebpf.capture.loader) is not in this checkout")
+    c = load(empty(tmp_path), {"OTEL_EBPF_CAPTURE_PIDS": "123, 456"},
+             {"capture.tls": False})
+    assert c.capture.pids == (123, 456)
+    assert c.capture.tls is False
+    path = write(tmp_path, "capture:\n  max_capture_bytes: 5000\n")
+    assert error_of(path, {}, {}) == (
+        "capture.max_capture_bytes=5000 must be a power of two between 16 and 16384 "
+        "(e.g. 4096) (from config file %s; environment: OTEL_EBPF_CAPTURE_MAX_CAPTURE_BYTES)"
+        % path)
+    assert error_of(empty(tmp_path), {"OTEL_EBPF_CAPTURE_RINGBUF_KIB": "100"}, {}) == (
+        "capture.ringbuf_kib=100 must be a power of two >= 64 (e.g. 8192) "
+        "(from OTEL_EBPF_CAPTURE_RINGBUF_KIB)")
+    assert error_of(empty(tmp_path), {}, {"capture.max_iovecs": 17}) == (
+        "capture.max_iovecs: 17 is too large (from the command line; environment: "
+        "OTEL_EBPF_CAPTURE_MAX_IOVECS); use a whole number from 1 to 16")
+
+
 def test_stage_validation_error_names_the_section(tmp_path):
     msg = error_of(write(tmp_path, "telemetry:\n  exponential_max_scale: 99\n"), {}, {})
     assert msg.startswith("telemetry: exponential_max_scale must be in [-10, 20]")
