@@ -245,16 +245,18 @@ class ProcessResolver:
             return None
         except psutil.Error:
             proc = None
-        denied = False
+        denied = gone = False
         attrs: dict[str, AttributeValue] = {"process.pid": pid}
         exe_name = ""
 
         def read(getter):
-            nonlocal denied
+            nonlocal denied, gone
             try:
                 return getter()
             except psutil.AccessDenied:
                 denied = True
+            except psutil.NoSuchProcess:  # includes ZombieProcess: it exited meanwhile
+                gone = True
             except (psutil.Error, OSError):
                 pass
             return None
@@ -284,6 +286,11 @@ class ProcessResolver:
                 attrs["process.owner"] = owner
             if created is not None:
                 attrs["process.creation.time"] = _iso8601(created)
+            if gone:
+                # A half-read exiting process would be cached with a wrong identity
+                # (no executable: service.name unknown); report it as gone instead.
+                self._stats.add("process.vanished")
+                return None
         container_id = self._read_cgroup(pid)
         if container_id:
             attrs["container.id"] = container_id

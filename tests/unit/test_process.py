@@ -241,3 +241,16 @@ def test_this_process_cgroup_parses_without_error():
     info = ProcessResolver(Stats()).get(os.getpid())
     assert ("container.id" in info.resource_attributes) == (
         container_id_from_cgroup(text) is not None)
+
+
+def test_zombie_is_reported_gone_not_cached_half_read():
+    stats = Stats()
+    p = subprocess.Popen(["true"])
+    deadline = time.monotonic() + 5
+    while psutil.Process(p.pid).status() != psutil.STATUS_ZOMBIE and time.monotonic() < deadline:
+        time.sleep(0.01)
+    try:
+        assert ProcessResolver(stats).get(p.pid) is None  # exited, not yet reaped
+        assert stats.get("process.vanished") == 1
+    finally:
+        p.wait()
