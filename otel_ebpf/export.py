@@ -37,6 +37,8 @@ from dataclasses import dataclass, field
 from typing import Literal
 from urllib.parse import urlparse
 
+from otel_ebpf import __version__
+
 log = logging.getLogger(__name__)
 
 Protocol = Literal["grpc", "http/protobuf"]
@@ -60,6 +62,10 @@ _RETRYABLE_GRPC_NAMES = frozenset(
     {"CANCELLED", "DEADLINE_EXCEEDED", "ABORTED", "OUT_OF_RANGE", "UNAVAILABLE",
      "DATA_LOSS", "RESOURCE_EXHAUSTED"}
 )
+
+# The OTLP exporter spec asks exporters to identify themselves (and the collector's
+# otelcol_receiver_* metrics show it).
+USER_AGENT = "otel-ebpf/%s" % __version__
 
 DEFAULT_GRPC_ENDPOINT = "http://localhost:4317"
 DEFAULT_HTTP_ENDPOINT = "http://localhost:4318"
@@ -208,6 +214,7 @@ class _GrpcTransport:
         # A collector that restarts must be reached again within seconds, not after
         # grpc's default reconnect backoff (which grows to 120 s).
         channel_options = [
+            ("grpc.primary_user_agent", USER_AGENT),
             ("grpc.initial_reconnect_backoff_ms", 250),
             ("grpc.min_reconnect_backoff_ms", 250),
             ("grpc.max_reconnect_backoff_ms", 2000),
@@ -271,6 +278,7 @@ class _HttpTransport:
         self._session = requests.Session()
         self._session.headers.update(dict(options.headers))
         self._session.headers["Content-Type"] = "application/x-protobuf"
+        self._session.headers["User-Agent"] = USER_AGENT
         if self._gzip:
             self._session.headers["Content-Encoding"] = "gzip"
         # Passed with every request: requests lets REQUESTS_CA_BUNDLE / CURL_CA_BUNDLE in
@@ -428,7 +436,7 @@ class OtlpExporter:
             opts = self._signal_options[signal]
             try:
                 self._transports[signal] = _make_transport(signal, opts)
-            except (OSError, ValueError) as exc:
+            except Exception as exc:  # logged once; the signal is then off, not retried
                 log.error(
                     "OTLP %s export to %s disabled: cannot set up the %s transport: %s",
                     signal, opts.endpoint, opts.protocol, exc,

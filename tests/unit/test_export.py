@@ -18,7 +18,7 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
     ExportTraceServiceResponse,
 )
 
-from otel_ebpf import export
+from otel_ebpf import __version__, export
 from otel_ebpf.export import (
     TRACES,
     OtlpExporter,
@@ -108,6 +108,7 @@ def test_http_post_format_headers_and_gzip(collector):
     assert headers["Content-Type"] == "application/x-protobuf"
     assert headers["Content-Encoding"] == "gzip"
     assert headers["api-key"] == "s3cret"
+    assert headers["User-Agent"] == "otel-ebpf/%s" % __version__
     assert gzip.decompress(sent) == body
     assert stats.get("export.payloads_sent") == 1
     assert stats.get("export.spans_sent") == 3

@@ -129,5 +129,6 @@ def test_grpc_mutual_tls_metadata_and_gzip(certs):
         server.stop(0)
     assert [r for r, _ in received] == [b"\x0a\x00"]
     assert received[0][1]["x-api-key"] == "k1"  # gRPC metadata keys are lower case
+    assert received[0][1]["user-agent"].startswith("otel-ebpf/")
     assert stats.get("export.payloads_sent") == 1
     assert stats_bad.get("export.failures") == 1 and stats_bad.get("export.payloads_sent") == 0
