@@ -22,19 +22,26 @@ import time
 import urllib.request
 from pathlib import Path
 
-from tests.benchmark.proc import BenchmarkError, Proc, cpu_seconds, free_port, rss_bytes
+from tests.benchmark.proc import (BenchmarkError, Proc, cpu_seconds, free_port, rss_breakdown,
+                                  rss_bytes)
 
 log = logging.getLogger(__name__)
 
 REPO = Path(__file__).resolve().parents[2]
 READY_MARKER = "capturing;"
-LOSS_WORDS = ("lost", "drop", "overflow", "truncat", "gap", "fail", "evict", "reject")
-EXCHANGES_KEY = "http.exchanges"
+LOSS_WORDS = ("lost", "drop", "overflow", "truncat", "gap", "fail", "evict", "reject", "full",
+              "skipped", "fault")
+# Counters with a loss-like word that are not loss of HTTP data (a TLS library skipped).
+NOT_LOSS_PREFIXES = ("tls.",)
+# Exchanges handed to telemetry (one per exchange, OTLP mode); http.exchanges is the
+# fallback (at the time of writing both the stitcher and the daemon loop add to it).
+EXCHANGES_KEYS = ("telemetry.exchanges", "http.exchanges")
 
 
 def loss_counters(snapshot: dict[str, float]) -> dict[str, float]:
     return {k: v for k, v in snapshot.items()
-            if any(w in k.lower() for w in LOSS_WORDS) and isinstance(v, int | float)}
+            if any(w in k.lower() for w in LOSS_WORDS) and isinstance(v, int | float)
+            and not k.startswith(NOT_LOSS_PREFIXES)}
 
 
 def delta(after: dict[str, float], before: dict[str, float]) -> dict[str, float]:
@@ -123,13 +130,19 @@ class Agent:
 
     def exchanges(self, snapshot: dict[str, float] | None = None) -> int:
         snap = snapshot if snapshot is not None else self.stats()
-        return int(snap.get(EXCHANGES_KEY, 0))
+        for key in EXCHANGES_KEYS:
+            if key in snap:
+                return int(snap[key])
+        return 0
 
     def cpu_s(self) -> float:
         return cpu_seconds(self.pid)
 
     def rss(self) -> int:
         return rss_bytes(self.pid)
+
+    def rss_breakdown(self) -> dict[str, float]:
+        return rss_breakdown(self.pid)
 
     def suspend(self) -> None:
         os.kill(self.pid, signal.SIGSTOP)

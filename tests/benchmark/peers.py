@@ -53,6 +53,8 @@ http {{
         listen 127.0.0.1:{port} backlog=4096;
         root {dir}/www;
         location / {{ }}
+        # Requests served so far, read while wrk runs (independent of the daemon).
+        location = /nginx_status {{ stub_status; }}
     }}
 }}
 """
@@ -84,6 +86,15 @@ class Nginx:
 
     def __exit__(self, *exc) -> None:
         self.proc.stop(timeout=15)
+
+    def requests(self) -> int:
+        """Requests nginx has served (stub_status; this read itself counts as one)."""
+        import urllib.request
+        url = "http://127.0.0.1:%d/nginx_status" % self.port
+        with urllib.request.urlopen(url, timeout=5) as resp:
+            lines = resp.read().decode().splitlines()
+        # "server accepts handled requests" / " 16 16 31070"
+        return int(lines[2].split()[2])
 
     def pids(self) -> list[int]:
         """The master and its workers (the processes that serve requests)."""

@@ -136,6 +136,17 @@ def rss_bytes(pid: int) -> int:
         return int(f.read().split()[1]) * PAGE
 
 
+def rss_breakdown(pid: int) -> dict[str, float]:
+    """RssAnon (heap, Python objects), RssFile (mapped libraries, e.g. LLVM), RssShmem, MB."""
+    out: dict[str, float] = {}
+    with open("/proc/%d/status" % pid) as f:
+        for line in f:
+            if line.startswith(("RssAnon:", "RssFile:", "RssShmem:", "VmHWM:")):
+                key, value = line.split(":", 1)
+                out[key] = round(int(value.split()[0]) / 1024, 1)
+    return out
+
+
 def machine_info() -> dict[str, object]:
     model = "unknown"
     with contextlib.suppress(OSError), open("/proc/cpuinfo") as f:

@@ -83,16 +83,21 @@ def percentile(values: list[float], q: float) -> float:
 
 
 def wait_drained(agent: Agent, quiet_s: float = 1.0, timeout_s: float = 30.0) -> tuple[dict, float]:
-    """Wait until the daemon's exchange count stops moving; (final stats, seconds waited)."""
+    """Wait until the daemon's counters (exchanges, events, spans) stop moving;
+    (final stats, seconds until the last change)."""
     t0 = time.monotonic()
     snap = agent.stats()
-    last, last_change = agent.exchanges(snap), time.monotonic()
+
+    def progress(sn: dict) -> tuple:
+        return (agent.exchanges(sn), sn.get("capture.events"), sn.get("telemetry.spans"),
+                sn.get("http.exchanges"))
+    last, last_change = progress(snap), time.monotonic()
     while time.monotonic() - t0 < timeout_s:
         time.sleep(0.25)
         snap = agent.stats()
-        n = agent.exchanges(snap)
-        if n != last:
-            last, last_change = n, time.monotonic()
+        now = progress(snap)
+        if now != last:
+            last, last_change = now, time.monotonic()
         elif time.monotonic() - last_change >= quiet_s:
             break
     return snap, max(0.0, last_change - t0)
@@ -116,7 +121,7 @@ def _traced_arm(server, rx: Receiver, url: str, plan: Plan, workdir: Path) -> di
     with Agent(workdir, rx.grpc_endpoint, pids=server.pids()) as agent:
         before, cpu0 = agent.stats(), agent.cpu_s()
         res = _measure_arm(url, plan, workdir)
-        after, _ = wait_drained(agent, quiet_s=0.5, timeout_s=10)
+        after, _ = wait_drained(agent, quiet_s=1.0, timeout_s=30)
         res["daemon_cpu_s"] = agent.cpu_s() - cpu0
         res["daemon_exchanges"] = agent.exchanges(after) - agent.exchanges(before)
         res["daemon_loss"] = delta(loss_counters(after), loss_counters(before))
@@ -334,6 +339,7 @@ def memory(plan: Plan, workdir: Path) -> dict:
         time.sleep(plan.idle_s)
         idle = [agent.rss() for _ in range(5) if time.sleep(0.2) is None]
         result["idle_rss_mb"] = max(idle) / MB
+        result["idle_rss_breakdown_mb"] = agent.rss_breakdown()
 
         before = agent.exchanges()
         with HeldConnections(workdir, nginx.port, plan.held_connections) as held:
@@ -342,32 +348,39 @@ def memory(plan: Plan, workdir: Path) -> dict:
             samples = [agent.rss() for _ in range(5) if time.sleep(0.2) is None]
             result["held_connections"] = held.held
             result["held_rss_mb"] = max(samples) / MB
+            result["held_rss_breakdown_mb"] = agent.rss_breakdown()
             result["held_exchanges_seen"] = agent.exchanges(snap) - before
         wait_drained(agent, quiet_s=1.0, timeout_s=30)
         result["after_close_rss_mb"] = agent.rss() / MB
 
         # One million exchanges (or as many as the cap allows), RSS sampled each second.
-        start = agent.exchanges()
-        series: list[tuple[float, int, float]] = []   # (t, exchanges, rss MB)
+        # Progress is nginx's own request count: the daemon's counters may only be
+        # published between ring-buffer polls, which a sustained load can postpone.
+        start, served0 = agent.exchanges(), nginx.requests()
+        series: list[tuple[float, int, float]] = []   # (t, requests served, rss MB)
         t0 = time.monotonic()
         wrk = start_wrk(nginx.url, plan.exchanges_cap_s + 5, 16, 2, workdir)
         try:
             while time.monotonic() - t0 < plan.exchanges_cap_s:
                 time.sleep(1.0)
-                n = agent.exchanges() - start
+                n = nginx.requests() - served0
                 series.append((time.monotonic() - t0, n, agent.rss() / MB))
                 if n >= plan.exchanges_target:
                     break
         finally:
             wrk.stop()
-        snap, _ = wait_drained(agent, quiet_s=1.0, timeout_s=60)
-        series.append((time.monotonic() - t0, agent.exchanges(snap) - start, agent.rss() / MB))
+        snap, _ = wait_drained(agent, quiet_s=2.0, timeout_s=120)
+        served = nginx.requests() - served0
+        series.append((time.monotonic() - t0, served, agent.rss() / MB))
+        result["requests_served"] = served
+        result["exchanges_seen"] = agent.exchanges(snap) - start
         result["series"] = series
-        result["exchanges"] = series[-1][1]
+        result["exchanges"] = result["exchanges_seen"]
         result["exchanges_target"] = plan.exchanges_target
         result["rss_start_mb"] = series[0][2]
         result["rss_end_mb"] = series[-1][2]
         result["rss_max_mb"] = max(s[2] for s in series)
+        result["end_rss_breakdown_mb"] = agent.rss_breakdown()
         result["loss_totals"] = {k: v for k, v in loss_counters(snap).items() if v}
         # Growth: least-squares slope of RSS over exchanges on the last 3/4 of the run
         # (the first quarter holds warm-up: caches, interpreter arenas, buffers).
