@@ -29,7 +29,8 @@ parse_error, header_too_large, buffer_limit, lost_sync, too_many_pending; upgrad
 tunnel are not failures), conntrack.gaps, conntrack.gap_bytes (position jumps),
 conntrack.truncated_bytes (uncaptured tails), conntrack.duplicate_chunks,
 conntrack.ciphertext_ignored, conntrack.late_events, conntrack.resolve_failures,
-conntrack.role_inferred, http.exchanges, http.outcome.<outcome> (non-OK only),
+conntrack.role_inferred, http.outcome.<outcome> (non-OK only; the daemon counts
+http.exchanges),
 http.parse_failures, http.skipped_bytes, http.resyncs, http.unpaired_responses,
 http.late_responses, http.dropped_pending; gauge conntrack.connections.
 """
