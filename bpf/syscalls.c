@@ -66,9 +66,11 @@ static __always_inline int traced_tgid(__u32 tgid)
     if (tgid == SELF_TGID)
         return 0;
 #endif
-    __u32 k = CFG_PID_FILTER;
-    __u64 *on = config.lookup(&k);
-    if (on && *on)
+    __u32 k = CFG_SELECT;
+    __u64 *select = config.lookup(&k);
+    if (!select || !(*select & SELECT_ENABLED))
+        return 0;
+    if (*select & SELECT_PID_FILTER)
         return pid_filter.lookup(&tgid) != 0;
     return 1;
 }

@@ -104,9 +104,14 @@ BPF_TABLE("lru_hash", __u64, struct stash_t, active, 65536);
 BPF_TABLE("lru_hash", __u64, struct sk_addr_t, sk_addrs, MAX_CONNS);
 BPF_PERCPU_ARRAY(scratch, struct data_event, 1);
 BPF_PERCPU_ARRAY(counters, __u64, CNT_MAX);
-/* Selection: when config[CFG_PID_FILTER] != 0 only tgids present in pid_filter are
- * traced. SELF_TGID (the daemon) is always excluded at compile time. */
-#define CFG_PID_FILTER 0
+/* Selection: config[CFG_SELECT] is a bit set. Nothing is traced until user space sets
+ * SELECT_ENABLED (after filling pid_filter): BCC attaches the programs while loading,
+ * before the filter could be written, and that window must not leak other processes.
+ * With SELECT_PID_FILTER only tgids present in pid_filter are traced. SELF_TGID (the
+ * daemon) is always excluded at compile time. */
+#define CFG_SELECT 0
+#define SELECT_ENABLED 1
+#define SELECT_PID_FILTER 2
 #define CFG_MAX 4
 BPF_ARRAY(config, __u64, CFG_MAX);
 BPF_HASH(pid_filter, __u32, __u8, 4096);

@@ -58,7 +58,9 @@ LOSS_COUNTERS: tuple[str, ...] = (
     "ringbuf_full", "truncated_events", "truncated_bytes", "conn_table_full",
     "iovec_skipped", "mmsg_skipped", "stash_full", "conn_reset", "not_http", "read_fault",
 )
-CFG_PID_FILTER = 0
+CFG_SELECT = 0  # config[] index and bits, as in bpf/include/maps.h
+SELECT_ENABLED = 1
+SELECT_PID_FILTER = 2
 STATS_INTERVAL_S = 1.0
 PRUNE_INTERVAL_S = 30.0
 
@@ -248,7 +250,9 @@ class Capture:
         wanted = sorted(set(pids or ()))
         for pid in wanted:
             table[ctypes.c_uint32(pid)] = ctypes.c_uint8(1)
-        bpf[b"config"][ctypes.c_int(CFG_PID_FILTER)] = ctypes.c_uint64(1 if wanted else 0)
+        # Also switches tracing on: the kernel side traces nothing until this first call.
+        select = SELECT_ENABLED | (SELECT_PID_FILTER if wanted else 0)
+        bpf[b"config"][ctypes.c_int(CFG_SELECT)] = ctypes.c_uint64(select)
 
     def poll(self, timeout_ms: int) -> int:
         """Drain the ring buffer (waiting up to timeout_ms); returns events handled."""

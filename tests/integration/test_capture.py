@@ -366,6 +366,8 @@ def test_connection_older_than_capture(bpf_available):
         pair.kill()
         pair.wait()
         cap.close()
+    # The capture was filtered to this pid from its very first event.
+    assert {e.tgid for e in warmup + got} == {pair.pid}
     opens = [e for e in warmup + got if isinstance(e, ConnOpenEvent)]
     assert len(opens) == 2 and {e.role for e in opens} == {Role.UNKNOWN}
     requests = [e for e in data(got, Direction.INGRESS) if e.data.startswith(b"GET /old ")]
@@ -462,11 +464,11 @@ def test_ring_buffer_overflow_is_counted_and_positions_stay_exact(bpf_available,
                                "127.0.0.1"], cwd=tmp_path, stdout=subprocess.DEVNULL,
                               stderr=subprocess.DEVNULL)
     events: list = []
-    cap = Capture(CaptureOptions(tls=False, ringbuf_kib=64, max_capture_bytes=16384), Stats())
+    cap = Capture(CaptureOptions(tls=False, ringbuf_kib=64, max_capture_bytes=16384,
+                                 pids=(server.pid,)), Stats())
     try:
         wait_port(port)
         cap.start(events.append)
-        cap.set_pid_filter([server.pid])
         cap.events = events  # type: ignore[attr-defined]
         _, lines = run_curl(port, "/big.bin")  # no poll meanwhile: the ring fills up
         header_bytes, body_bytes = map(int, lines[0].split()[1:])
