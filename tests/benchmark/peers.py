@@ -78,10 +78,19 @@ class Nginx:
         self.proc = Proc("nginx", [exe, "-c", str(self.dir / "nginx.conf"), "-p", str(self.dir),
                                    "-g", "daemon off;"], workdir, cpus=cpus)
         self.url = "http://127.0.0.1:%d/index.html" % self.port
+        self.workers = (os.cpu_count() or 1) if workers == "auto" else int(workers)
 
     def __enter__(self) -> Nginx:
         self.proc.start()
         wait_port(self.port, proc=self.proc.proc, what="nginx")
+        # The daemon is told the workers' pids: all of them must exist first.
+        deadline = time.monotonic() + 10
+        while len(children(self.proc.pid)) < self.workers:
+            if time.monotonic() > deadline:
+                raise BenchmarkError("nginx started %d of %d workers in 10s: %s"
+                                     % (len(children(self.proc.pid)), self.workers,
+                                        self.proc.tail(500)))
+            time.sleep(0.05)
         return self
 
     def __exit__(self, *exc) -> None:

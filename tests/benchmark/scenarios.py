@@ -62,7 +62,7 @@ class Plan:
         harness and its peers work, measures nothing worth reading. Counts are prime so a
         duplicate or a miss shows (211 held connections -> exactly 211 exchanges)."""
         return cls(rounds=1, arm_s=2.0, warmup_s=0.0, ladder=[(8, 1)], step_s=2.0,
-                   stall_s=2.0, idle_s=1.0, held_connections=211, exchanges_target=5003,
+                   stall_s=2.0, idle_s=1.0, held_connections=211, exchanges_target=30011,
                    exchanges_cap_s=10.0, freshness_s=2.0, profile_s=0.0)
 
 
