@@ -1,7 +1,13 @@
 """Run by test_capabilities.py as an unprivileged user: do what capture does at start-up.
 
-argv: CERT KEY OTHER_PID [--no-tls]. Prints one `RESULT {json}` line and exits 0 when everything
-worked; any failure raises (exit 1) with the error on stderr.
+argv: CERT KEY OTHER_PID LIBSSL [--no-tls]. Prints one `RESULT {json}` line and exits 0
+when everything worked; any failure raises (exit 1) with the error on stderr.
+
+LIBSSL is the libssl this process loads (the test runs it with LD_LIBRARY_PATH set to a
+private copy): uprobes are keyed by inode, and the kernel refuses a tracefs-created
+uprobe (what BCC falls back to without CAP_SYS_ADMIN) at an offset where another
+process already holds a perf-created one, e.g. a root BCC tool or test probing the
+system libssl at the same moment. A private copy keeps this proof independent of them.
 """
 
 from __future__ import annotations
@@ -33,7 +39,6 @@ static int emit(u32 kind) {
 TRACEPOINT_PROBE(syscalls, sys_enter_getppid) { return emit(1); }
 int on_ssl_write(struct pt_regs *ctx) { return emit(2); }
 """
-LIBSSL = "/lib/x86_64-linux-gnu/libssl.so.3"
 
 
 def tls_round_trip(cert: str, key: str) -> None:
@@ -59,22 +64,25 @@ def tls_round_trip(cert: str, key: str) -> None:
 
 
 def main() -> int:
-    cert, key, other_pid = sys.argv[1], sys.argv[2], int(sys.argv[3])
-    with_tls = "--no-tls" not in sys.argv[4:]
+    cert, key, other_pid, libssl = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]
+    with_tls = "--no-tls" not in sys.argv[5:]
     bpf = BPF(text=PROGRAM)
     if with_tls:
         # Python's ssl module calls SSL_write_ex; older callers use SSL_write.
-        bpf.attach_uprobe(name=LIBSSL, sym="SSL_write", fn_name="on_ssl_write")
-        bpf.attach_uprobe(name=LIBSSL, sym="SSL_write_ex", fn_name="on_ssl_write")
+        bpf.attach_uprobe(name=libssl, sym="SSL_write", fn_name="on_ssl_write")
+        bpf.attach_uprobe(name=libssl, sym="SSL_write_ex", fn_name="on_ssl_write")
     kinds: list[int] = []
     bpf["probe_events"].open_ring_buffer(
         lambda _ctx, data, _size: kinds.append(bpf["probe_events"].event(data).kind)
     )
     os.getppid()
     tls_round_trip(cert, key)
+    maps = open("/proc/self/maps").read()
+    if with_tls and libssl not in maps:
+        raise RuntimeError(f"the TLS round trip did not use {libssl} (LD_LIBRARY_PATH?)")
     bpf.ring_buffer_poll(timeout=500)
     environ = open(f"/proc/{other_pid}/environ", "rb").read()
-    maps = open(f"/proc/{other_pid}/maps").read().splitlines()
+    other_maps = open(f"/proc/{other_pid}/maps").read().splitlines()
     root_entries = os.listdir(f"/proc/{other_pid}/root/")
     if kinds.count(1) == 0 or (with_tls and kinds.count(2) == 0):
         raise RuntimeError(f"probes attached but saw no events: {kinds}")
@@ -83,7 +91,7 @@ def main() -> int:
         "tracepoint_events": kinds.count(1),
         "uprobe_events": kinds.count(2),
         "environ_hex": environ.hex(),
-        "maps_lines": len(maps),
+        "maps_lines": len(other_maps),
         "root_entries": len(root_entries),
     }
     print("RESULT " + json.dumps(result), flush=True)
