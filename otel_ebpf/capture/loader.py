@@ -58,6 +58,20 @@ LOSS_COUNTERS: tuple[str, ...] = (
     "ringbuf_full", "truncated_events", "truncated_bytes", "conn_table_full",
     "iovec_skipped", "mmsg_skipped", "stash_full", "conn_reset", "not_http", "read_fault",
 )
+# Stats names of the kernel counters: real losses under `capture.lost.` (summed into
+# the stats line's lost_total), by-design truncation and information beside them.
+STATS_NAMES: dict[str, str] = {
+    "ringbuf_full": "capture.lost.ringbuf_full",
+    "conn_table_full": "capture.lost.conn_table_full",
+    "iovec_skipped": "capture.lost.iovec_skipped",
+    "mmsg_skipped": "capture.lost.mmsg_skipped",
+    "stash_full": "capture.lost.stash_full",
+    "read_fault": "capture.lost.read_fault",
+    "truncated_events": "capture.truncated_events",
+    "truncated_bytes": "capture.truncated_bytes",
+    "conn_reset": "capture.conn_reset",
+    "not_http": "capture.not_http_connections",
+}
 CFG_SELECT = 0  # config[] index and bits, as in bpf/include/maps.h
 SELECT_ENABLED = 1
 SELECT_PID_FILTER = 2
@@ -283,7 +297,7 @@ class Capture:
             self._reader.flush_stats()
         if self.bpf is not None:
             for name, value in self.loss_counters().items():
-                self.stats.set_total("capture.kernel." + name, value)
+                self.stats.set_total(STATS_NAMES[name], value)
 
     def tracked_connections(self) -> int:
         return len(self._require()["conns"])

@@ -306,7 +306,10 @@ def test_non_http_tcp_is_silent(capture):
     assert capture.loss_counters()["not_http"] - before >= 2  # both ends gave up
 
 
-def test_loss_counters_readable(capture):
+def test_loss_counters_readable(capture, http_server):
+    _, port = http_server
+    run_curl(port, "/big.bin")  # truncated chunks on both sides
+    drain(capture)
     counters = capture.loss_counters()
     assert list(counters) == list(LOSS_COUNTERS)
     assert all(isinstance(v, int) and v >= 0 for v in counters.values())
@@ -314,7 +317,9 @@ def test_loss_counters_readable(capture):
     assert counters["conn_table_full"] == 0
     capture.flush_stats()
     assert capture.stats.get("capture.events") > 0
-    assert capture.stats.snapshot()["capture.kernel.truncated_bytes"] == counters["truncated_bytes"]
+    snapshot = capture.stats.snapshot()
+    assert snapshot["capture.truncated_bytes"] == counters["truncated_bytes"]
+    assert snapshot["capture.lost.ringbuf_full"] == counters["ringbuf_full"]
 
 
 KEEPALIVE_PAIR = textwrap.dedent("""

@@ -25,7 +25,7 @@ from otel_ebpf.capture.events import (
     Role,
     Source,
 )
-from otel_ebpf.capture.loader import LOSS_COUNTERS
+from otel_ebpf.capture.loader import LOSS_COUNTERS, STATS_NAMES
 
 ROOT = Path(__file__).resolve().parents[2]
 HEADER = ROOT / "bpf" / "include" / "events.h"
@@ -216,3 +216,7 @@ def test_decode_cost_is_within_budget():
     best = min(timeit.repeat(lambda: r.callback(None, address, len(raw)), number=n, repeat=3)) / n
     print("decode+dispatch: %.2f us/event (%.0f events/s)" % (best * 1e6, 1 / best))
     assert best < 20e-6  # generous: the whole per-exchange budget is ~20 us
+
+
+def test_every_kernel_counter_has_a_stats_name():
+    assert set(STATS_NAMES) == set(LOSS_COUNTERS)
