@@ -91,12 +91,19 @@ def privilege_warnings(
     euid: int | None = None,
     kernel: tuple[int, int] | None = None,
     memlock: tuple[int, int] | None = None,
+    tls: bool = True,
 ) -> list[str]:
     """What works without these privileges, but less well."""
     caps = effective_capabilities() if caps is None else caps
     euid = os.geteuid() if euid is None else euid
     kernel = _kernel_version() if kernel is None else kernel
     warnings: list[str] = []
+    if tls and "CAP_SYS_ADMIN" not in caps:
+        warnings.append(
+            "no CAP_SYS_ADMIN: OpenSSL uprobes go through tracefs, so libraries of "
+            "processes in other mount namespaces (/proc/PID/root/..., containers) and "
+            "functions another tool already probes cannot be attached; add CAP_SYS_ADMIN "
+            "(packaging/systemd/tls-containers.conf) for those")
     if "CAP_SYS_PTRACE" not in caps:
         warnings.append(
             "no CAP_SYS_PTRACE: other users' /proc/PID/environ and /proc/PID/root are "

@@ -194,6 +194,38 @@ def test_tracefs_uprobe_limits_and_the_sys_admin_alternative(capability_env):
         holder.wait()
 
 
+def daemonset_capabilities() -> list[str]:
+    import yaml
+
+    manifest = REPO / "packaging" / "kubernetes" / "otel-ebpf.yaml"
+    ds = next(d for d in yaml.safe_load_all(manifest.read_text()) if d and d["kind"] == "DaemonSet")
+    added = ds["spec"]["template"]["spec"]["containers"][0]["securityContext"]["capabilities"]["add"]
+    return [c.lower() for c in added]
+
+
+def test_daemonset_capabilities_suffice_as_root_across_mount_namespaces(capability_env):
+    """The pod's set, as root (the container's user), with a library path as long as a
+    container's libssl seen from the agent (/proc/PID/root/usr/lib/x86_64-linux-gnu/...)."""
+    caps = daemonset_capabilities()
+    long_dir = Path(tempfile.mkdtemp(prefix="oe", dir="/tmp")) / ("p" * 40)
+    long_dir.mkdir()
+    try:
+        shutil.copy2(LIBSSL, long_dir / "libssl.so.3")
+        spec = ",".join(["-all"] + ["+" + c for c in caps])
+        proc = subprocess.run(
+            ["setpriv", "--no-new-privs", f"--inh-caps={spec}", f"--ambient-caps={spec}",
+             f"--bounding-set={spec}", "env", f"LD_LIBRARY_PATH={long_dir}", sys.executable,
+             str(PROBE), str(capability_env["cert"]), str(capability_env["key"]),
+             str(capability_env["other_pid"]), str(long_dir / "libssl.so.3")],
+            capture_output=True, text=True, timeout=120, cwd=capability_env["work"],
+        )
+    finally:
+        shutil.rmtree(long_dir.parent, ignore_errors=True)
+    assert proc.returncode == 0, f"probe failed as root under {caps}:\n{proc.stderr[-3000:]}"
+    result = probe_result(proc)
+    assert result["uid"] == 0 and result["uprobe_events"] >= 2 and result["tracepoint_events"] >= 1
+
+
 def _free_port() -> int:
     import socket
 

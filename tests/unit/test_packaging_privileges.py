@@ -49,13 +49,28 @@ def test_the_systemd_units_set_is_accepted():
     assert capture_privilege_problem(False, plaintext, euid=61234, kernel=(6, 18)) is None
     problem = capture_privilege_problem(True, plaintext, euid=61234, kernel=(6, 18))
     assert "CAP_DAC_OVERRIDE for OpenSSL uprobes (or run with --no-tls)" in problem
-    assert privilege_warnings(unit, euid=61234, kernel=(6, 18)) == []
+    assert privilege_warnings(unit, euid=61234, kernel=(6, 18), tls=False) == []
+    with_tls = privilege_warnings(unit, euid=61234, kernel=(6, 18))
+    assert len(with_tls) == 1 and "tls-containers.conf" in with_tls[0]
+    containers = unit | caps_of(UNIT.with_name("tls-containers.conf"))
+    assert privilege_warnings(containers, euid=61234, kernel=(6, 18)) == []
 
 
 def test_missing_capabilities_are_named_with_the_fix():
     problem = capture_privilege_problem(True, {"CAP_SYS_PTRACE"}, euid=61234, kernel=(6, 18))
     assert problem.startswith("running as uid 61234 without CAP_BPF, CAP_PERFMON, CAP_DAC_READ_SEARCH")
     assert "packaging/systemd/otel-ebpf.service" in problem
+
+
+def test_the_daemonsets_set_is_accepted_for_root():
+    import yaml
+
+    manifest = UNIT.parents[1] / "kubernetes" / "otel-ebpf.yaml"
+    ds = next(d for d in yaml.safe_load_all(manifest.read_text()) if d and d["kind"] == "DaemonSet")
+    added = ds["spec"]["template"]["spec"]["containers"][0]["securityContext"]["capabilities"]["add"]
+    caps = {"CAP_" + c for c in added}
+    assert capture_privilege_problem(True, caps, euid=0, kernel=(6, 18)) is None
+    assert privilege_warnings(caps, euid=0, kernel=(6, 18)) == []
 
 
 def test_root_counts_capabilities_not_uid():
@@ -78,5 +93,6 @@ def test_old_kernels_need_sys_admin_and_memlock():
 
 
 def test_without_ptrace_capture_degrades():
-    warnings = privilege_warnings({"CAP_BPF", "CAP_PERFMON", "CAP_DAC_OVERRIDE"}, euid=5, kernel=(6, 1))
+    warnings = privilege_warnings({"CAP_BPF", "CAP_PERFMON", "CAP_DAC_OVERRIDE"}, euid=5,
+                                  kernel=(6, 1), tls=False)
     assert len(warnings) == 1 and "OTEL_SERVICE_NAME" in warnings[0]
