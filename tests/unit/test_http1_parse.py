@@ -354,3 +354,14 @@ def test_one_byte_writes_cost_linear_time_in_header_size():
     small, large = cost(2_000), cost(16_000)
     # 8x the bytes: linear is ~8x the time, a rescan per byte would be ~64x
     assert large / small < 24, (small, large)
+
+
+def test_message_found_in_buffered_resync_bytes_keeps_its_first_byte_timestamp():
+    f, rec = framer(MessageKind.REQUEST, strict=False)
+    f.feed(b"junk\r\nGET /late HTTP/1", 10, 3)  # request line incomplete: kept as a tail
+    f.feed(b".1\r\nHost: h\r\n\r\n", 20, 4)
+    assert rec.events == [
+        ("skip", 6),
+        ("req", "GET", "/late", 10, 3),
+        ("end", 20, 0, None, None),
+    ]

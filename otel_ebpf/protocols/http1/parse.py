@@ -280,6 +280,8 @@ class MessageFramer:
         "prefix_left",
         "head_ts",
         "head_tid",
+        "tail_ts",
+        "tail_tid",
         "last_ts",
         "messages",
         "resync_skipped",
@@ -315,6 +317,8 @@ class MessageFramer:
         self.prefix_left = 0
         self.head_ts = 0  # timestamp of the chunk carrying the message's first byte
         self.head_tid = 0
+        self.tail_ts = 0  # timestamp of the chunk that brought the resync tail's first byte
+        self.tail_tid = 0
         self.last_ts = 0
         self.messages = 0  # valid heads parsed so far (0: "not_http" when invalid)
         self.resync_skipped = 0
@@ -736,6 +740,9 @@ class MessageFramer:
                 self.at_line_start = True
                 if tail < len(text):
                     self.buf = bytearray(text[tail:])
+                    if tail >= boundary:  # the kept line starts in this chunk
+                        self.tail_ts = ts
+                        self.tail_tid = tid
             self._skip(tail)
             if self.buf is not None and self.state != DEAD:
                 self._grew()
@@ -751,11 +758,14 @@ class MessageFramer:
         if self.kind == _SNIFF:
             self.kind = _REQUEST if m.group("req") is not None else _RESPONSE
             self.listener.on_kind(self, self.kind)
-        if buf:
-            # The message start began in buffered bytes: frame from there as fresh input.
-            self.feed(text[k:], ts, tid)
+        if k < boundary:
+            # The message started in buffered bytes: frame them with the timestamp of
+            # the chunk that brought them (the message's first byte), then the rest.
+            self.feed(text[k:boundary], self.tail_ts, self.tail_tid)
+            if self.state != DEAD:
+                self.feed(text[boundary:], ts, tid)
             return n
-        return pos + k
+        return pos + k - boundary
 
     def _skip(self, count: int) -> None:
         if not count:
