@@ -338,8 +338,8 @@ static __always_inline int data_exit(void *ctx, long ret, __u8 op, __u8 dir)
         return 0;
     struct stash_t st = *sp;
     active.delete(&id);
-    if (st.op != op)
-        return 0;
+    if (st.op != op || st.peek)
+        return 0; /* peeked bytes are counted when they are really read */
     __u32 tgid = id >> 32, tid = (__u32)id;
     struct conn_key_t key = {.tgid = tgid, .fd = st.fd};
     struct conn_t *conn = conns.lookup(&key);
@@ -392,7 +392,10 @@ static __always_inline int data_exit(void *ctx, long ret, __u8 op, __u8 dir)
     return 0;
 }
 
-static __always_inline int stash_args(__u8 op, __s32 fd, __u64 buf, __u64 count_)
+#define OTEL_MSG_PEEK 2
+
+static __always_inline int stash_args_flags(__u8 op, __s32 fd, __u64 buf, __u64 count_,
+                                            __u64 flags)
 {
     __u64 id = bpf_get_current_pid_tgid();
     if (!traced_tgid(id >> 32) || fd < 0)
@@ -402,20 +405,26 @@ static __always_inline int stash_args(__u8 op, __s32 fd, __u64 buf, __u64 count_
     st.fd = fd;
     st.buf = buf;
     st.count = count_;
+    st.peek = (flags & OTEL_MSG_PEEK) != 0;
     if (active.update(&id, &st) != 0)
         counter_add(CNT_STASH_FULL, 1);
     return 0;
 }
 
+static __always_inline int stash_args(__u8 op, __s32 fd, __u64 buf, __u64 count_)
+{
+    return stash_args_flags(op, fd, buf, count_, 0);
+}
+
 TRACEPOINT_PROBE(syscalls, sys_enter_read) { return stash_args(OP_READ, args->fd, (__u64)args->buf, args->count); }
 TRACEPOINT_PROBE(syscalls, sys_exit_read) { return data_exit(args, args->ret, OP_READ, DIR_INGRESS); }
-TRACEPOINT_PROBE(syscalls, sys_enter_recvfrom) { return stash_args(OP_READ, args->fd, (__u64)args->ubuf, args->size); }
+TRACEPOINT_PROBE(syscalls, sys_enter_recvfrom) { return stash_args_flags(OP_READ, args->fd, (__u64)args->ubuf, args->size, args->flags); }
 TRACEPOINT_PROBE(syscalls, sys_exit_recvfrom) { return data_exit(args, args->ret, OP_READ, DIR_INGRESS); }
 TRACEPOINT_PROBE(syscalls, sys_enter_readv) { return stash_args(OP_READV, args->fd, (__u64)args->vec, args->vlen); }
 TRACEPOINT_PROBE(syscalls, sys_exit_readv) { return data_exit(args, args->ret, OP_READV, DIR_INGRESS); }
-TRACEPOINT_PROBE(syscalls, sys_enter_recvmsg) { return stash_args(OP_RECVMSG, args->fd, (__u64)args->msg, 0); }
+TRACEPOINT_PROBE(syscalls, sys_enter_recvmsg) { return stash_args_flags(OP_RECVMSG, args->fd, (__u64)args->msg, 0, args->flags); }
 TRACEPOINT_PROBE(syscalls, sys_exit_recvmsg) { return data_exit(args, args->ret, OP_RECVMSG, DIR_INGRESS); }
-TRACEPOINT_PROBE(syscalls, sys_enter_recvmmsg) { return stash_args(OP_RECVMMSG, args->fd, (__u64)args->mmsg, args->vlen); }
+TRACEPOINT_PROBE(syscalls, sys_enter_recvmmsg) { return stash_args_flags(OP_RECVMMSG, args->fd, (__u64)args->mmsg, args->vlen, args->flags); }
 TRACEPOINT_PROBE(syscalls, sys_exit_recvmmsg) { return data_exit(args, args->ret, OP_RECVMMSG, DIR_INGRESS); }
 TRACEPOINT_PROBE(syscalls, sys_enter_write) { return stash_args(OP_WRITE, args->fd, (__u64)args->buf, args->count); }
 TRACEPOINT_PROBE(syscalls, sys_exit_write) { return data_exit(args, args->ret, OP_WRITE, DIR_EGRESS); }

@@ -77,7 +77,7 @@ struct stash_t {
     __u64 sk;       /* set by sock:sock_{send,recv}_length during the syscall */
     __s32 fd;
     __u8 op;        /* OP_* */
-    __u8 _pad0;
+    __u8 peek;      /* MSG_PEEK: the bytes stay queued and will be read again */
     __u16 sk_family; /* family/protocol from sock_*_length; 0 when not seen */
     __u16 sk_protocol;
     __u16 _pad1[3];

@@ -490,3 +490,40 @@ def test_ring_buffer_overflow_is_counted_and_positions_stay_exact(bpf_available,
     assert sum(e.size for e in out) < header_bytes + body_bytes  # the loss shows as gaps
     for e in out:
         assert e.position + e.size <= header_bytes + body_bytes
+
+
+PEEKING_SERVER = textwrap.dedent("""
+    # Peeks at every request before reading it (as protocol sniffers do).
+    import socket
+    srv = socket.socket(); srv.bind(("127.0.0.1", 0)); srv.listen()
+    print(srv.getsockname()[1], flush=True)
+    conn, _ = srv.accept()
+    while True:
+        head = conn.recv(8, socket.MSG_PEEK)
+        if not head: break
+        req = conn.recv(65536)
+        conn.sendall(b"HTTP/1.1 204 No Content\\r\\n\\r\\n")
+""")
+
+
+def test_msg_peek_is_not_counted_twice(capture):
+    server = subprocess.Popen([sys.executable, "-c", PEEKING_SERVER], stdout=subprocess.PIPE,
+                              text=True)
+    try:
+        port = int(server.stdout.readline())
+        client = subprocess.run([sys.executable, "-c", textwrap.dedent("""
+            import socket
+            s = socket.create_connection(("127.0.0.1", %d))
+            for _ in range(%d):
+                s.sendall(b"GET /peek HTTP/1.1\\r\\nHost: x\\r\\n\\r\\n")
+                assert s.recv(65536).startswith(b"HTTP/1.1 204")
+        """) % (port, N)], timeout=30, check=True)
+        assert client.returncode == 0
+        server.wait(timeout=10)
+    finally:
+        server.kill()
+        server.wait()
+    events = drain(capture)
+    got = data(of_pid(events, server.pid), Direction.INGRESS)
+    assert [e.data for e in got] == [b"GET /peek HTTP/1.1\r\nHost: x\r\n\r\n"] * N
+    assert_positions_contiguous(got)
