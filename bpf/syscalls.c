@@ -152,6 +152,7 @@ static __always_inline void conn_ensure_open(void *ctx, struct conn_key_t *key,
     ev.fd = key->fd;
     ev.generation = conn->generation;
     ev.timestamp_ns = conn->open_ts;
+    bpf_get_current_comm(&ev.comm, sizeof(ev.comm));
     struct sk_addr_t *a = 0;
     if (conn->sk) {
         __u64 sk = conn->sk;

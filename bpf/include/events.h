@@ -61,6 +61,8 @@ struct conn_open_event {
     __u16 _pad1;
     __u8 local_addr[16];
     __u8 remote_addr[16];
+    char comm[16]; /* the opening thread's name (task comm), NUL-padded: names processes
+                      that exit before user space can read /proc (curl) */
 };
 
 /* EVENT_DATA header; followed by captured_len bytes of data (the record is

@@ -59,6 +59,10 @@ class ConnOpenEvent:
     local_port: int | None = None
     remote_address: str | None = None
     remote_port: int | None = None
+    # Added by the kernel stage (default keeps the contract): the name (task comm, 15
+    # chars max) of the thread that opened or first used the connection, so a process
+    # that exits before /proc can be read (curl) still has a name. None when unknown.
+    comm: str | None = None
 
     @property
     def key(self) -> ConnKey:

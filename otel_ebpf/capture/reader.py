@@ -38,8 +38,8 @@ log = logging.getLogger(__name__)
 
 # Layouts of bpf/include/events.h (little-endian, natural alignment, explicit padding).
 # kind, role, source, pad, tgid, tid, fd, generation, timestamp, family, lport, rport,
-# pad, local_addr[16], remote_addr[16]
-CONN_OPEN = struct.Struct("<BBBxIIiQQHHH2x16s16s")
+# pad, local_addr[16], remote_addr[16], comm[16]
+CONN_OPEN = struct.Struct("<BBBxIIiQQHHH2x16s16s16s")
 # kind, direction, source, role, tgid, tid, fd, generation, timestamp, position, size,
 # captured_len, pad
 DATA_HDR = struct.Struct("<BBBBIIiQQQQI4x")
@@ -107,14 +107,15 @@ def decode(raw: bytes) -> Event:
         if len(raw) < CONN_OPEN.size:
             raise DecodeError("open record of %d bytes, expected %d" % (len(raw), CONN_OPEN.size))
         (_, role, source, tgid, tid, fd, generation, ts, family, lport, rport, laddr,
-         raddr) = CONN_OPEN.unpack_from(raw)
+         raddr, comm) = CONN_OPEN.unpack_from(raw)
         # A zero port means "not known": accept/connect only see the remote side.
         local = format_address(family, laddr) if lport else None
         remote = format_address(family, raddr) if rport else None
         return ConnOpenEvent(ts, tgid, tid, fd, generation, _enum(_ROLES, role, "role"),
                              _enum(_SOURCES, source, "source"), local,
                              lport if local is not None else None, remote,
-                             rport if remote is not None else None)
+                             rport if remote is not None else None,
+                             comm.split(b"\0", 1)[0].decode("utf-8", "replace") or None)
     if kind == _EVENT_CLOSE:
         if len(raw) < CONN_CLOSE.size:
             raise DecodeError("close record of %d bytes, expected %d" % (len(raw), CONN_CLOSE.size))

@@ -137,6 +137,7 @@ def test_23_requests_roles_addresses_positions(capture, http_server):
     assert len(srv_opens) == N and len(cli_opens) == N
     assert {e.role for e in srv_opens} == {Role.SERVER}
     assert {e.role for e in cli_opens} == {Role.CLIENT}
+    assert {e.comm for e in cli_opens} == {"curl"}  # named even after curl exited
     # Full 4-tuples from the kernel on both sides, and they mirror each other.
     client_ports = {e.local_port for e in cli_opens}
     assert len(client_ports) == N

@@ -34,7 +34,7 @@ HEADER = ROOT / "bpf" / "include" / "events.h"
 FIELDS = {
     "conn_open_event": (reader.CONN_OPEN, [
         "kind", "role", "source", "tgid", "tid", "fd", "generation", "timestamp_ns",
-        "family", "local_port", "remote_port", "local_addr", "remote_addr"]),
+        "family", "local_port", "remote_port", "local_addr", "remote_addr", "comm"]),
     "data_event_hdr": (reader.DATA_HDR, [
         "kind", "direction", "source", "role", "tgid", "tid", "fd", "generation",
         "timestamp_ns", "position", "size", "captured_len"]),
@@ -145,20 +145,22 @@ def test_decode_open_ipv4_and_v4_mapped_and_unknown():
     laddr = bytes([127, 0, 0, 1]) + bytes(12)
     raddr = bytes(10) + b"\xff\xff" + bytes([10, 1, 2, 3])
     raw = reader.CONN_OPEN.pack(EventKind.CONN_OPEN, Role.SERVER, 0, 9, 10, 4, 77, 5, 2, 8080,
-                                50000, laddr, laddr)
+                                50000, laddr, laddr, b"nginx\0\0garbage")
     ev = reader.decode(raw)
     assert isinstance(ev, ConnOpenEvent) and ev.role is Role.SERVER
     assert (ev.local_address, ev.local_port, ev.remote_address, ev.remote_port) == (
         "127.0.0.1", 8080, "127.0.0.1", 50000)
+    assert ev.comm == "nginx"
     raw6 = reader.CONN_OPEN.pack(EventKind.CONN_OPEN, Role.CLIENT, 0, 9, 10, 4, 77, 5, 10, 0,
-                                 443, bytes(16), raddr)
+                                 443, bytes(16), raddr, bytes(16))
     ev6 = reader.decode(raw6)
     assert (ev6.local_address, ev6.local_port, ev6.remote_address, ev6.remote_port) == (
         None, None, "10.1.2.3", 443)
     raw0 = reader.CONN_OPEN.pack(EventKind.CONN_OPEN, Role.UNKNOWN, 0, 9, 10, 4, 77, 5, 0, 0, 0,
-                                 bytes(16), bytes(16))
+                                 bytes(16), bytes(16), bytes(16))
     ev0 = reader.decode(raw0)
     assert ev0.role is Role.UNKNOWN and ev0.local_address is None and ev0.remote_address is None
+    assert ev6.comm is None
 
 
 def test_decode_close():
