@@ -21,7 +21,8 @@ class ConntrackOptions:
     idle_timeout_s: float = 300.0
     # A request with no complete response after this long is reported as a TIMEOUT.
     request_timeout_s: float = 30.0
-    # Only connections whose local or remote port is in this set are kept (None: all).
+    # Only connections whose local or remote port is in this set are kept (None or
+    # empty: all). Applied once addresses are known (open event or /proc).
     ports: frozenset[int] | None = None
     # Largest request/response header block (request line + headers); beyond it the
     # message is invalid and the connection disabled ("header_too_large").
