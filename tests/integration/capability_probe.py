@@ -15,7 +15,6 @@ from __future__ import annotations
 import json
 import os
 import socket
-import ssl
 import sys
 import threading
 
@@ -42,7 +41,11 @@ int on_ssl_write(struct pt_regs *ctx) { return emit(2); }
 
 
 def tls_round_trip(cert: str, key: str) -> None:
-    """One TLS request and response in this process, through the system libssl."""
+    """One TLS request and response in this process, through LIBSSL."""
+    # Imported here, after the uprobes are attached: until then libssl is not mapped, so
+    # an agent scanning /proc (another test's daemon) has no reason to probe our copy.
+    import ssl
+
     server_sock, client_sock = socket.socketpair()
     server_ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     server_ctx.load_cert_chain(cert, key)
