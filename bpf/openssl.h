@@ -11,6 +11,8 @@
  *   SSL_write_ex tls_enter_write_ex / tls_exit_write_ex   bytes = *written when ret == 1
  *   SSL_set_fd   tls_enter_set_fd   (ties the SSL* to its socket before the handshake)
  *   SSL_free     tls_enter_free     (forgets the SSL*; closes an fd-less stream)
+ * plus the sched:sched_process_exec tracepoint, which tells user space about new
+ * programs (tls_execs) so they are examined for OpenSSL right after their exec.
  * Entry stashes (SSL*, buf, out-pointer) per thread; return reads the plaintext that
  * really moved (failed and WANT_READ/WANT_WRITE calls move nothing) and emits one DATA
  * record with source SOURCE_OPENSSL through emit_data(): same ring buffer, same loss
@@ -256,6 +258,21 @@ int tls_enter_free(struct pt_regs *ctx)
             counter_add(CNT_RINGBUF_FULL, 1);
     }
     tls_conns.delete(&k);
+    return 0;
+}
+
+/* Processes that exec'd since user space last looked (tgid -> ktime). TlsAttacher.tick()
+ * drains this every poll loop and examines those processes at once, so a program with
+ * OpenSSL linked in (node) is probed within ~100 ms of its exec rather than at the next
+ * /proc rescan. Bounded (LRU): a burst of execs loses the oldest, which the rescan
+ * still finds. */
+BPF_TABLE("lru_hash", __u32, __u64, tls_execs, 1024);
+
+TRACEPOINT_PROBE(sched, sched_process_exec)
+{
+    __u32 tgid = bpf_get_current_pid_tgid() >> 32;
+    __u64 ts = bpf_ktime_get_ns();
+    tls_execs.update(&tgid, &ts);
     return 0;
 }
 

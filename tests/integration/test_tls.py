@@ -162,15 +162,25 @@ def python_tls_server(workdir: Path, certs: tuple[Path, Path]) -> Iterator[tuple
         yield port, proc
 
 
-def python_tls_client(workdir: Path, port: int, cert: Path, n: int) -> tuple[int, list]:
+def run_traced(recorder, args: list[str], timeout: float = 120.0) -> tuple[int, str]:
+    """Run a client to completion with its pid in the capture's pid filter from its very
+    first instruction: a shell waits on stdin, the pid is added, then it execs the client
+    (exec keeps the pid). Returns (pid, stdout)."""
+    proc = subprocess.Popen(["sh", "-c", 'read _ && exec "$@"', "gate", *args],
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    recorder.trace({proc.pid})
+    out, err = proc.communicate("go\n", timeout=timeout)
+    assert proc.returncode == 0, err
+    return proc.pid, out
+
+
+def python_tls_client(recorder, workdir: Path, port: int, cert: Path, n: int) -> tuple[int, list]:
     """Runs the client to completion; returns (its pid, [[status, body length], ...])."""
     script = workdir / "py_tls_client.py"
     script.write_text(PY_TLS_CLIENT)
-    proc = subprocess.Popen([sys.executable, str(script), str(port), str(cert), str(n)],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    out, err = proc.communicate(timeout=60)
-    assert proc.returncode == 0, err
-    return proc.pid, json.loads(out)
+    pid, out = run_traced(recorder, [sys.executable, str(script), str(port), str(cert), str(n)])
+    return pid, json.loads(out)
 
 
 NODE_TLS_SERVER = textwrap.dedent('''
@@ -199,15 +209,13 @@ def node_tls_server(workdir: Path, certs: tuple[Path, Path]) -> Iterator[tuple[i
         yield port, proc
 
 
-def curl_https(urls: list[str], cert: Path, *extra: str) -> tuple[int, list[str]]:
+def curl_https(recorder, urls: list[str], cert: Path, *extra: str) -> tuple[int, list[str]]:
     """One curl process fetching `urls` over one kept-alive TLS connection (HTTP/1.1)."""
     args = ["curl", "--http1.1", "-sS", "--cacert", str(cert), *extra]
     for url in urls:
         args += ["-o", "/dev/null", "-w", "%{http_code} %{size_download}\\n", url]
-    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    out, err = proc.communicate(timeout=120)
-    assert proc.returncode == 0, err
-    return proc.pid, out.split("\n")[:-1]
+    pid, out = run_traced(recorder, args)
+    return pid, out.split("\n")[:-1]
 
 
 
@@ -236,11 +244,20 @@ class Recorder:
         self.table = ConnectionTable(ConntrackOptions(request_timeout_s=30.0), self.stats)
         self.capture = Capture(CaptureOptions(tls=True), self.stats)
         self.capture.start(self._on_event)
+        # The daemon's own pid is never traced: filtering on it alone traces nothing.
+        self._traced = {os.getpid()}
+        self.capture.set_pid_filter(self._traced)
         self.tls = TlsAttacher(self.capture, self.stats)
         self.tls.scan()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="tls-test-poll", daemon=True)
         self._thread.start()
+
+    def trace(self, pids: set[int]) -> None:
+        """Add processes to the kernel pid filter. Only the test's own peers are traced,
+        so other work on the machine cannot fill the ring buffer under our counts."""
+        self._traced |= pids
+        self.capture.set_pid_filter(self._traced)
 
     def _on_event(self, event) -> None:
         out = self.table.handle(event)
@@ -249,8 +266,25 @@ class Recorder:
             self.exchanges.extend(out)
 
     def _run(self) -> None:
+        # What the daemon loop does: poll, tick() every iteration, scan() every 2 s.
+        next_scan = time.monotonic() + 2.0
         while not self._stop.is_set():
             self.capture.poll(50)
+            self.tls.tick()
+            if time.monotonic() >= next_scan:
+                next_scan = time.monotonic() + 2.0
+                self.tls.scan()
+
+    def wait_attached(self, path: str, timeout: float = 5.0) -> float:
+        """Seconds until `path` shows up in attached() (fails after `timeout`)."""
+        start = time.monotonic()
+        real = os.path.realpath(path)
+        while time.monotonic() - start < timeout:
+            if any(os.path.realpath(p) == real for p, _ in self.tls.attached()):
+                return time.monotonic() - start
+            time.sleep(0.01)
+        pytest.fail("%s not attached within %ss; attached: %s"
+                    % (real, timeout, self.tls.attached()))
 
     def close(self) -> None:
         self._stop.set()
@@ -274,7 +308,14 @@ class Recorder:
         while time.monotonic() < deadline and len(self.exchanges_of(pids)) < count:
             time.sleep(0.05)
         time.sleep(1.0)  # duplicates or phantoms would show up in this second
-        return sorted(self.exchanges_of(pids), key=lambda x: x.start_time_unix_nano)
+        found = sorted(self.exchanges_of(pids), key=lambda x: x.start_time_unix_nano)
+        if len(found) != count:
+            print("MISMATCH pids %s: %d exchanges, expected %d; kernel %s; stats %s" % (
+                pids, len(found), count, self.capture.loss_counters(),
+                {k: v for k, v in self.stats.snapshot().items() if v}))
+            for x in found:
+                print("  ", x.role.name, x.method, x.target, x.status_code, x.outcome.value)
+        return found
 
 
 @pytest.fixture(scope="module")
@@ -325,8 +366,9 @@ def test_nginx_https_server_and_curl_client_keepalive_count(recorder, certs, tmp
     exchanges, with exact paths, statuses and body sizes."""
     with nginx_tls(tmp_path, certs) as (port, ndir):
         nginx_pids = tree_pids(int((ndir / "nginx.pid").read_text()))
+        recorder.trace(nginx_pids)
         urls = ["https://127.0.0.1:%d/index.html?n=%d" % (port, i) for i in range(N)]
-        curl_pid, results = curl_https(urls, certs[0])
+        curl_pid, results = curl_https(recorder, urls, certs[0])
         assert results == ["200 %d" % len(INDEX)] * N
         server = recorder.wait_exchanges(nginx_pids, N)
         client = recorder.wait_exchanges({curl_pid}, N)
@@ -357,7 +399,8 @@ def test_nginx_https_server_and_curl_client_keepalive_count(recorder, certs, tmp
 def test_nginx_large_response(recorder, certs, tmp_path):
     with nginx_tls(tmp_path, certs) as (port, ndir):
         nginx_pids = tree_pids(int((ndir / "nginx.pid").read_text()))
-        curl_pid, results = curl_https(["https://127.0.0.1:%d/big.bin" % port], certs[0])
+        recorder.trace(nginx_pids)
+        curl_pid, results = curl_https(recorder, ["https://127.0.0.1:%d/big.bin" % port], certs[0])
         assert results == ["200 %d" % BIG]
         server = recorder.wait_exchanges(nginx_pids, 1)
         client = recorder.wait_exchanges({curl_pid}, 1)
@@ -376,7 +419,8 @@ def test_python_ssl_server_and_client(recorder, certs, tmp_path):
     """Python's _ssl uses SSL_read_ex/SSL_write_ex: 23 requests (GETs and POSTs with
     bodies) on one connection, seen from both ends."""
     with python_tls_server(tmp_path, certs) as (port, srv):
-        client_pid, results = python_tls_client(tmp_path, port, certs[0], N)
+        recorder.trace({srv.pid})
+        client_pid, results = python_tls_client(recorder, tmp_path, port, certs[0], N)
         server = recorder.wait_exchanges({srv.pid}, N)
         client = recorder.wait_exchanges({client_pid}, N)
     print("python server exchanges: reported %d, sent %d" % (len(server), N))
@@ -400,7 +444,8 @@ def test_python_raw_events_are_plaintext_with_exact_sizes(recorder, certs, tmp_p
     """Raw DataEvents for one request: the plaintext really moved, with source OPENSSL,
     positions contiguous, sizes matching the bytes on the wire of the HTTP layer."""
     with python_tls_server(tmp_path, certs) as (port, srv):
-        client_pid, results = python_tls_client(tmp_path, port, certs[0], 1)
+        recorder.trace({srv.pid})
+        client_pid, results = python_tls_client(recorder, tmp_path, port, certs[0], 1)
         recorder.wait_exchanges({srv.pid}, 1)
     events = recorder.events_of({srv.pid})
     request = plaintext(events, Direction.INGRESS)
@@ -429,13 +474,12 @@ def test_node_https_server_static_openssl(recorder, certs, tmp_path):
     if node is None:
         pytest.fail("node is not installed (scripts/bootstrap.sh --test-peers installs it)")
     with node_tls_server(tmp_path, certs) as (port, srv):
-        recorder.tls.scan()  # the daemon loop does this every 2 s
-        attached = [p for p, _ in recorder.tls.attached()]
-        real_node = os.path.realpath(node)
-        if not any(os.path.realpath(p) == real_node for p in attached):
-            pytest.fail("node (%s) not attached; attached: %s" % (real_node, attached))
+        recorder.trace({srv.pid})
+        # node was exec'd after the capture started: tick() (exec tracepoint) finds it
+        latency = recorder.wait_attached(node)
+        print("node attached %.0f ms after it listened" % (latency * 1e3))
         urls = ["https://127.0.0.1:%d/node/%d" % (port, i) for i in range(N)]
-        curl_pid, results = curl_https(urls, certs[0])
+        curl_pid, results = curl_https(recorder, urls, certs[0])
         server = recorder.wait_exchanges({srv.pid}, N)
     print("node server exchanges: reported %d, sent %d" % (len(server), N))
     assert len(server) == N
@@ -458,9 +502,10 @@ def test_node_separate_connections_count(recorder, certs, tmp_path):
     if shutil.which("node") is None:
         pytest.fail("node is not installed (scripts/bootstrap.sh --test-peers installs it)")
     with node_tls_server(tmp_path, certs) as (port, srv):
-        recorder.tls.scan()
+        recorder.trace({srv.pid})
+        recorder.wait_attached(shutil.which("node"))
         for i in range(N):
-            _, results = curl_https(["https://127.0.0.1:%d/conn/%d" % (port, i)], certs[0])
+            _, results = curl_https(recorder, ["https://127.0.0.1:%d/conn/%d" % (port, i)], certs[0])
             assert results == ["200 %d" % len("node says /conn/%d after 0" % i)]
         server = recorder.wait_exchanges({srv.pid}, N)
     print("node server exchanges (separate connections): reported %d, sent %d" % (len(server), N))
@@ -474,8 +519,9 @@ def test_python_server_post_bodies_separate_connections(recorder, certs, tmp_pat
     """23 connections from curl, each a POST with a body: the server reports 23 with exact
     request and response body sizes."""
     with python_tls_server(tmp_path, certs) as (port, srv):
+        recorder.trace({srv.pid})
         for i in range(N):
-            _, results = curl_https(["https://127.0.0.1:%d/post/%d" % (port, i)], certs[0],
+            _, results = curl_https(recorder, ["https://127.0.0.1:%d/post/%d" % (port, i)], certs[0],
                                     "--data-binary", "z" * (500 + i))
             assert results == ["201 %d" % len(b"got %d" % (500 + i))]
         server = recorder.wait_exchanges({srv.pid}, N)

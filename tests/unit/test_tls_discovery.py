@@ -9,6 +9,7 @@ the BPF object is a recording fake, the only mock here.
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import os
 import shutil
@@ -85,20 +86,53 @@ class FakeBpf:
         self.calls: list[tuple[str, str, str, str]] = []
         self.fail_on = fail_on or set()
 
-    # BCC takes bytes; recorded as str for readable assertions
-    def attach_uprobe(self, name: bytes, sym: bytes, fn_name: bytes) -> None:
-        if sym.decode() in self.fail_on:
+    # BCC takes bytes, and an address (st_value) or a symbol name; recorded as str with
+    # the address mapped back to its symbol through the file's own dynamic symbols.
+    @staticmethod
+    def _sym(name: bytes, sym: bytes, addr: int | None) -> str:
+        if addr is None:
+            return sym.decode()
+        by_addr = {a: s for s, a in tls.read_elf_info(name.decode()).addresses.items()}
+        return by_addr[addr]
+
+    def attach_uprobe(self, name: bytes, fn_name: bytes, sym: bytes = b"",
+                      addr: int | None = None) -> None:
+        symbol = self._sym(name, sym, addr)
+        if symbol in self.fail_on:
             raise Exception("Failed to attach BPF to uprobe")
-        self.calls.append(("uprobe", name.decode(), sym.decode(), fn_name.decode()))
+        self.calls.append(("uprobe", name.decode(), symbol, fn_name.decode()))
 
-    def attach_uretprobe(self, name: bytes, sym: bytes, fn_name: bytes) -> None:
-        self.calls.append(("uretprobe", name.decode(), sym.decode(), fn_name.decode()))
+    def attach_uretprobe(self, name: bytes, fn_name: bytes, sym: bytes = b"",
+                         addr: int | None = None) -> None:
+        self.calls.append(("uretprobe", name.decode(), self._sym(name, sym, addr),
+                           fn_name.decode()))
 
-    def detach_uprobe(self, name: bytes, sym: bytes) -> None:
-        self.calls.append(("detach", name.decode(), sym.decode(), ""))
+    def detach_uprobe(self, name: bytes, sym: bytes = b"", addr: int | None = None) -> None:
+        self.calls.append(("detach", name.decode(), self._sym(name, sym, addr), ""))
 
-    def detach_uretprobe(self, name: bytes, sym: bytes) -> None:
-        self.calls.append(("detach_ret", name.decode(), sym.decode(), ""))
+    def detach_uretprobe(self, name: bytes, sym: bytes = b"", addr: int | None = None) -> None:
+        self.calls.append(("detach_ret", name.decode(), self._sym(name, sym, addr), ""))
+
+
+class FakeExecTable(dict):
+    """The tls_execs map as BCC shows it: keys with .value."""
+
+    def keys(self):
+        return [ctypes.c_uint32(k) for k in list(dict.keys(self))]
+
+    def __delitem__(self, key):
+        dict.__delitem__(self, key.value)
+
+
+class FakeBpfWithExecs(FakeBpf):
+    def __init__(self) -> None:
+        super().__init__()
+        self.execs = FakeExecTable()
+
+    def __getitem__(self, name: bytes):
+        if name != b"tls_execs":
+            raise KeyError(name)
+        return self.execs
 
 
 class FakeCapture:
@@ -142,9 +176,14 @@ def test_node_binary_exports_static_openssl_if_nodesource():
 
 
 def test_compiled_libraries_are_classified(libs):
-    assert tls.read_elf_info(str(libs["openssl"])).defined == frozenset(
-        tls.DATA_SYMBOLS + ("SSL_set_fd",)
-    )
+    info = tls.read_elf_info(str(libs["openssl"]))
+    assert info.defined == frozenset(tls.DATA_SYMBOLS + ("SSL_set_fd",))
+    # the addresses are the symbol values `nm` prints
+    nm = subprocess.run(["nm", "-D", "--defined-only", str(libs["openssl"])],
+                        capture_output=True, text=True, check=True).stdout
+    want = {line.split()[2]: int(line.split()[0], 16) for line in nm.splitlines()
+            if line.split()[2] in info.defined}
+    assert info.addresses == want
     assert tls.read_elf_info(str(libs["nss"])).defined == frozenset()
     # imports SSL_read/SSL_write (undefined) but defines neither
     assert tls.read_elf_info(str(libs["consumer"])).defined == frozenset()
@@ -312,3 +351,30 @@ def test_deleted_mapping_is_reached_through_map_files(tmp_path, libs):
     deleted = [m for m in mappings if m.path.endswith("libssl.so.3")]
     assert len(deleted) == 1
     assert "/800/map_files/" in deleted[0].open_path
+
+
+def test_tick_examines_execed_processes_at_once(tmp_path, libs):
+    proc = FakeProc(tmp_path / "proc")
+    bpf = FakeBpfWithExecs()
+    stats = Stats()
+    attacher = tls.TlsAttacher(FakeCapture(bpf), stats, proc=str(proc.root), attach_system_libssl=False)
+    attacher.scan()
+    assert attacher.tick() == 0  # nothing exec'd: nothing read
+    proc.add(900, libs["static"])
+    bpf.execs[900] = 123456789  # what the sched_process_exec program writes
+    assert attacher.tick() == 1
+    assert [p for p, _ in attacher.attached()] == [str(libs["static"])]
+    assert dict(bpf.execs) == {}  # drained
+    assert stats.get("tls.execs_examined") == 1
+    # an exec'd pid that is already gone is harmless
+    bpf.execs[901] = 1
+    assert attacher.tick() == 0
+
+
+def test_tick_without_exec_table_is_a_no_op(tmp_path, libs):
+    proc = FakeProc(tmp_path / "proc")
+    attacher = tls.TlsAttacher(FakeCapture(FakeBpf()), Stats(), proc=str(proc.root),
+                               attach_system_libssl=False)
+    assert attacher.tick() == 0
+    proc.add(902, libs["static"])
+    assert attacher.scan() == 1
