@@ -57,8 +57,9 @@ class Agent:
                  extra_args: list[str] | None = None, env: dict[str, str] | None = None,
                  name: str = "otel-ebpf", profile_to: Path | None = None) -> None:
         self.health_port = free_port()
-        # Under pyinstrument (sampling, 1 ms) when a profile is wanted: pstats written at exit.
-        prefix = (["-m", "pyinstrument", "-r", "pstats", "-o", str(profile_to)]
+        # Under pyinstrument (sampling, 1 ms) when a profile is wanted: a JSON call tree
+        # written at exit.
+        prefix = (["-m", "pyinstrument", "-r", "json", "-o", str(profile_to)]
                   if profile_to else [])
         argv = [sys.executable, *prefix, "-m", "otel_ebpf.cli", "run", "--exporter", "otlp",
                 "--health-listen", "127.0.0.1:%d" % self.health_port]

@@ -158,9 +158,10 @@ def profile_block(results: dict, top: int = 10) -> str:
     prof = results.get("sections", {}).get("capacity", {}).get("profile")
     if not prof or "error" in prof:
         return "" if not prof else "Daemon profile: %s" % prof["error"]
-    lines = ["Daemon profile (pyinstrument, main thread, %.0f ex/s for %s s profiled; "
-             "CPU %.1f us/exchange under the profiler)"
-             % (prof["rps"], prof["profiled_s"], prof["cpu_us_per_exchange_profiled"]),
+    lines = ["Daemon profile (pyinstrument, main thread, %s, %.0f req/s offered, %s s "
+             "sampled; CPU %.1f us/exchange under the profiler)"
+             % (prof.get("scope", "?"), prof["rps"], prof["profiled_s"],
+                prof["cpu_us_per_exchange_profiled"]),
              "  self %   function"]
     lines += ["  %5.1f   %s" % (pct, name) for name, pct in prof["self_pct"][:top]]
     lines += ["  incl %   function"]

@@ -9,6 +9,7 @@ noisy shared machine lands on every arm alike; the summary uses the median of ro
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import statistics
@@ -289,8 +290,8 @@ def profile(rx: Receiver, nginx: Nginx, plan: Plan, workdir: Path,
             daemon_cpus: set[int] | None, load_cpus: set[int] | None) -> dict:
     """Where the daemon's CPU goes under unpaced load: a second daemon run under
     pyinstrument (sampling every 1 ms, main thread, where the per-exchange work is),
-    folded into the functions with the most self and inclusive time."""
-    out = workdir / "daemon-profile.pstats"
+    folded into the functions with the most self and inclusive time in its loop."""
+    out = workdir / "daemon-profile.json"
     with Agent(workdir, rx.grpc_endpoint, pids=nginx.pids(), cpus=daemon_cpus,
                name="otel-ebpf-profiled", profile_to=out) as agent:
         before, cpu0 = agent.stats(), agent.cpu_s()
@@ -305,21 +306,55 @@ def profile(rx: Receiver, nginx: Nginx, plan: Plan, workdir: Path,
             "file": str(out), **fold_profile(out)}
 
 
+# Children of Daemon._run that are start-up, not the capture loop.
+STARTUP_FRAMES = frozenset({"start", "_start_tls", "_start_health", "_build_outputs",
+                            "__init__", "_install_signal_handlers"})
+
+
 def fold_profile(path: Path, top: int = 15) -> dict:
-    """pstats -> the functions with the most self (tottime) and inclusive (cumtime) time,
-    as shares of the profiled main-thread time."""
-    import pstats
+    """pyinstrument's JSON call tree -> the functions with the most self and inclusive
+    time inside the daemon's capture loop (Daemon._run minus its start-up calls: BPF
+    compilation and shutdown would otherwise dominate a short profile)."""
+    tree = json.loads(path.read_text())
+    root = tree["root_frame"]
+    loops: list[dict] = []
 
-    st = pstats.Stats(str(path))
-    total = st.total_tt or 1.0
-    rows = []
-    for (file, line, func), (_cc, _nc, tt, ct, _callers) in st.stats.items():
-        rows.append(("%s (%s:%d)" % (func, short_path(file), line), tt, ct))
+    def find(frame: dict) -> None:
+        if frame["function"] == "_run" and frame["file_path"].endswith("daemon.py"):
+            loops.append(frame)
+            return
+        for child in frame.get("children", ()):
+            find(child)
+    find(root)
+    self_t: dict[str, float] = {}
+    incl: dict[str, float] = {}
 
-    def share(idx: int) -> list[tuple[str, float]]:
-        return [(r[0], round(100 * r[idx] / total, 1))
-                for r in sorted(rows, key=lambda r: -r[idx])[:top]]
-    return {"profiled_s": round(total, 2), "self_pct": share(1), "inclusive_pct": share(2)}
+    def walk(frame: dict, above: frozenset) -> None:
+        key = "%s (%s:%d)" % (frame["function"], short_path(frame["file_path"]),
+                              frame["line_no"])
+        # pyinstrument 5 puts a frame's own time in synthetic "[self]" children.
+        children = [c for c in frame.get("children", ()) if not c["function"].startswith("[")]
+        own = frame["time"] - sum(c["time"] for c in children)
+        self_t[key] = self_t.get(key, 0.0) + max(0.0, own)
+        if key not in above:   # recursion: count a frame's subtree once
+            incl[key] = incl.get(key, 0.0) + frame["time"]
+        for child in children:
+            walk(child, above | {key})
+
+    total = 0.0
+    for loop in loops or [root]:
+        for child in loop.get("children", ()):
+            if loops and child["function"] in STARTUP_FRAMES:
+                continue
+            total += child["time"]
+            walk(child, frozenset())
+    total = total or 1.0
+
+    def share(d: dict[str, float]) -> list[tuple[str, float]]:
+        return [(k, round(100 * v / total, 1))
+                for k, v in sorted(d.items(), key=lambda kv: -kv[1])[:top]]
+    return {"profiled_s": round(total, 2), "scope": "Daemon._run loop" if loops else "process",
+            "self_pct": share(self_t), "inclusive_pct": share(incl)}
 
 
 def short_path(file: str) -> str:
