@@ -95,6 +95,8 @@ def main(argv: list[str] | None = None) -> int:
         log.warning("interrupted; reporting what was measured")
         failed = True
     results["wall_s"] = round(time.monotonic() - t0, 1)
+    results["verdicts"] = [dict(zip(("measurement", "value", "target", "verdict"), row,
+                                    strict=True)) for row in report.rows(results)]
     out = report.write_json(results, args.out, REPO)
     print(report.table(results))
     block = report.profile_block(results)
