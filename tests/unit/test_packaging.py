@@ -460,3 +460,37 @@ def test_rbac_is_read_only_pods_for_the_agents_service_account():
 def test_helm_values_schema_rejects_bad_values(helm, values, complaint):
     with pytest.raises(helm.HelmError, match=complaint):
         helm.render(CHART, values)
+
+
+def test_sdist_carries_bpf_and_config_into_its_wheel(tmp_path):
+    """MANIFEST.in: a wheel built from the sdist (as PyPI users get it) still ships them."""
+    src = tmp_path / "src"
+    src.mkdir()
+    ignore = shutil.ignore_patterns("__pycache__", "*.pyc", "*.egg-info")
+    for name in WHEEL_SOURCES:
+        path = REPO / name
+        if path.is_dir():
+            shutil.copytree(path, src / name, ignore=ignore)
+        else:
+            shutil.copy2(path, src / name)
+    tools = tmp_path / "tools"
+    subprocess.run([sys.executable, "-m", "venv", str(tools)], check=True, timeout=120)
+    setup = subprocess.run([str(tools / "bin" / "pip"), "install", "--quiet", "build"],
+                           capture_output=True, text=True, timeout=300)
+    assert setup.returncode == 0, setup.stderr[-2000:]
+    sdist = subprocess.run([str(tools / "bin" / "python"), "-m", "build", "--sdist", "--outdir",
+                            str(tmp_path / "sdist"), str(src)],
+                           capture_output=True, text=True, timeout=300)
+    assert sdist.returncode == 0, sdist.stderr[-3000:]
+    tarball = next((tmp_path / "sdist").glob("otel_ebpf-*.tar.gz"))
+    wheel_build = subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "-w", str(tmp_path / "dist"),
+         str(tarball)], capture_output=True, text=True, timeout=300)
+    assert wheel_build.returncode == 0, wheel_build.stderr[-3000:]
+    import zipfile
+
+    wheel = next((tmp_path / "dist").glob("otel_ebpf-*.whl"))
+    names = set(zipfile.ZipFile(wheel).namelist())
+    shipped = {n.removeprefix("otel_ebpf/_data/") for n in names if n.startswith("otel_ebpf/_data/")}
+    expected = {"bpf/" + f for f in _tree(REPO / "bpf")} | {"config/" + f for f in _tree(REPO / "config")}
+    assert shipped == expected
