@@ -550,3 +550,24 @@ def test_discovery_in_real_proc(certs, tmp_path):
         static = [lib for lib in libs if lib.kind == Kind.OPENSSL_STATIC]
         assert any(node.pid in lib.pids for lib in static), libs
     assert "Go crypto/tls" in report and "[ok ] tls" in report
+
+
+def test_python_one_mebibyte_in_one_ssl_write(recorder, certs, tmp_path):
+    """Python writes a 1 MiB body with ONE SSL_write_ex: one event of size 1 MiB whose
+    capture is truncated (counted), and the exchange still has the exact body size."""
+    with python_tls_server(tmp_path, certs) as (port, srv):
+        recorder.trace({srv.pid})
+        before = recorder.capture.loss_counters()["truncated_bytes"]
+        client_pid, _ = curl_https(recorder, ["https://127.0.0.1:%d/bytes/%d" % (port, BIG)],
+                                   certs[0])
+        server = recorder.wait_exchanges({srv.pid}, 1)
+        client = recorder.wait_exchanges({client_pid}, 1)
+        after = recorder.capture.loss_counters()["truncated_bytes"]
+    for x in server + client:
+        assert (x.method, x.target, x.status_code, x.response_body_size, x.scheme) == (
+            "GET", "/bytes/%d" % BIG, 200, BIG, "https")
+    assert len(server) == 1 and len(client) == 1
+    big = [e for e in recorder.events_of({srv.pid})
+           if isinstance(e, DataEvent) and e.direction == Direction.EGRESS and e.size == BIG]
+    assert len(big) == 1 and big[0].truncated and big[0].data == b"y" * len(big[0].data)
+    assert after - before >= BIG - len(big[0].data)
