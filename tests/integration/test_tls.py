@@ -571,3 +571,44 @@ def test_python_one_mebibyte_in_one_ssl_write(recorder, certs, tmp_path):
            if isinstance(e, DataEvent) and e.direction == Direction.EGRESS and e.size == BIG]
     assert len(big) == 1 and big[0].truncated and big[0].data == b"y" * len(big[0].data)
     assert after - before >= BIG - len(big[0].data)
+
+
+GO_TLS_SERVER = (
+    'package main\nimport ("fmt"; "net/http"; "os")\n'
+    'func main() { http.HandleFunc("/", func(w http.ResponseWriter, r *http.Request) {'
+    ' fmt.Fprintf(w, "go %s", r.URL.Path) });'
+    ' http.ListenAndServeTLS("127.0.0.1:"+os.Args[1], os.Args[2], os.Args[3], nil) }\n')
+
+
+def test_go_crypto_tls_is_not_covered_and_makes_no_noise(recorder, certs, tmp_path):
+    """What the daemon does with a TLS stack it cannot decrypt (Go crypto/tls): `check`
+    says so, the Go server yields no exchange and no syscall data (its ciphertext is
+    rejected by inference, never parsed), while the curl client talking to it is still
+    reported through libssl."""
+    from otel_ebpf.capture.tls import Kind, discover_tls_libraries
+
+    if shutil.which("go") is None:
+        pytest.fail("go is not installed (scripts/bootstrap.sh --test-peers installs golang-go)")
+    src = tmp_path / "main.go"
+    src.write_text(GO_TLS_SERVER)
+    binary = tmp_path / "gotls"
+    subprocess.run(["go", "build", "-o", str(binary), str(src)], check=True, timeout=300,
+                   env={"GOCACHE": str(tmp_path / "gocache"), "HOME": str(tmp_path),
+                        "PATH": "/usr/bin:/bin", "GO111MODULE": "off"})
+    port = free_port()
+    with process([str(binary), str(port), str(certs[0]), str(certs[1])], port=port) as srv:
+        recorder.trace({srv.pid})
+        libs = discover_tls_libraries()
+        urls = ["https://127.0.0.1:%d/go/%d" % (port, i) for i in range(N)]
+        curl_pid, results = curl_https(recorder, urls, certs[0])
+        assert results == ["200 %d" % len("go /go/%d" % i) for i in range(N)]
+        client = recorder.wait_exchanges({curl_pid}, N)
+        server = recorder.exchanges_of({srv.pid})
+    go = [lib for lib in libs if srv.pid in lib.pids]
+    assert [(lib.kind, lib.covered) for lib in go] == [(Kind.GO, False)]
+    assert "not covered" in go[0].note
+    print("go server exchanges: reported %d, sent %d (not covered); curl client: %d/%d"
+          % (len(server), N, len(client), N))
+    assert server == []
+    assert [e for e in recorder.events_of({srv.pid}) if isinstance(e, DataEvent)] == []
+    assert len(client) == N and all(x.scheme == "https" and x.status_code == 200 for x in client)
