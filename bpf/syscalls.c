@@ -29,6 +29,7 @@
 #define OTEL_EPIPE 32
 #define OTEL_IPPROTO_TCP 6
 #define OTEL_TCP_ESTABLISHED 1
+#define OTEL_MSG_PEEK 2
 
 /* User-space ABI structs (x86_64/arm64 LP64 UAPI; stable, unlike kernel structs). */
 struct otel_iovec {
@@ -328,17 +329,54 @@ static __always_inline void handle_iov(void *ctx, struct conn_key_t *key,
     }
 }
 
+/* A syscall whose entry we never saw (it began before we attached: a server blocked
+ * in recv() or accept() at start-up) still has its arguments in the saved user
+ * registers. x86_64 only: the offsets are the ptrace ABI's struct pt_regs (stable for
+ * decades), not a kernel-internal struct; bpf_task_pt_regs needs kernel >= 5.15.
+ * flags_arg: which argument holds MSG_* flags (3 or 4; 0 = none). */
+#ifdef OTEL_REGS_FALLBACK
+#define PT_REGS_FROM_R10 56 /* r10, r9, r8, ax, cx, dx, si, di: 8 words from here */
+#endif
+static __always_inline int recover_args(__u64 id, __u8 op, int flags_arg, struct stash_t *st)
+{
+    if (!traced_tgid(id >> 32))
+        return 0;
+#ifdef OTEL_REGS_FALLBACK
+    struct task_struct *task = bpf_get_current_task_btf();
+    long regs = bpf_task_pt_regs(task);
+    __u64 r[8] = {};
+    if (!regs || bpf_probe_read_kernel(r, sizeof(r), (void *)(regs + PT_REGS_FROM_R10)) != 0)
+        return 0;
+    st->fd = (__s32)r[7];   /* di: argument 1 */
+    st->buf = r[6];         /* si: argument 2 */
+    st->count = r[5];       /* dx: argument 3 */
+    __u64 flags = flags_arg == 3 ? r[5] : flags_arg == 4 ? r[0] : 0; /* r10: argument 4 */
+    st->peek = (flags & OTEL_MSG_PEEK) != 0;
+    if (op == OP_SENDFILE)
+        st->buf = 0; /* argument 2 is the input fd, not a buffer */
+    st->op = op;
+    return 1;
+#else
+    return 0;
+#endif
+}
+
 /* Common exit: consume the stashed arguments, find or lazily create the connection
  * (sockets opened before we attached get ROLE_UNKNOWN), dispatch on the call shape.
  * `op` is a compile-time constant per program, so each program keeps only its path. */
-static __always_inline int data_exit(void *ctx, long ret, __u8 op, __u8 dir)
+static __always_inline int data_exit(void *ctx, long ret, __u8 op, __u8 dir, int flags_arg)
 {
     __u64 id = bpf_get_current_pid_tgid();
+    struct stash_t st = {};
     struct stash_t *sp = active.lookup(&id);
-    if (!sp)
-        return 0;
-    struct stash_t st = *sp;
-    active.delete(&id);
+    if (sp) {
+        st = *sp;
+        active.delete(&id);
+    }
+    if (!sp || st.op == OP_NONE) {
+        if (ret <= 0 || !recover_args(id, op, flags_arg, &st))
+            return 0;
+    }
     if (st.op != op || st.peek)
         return 0; /* peeked bytes are counted when they are really read */
     __u32 tgid = id >> 32, tid = (__u32)id;
@@ -393,8 +431,6 @@ static __always_inline int data_exit(void *ctx, long ret, __u8 op, __u8 dir)
     return 0;
 }
 
-#define OTEL_MSG_PEEK 2
-
 static __always_inline int stash_args_flags(__u8 op, __s32 fd, __u64 buf, __u64 count_,
                                             __u64 flags)
 {
@@ -418,27 +454,27 @@ static __always_inline int stash_args(__u8 op, __s32 fd, __u64 buf, __u64 count_
 }
 
 TRACEPOINT_PROBE(syscalls, sys_enter_read) { return stash_args(OP_READ, args->fd, (__u64)args->buf, args->count); }
-TRACEPOINT_PROBE(syscalls, sys_exit_read) { return data_exit(args, args->ret, OP_READ, DIR_INGRESS); }
+TRACEPOINT_PROBE(syscalls, sys_exit_read) { return data_exit(args, args->ret, OP_READ, DIR_INGRESS, 0); }
 TRACEPOINT_PROBE(syscalls, sys_enter_recvfrom) { return stash_args_flags(OP_READ, args->fd, (__u64)args->ubuf, args->size, args->flags); }
-TRACEPOINT_PROBE(syscalls, sys_exit_recvfrom) { return data_exit(args, args->ret, OP_READ, DIR_INGRESS); }
+TRACEPOINT_PROBE(syscalls, sys_exit_recvfrom) { return data_exit(args, args->ret, OP_READ, DIR_INGRESS, 4); }
 TRACEPOINT_PROBE(syscalls, sys_enter_readv) { return stash_args(OP_READV, args->fd, (__u64)args->vec, args->vlen); }
-TRACEPOINT_PROBE(syscalls, sys_exit_readv) { return data_exit(args, args->ret, OP_READV, DIR_INGRESS); }
+TRACEPOINT_PROBE(syscalls, sys_exit_readv) { return data_exit(args, args->ret, OP_READV, DIR_INGRESS, 0); }
 TRACEPOINT_PROBE(syscalls, sys_enter_recvmsg) { return stash_args_flags(OP_RECVMSG, args->fd, (__u64)args->msg, 0, args->flags); }
-TRACEPOINT_PROBE(syscalls, sys_exit_recvmsg) { return data_exit(args, args->ret, OP_RECVMSG, DIR_INGRESS); }
+TRACEPOINT_PROBE(syscalls, sys_exit_recvmsg) { return data_exit(args, args->ret, OP_RECVMSG, DIR_INGRESS, 3); }
 TRACEPOINT_PROBE(syscalls, sys_enter_recvmmsg) { return stash_args_flags(OP_RECVMMSG, args->fd, (__u64)args->mmsg, args->vlen, args->flags); }
-TRACEPOINT_PROBE(syscalls, sys_exit_recvmmsg) { return data_exit(args, args->ret, OP_RECVMMSG, DIR_INGRESS); }
+TRACEPOINT_PROBE(syscalls, sys_exit_recvmmsg) { return data_exit(args, args->ret, OP_RECVMMSG, DIR_INGRESS, 4); }
 TRACEPOINT_PROBE(syscalls, sys_enter_write) { return stash_args(OP_WRITE, args->fd, (__u64)args->buf, args->count); }
-TRACEPOINT_PROBE(syscalls, sys_exit_write) { return data_exit(args, args->ret, OP_WRITE, DIR_EGRESS); }
+TRACEPOINT_PROBE(syscalls, sys_exit_write) { return data_exit(args, args->ret, OP_WRITE, DIR_EGRESS, 0); }
 TRACEPOINT_PROBE(syscalls, sys_enter_sendto) { return stash_args(OP_WRITE, args->fd, (__u64)args->buff, args->len); }
-TRACEPOINT_PROBE(syscalls, sys_exit_sendto) { return data_exit(args, args->ret, OP_WRITE, DIR_EGRESS); }
+TRACEPOINT_PROBE(syscalls, sys_exit_sendto) { return data_exit(args, args->ret, OP_WRITE, DIR_EGRESS, 0); }
 TRACEPOINT_PROBE(syscalls, sys_enter_writev) { return stash_args(OP_WRITEV, args->fd, (__u64)args->vec, args->vlen); }
-TRACEPOINT_PROBE(syscalls, sys_exit_writev) { return data_exit(args, args->ret, OP_WRITEV, DIR_EGRESS); }
+TRACEPOINT_PROBE(syscalls, sys_exit_writev) { return data_exit(args, args->ret, OP_WRITEV, DIR_EGRESS, 0); }
 TRACEPOINT_PROBE(syscalls, sys_enter_sendmsg) { return stash_args(OP_SENDMSG, args->fd, (__u64)args->msg, 0); }
-TRACEPOINT_PROBE(syscalls, sys_exit_sendmsg) { return data_exit(args, args->ret, OP_SENDMSG, DIR_EGRESS); }
+TRACEPOINT_PROBE(syscalls, sys_exit_sendmsg) { return data_exit(args, args->ret, OP_SENDMSG, DIR_EGRESS, 0); }
 TRACEPOINT_PROBE(syscalls, sys_enter_sendmmsg) { return stash_args(OP_SENDMMSG, args->fd, (__u64)args->mmsg, args->vlen); }
-TRACEPOINT_PROBE(syscalls, sys_exit_sendmmsg) { return data_exit(args, args->ret, OP_SENDMMSG, DIR_EGRESS); }
+TRACEPOINT_PROBE(syscalls, sys_exit_sendmmsg) { return data_exit(args, args->ret, OP_SENDMMSG, DIR_EGRESS, 0); }
 TRACEPOINT_PROBE(syscalls, sys_enter_sendfile64) { return stash_args(OP_SENDFILE, args->out_fd, 0, args->count); }
-TRACEPOINT_PROBE(syscalls, sys_exit_sendfile64) { return data_exit(args, args->ret, OP_SENDFILE, DIR_EGRESS); }
+TRACEPOINT_PROBE(syscalls, sys_exit_sendfile64) { return data_exit(args, args->ret, OP_SENDFILE, DIR_EGRESS, 0); }
 
 /* ---- connection lifecycle ------------------------------------------------------------ */
 
@@ -466,13 +502,18 @@ static __always_inline int accept_enter(__s32 fd, __u64 uaddr)
 static __always_inline int accept_exit(long ret)
 {
     __u64 id = bpf_get_current_pid_tgid();
+    struct stash_t st = {};
     struct stash_t *sp = active.lookup(&id);
-    if (!sp)
-        return 0;
-    __u64 uaddr = sp->buf;
-    __u8 op = sp->op;
-    active.delete(&id);
-    if (op != OP_ACCEPT || ret < 0)
+    if (sp) {
+        st = *sp;
+        active.delete(&id);
+    }
+    if (!sp || st.op == OP_NONE) { /* blocked in accept() since before we attached */
+        if (ret < 0 || !recover_args(id, OP_ACCEPT, 0, &st))
+            return 0;
+    }
+    __u64 uaddr = st.buf;
+    if (st.op != OP_ACCEPT || ret < 0)
         return 0;
     __u16 port = 0;
     __u8 addr[16] = {};
@@ -563,7 +604,20 @@ static __always_inline void note_sock(__u64 sk, __u16 family, __u16 protocol)
 {
     __u64 id = bpf_get_current_pid_tgid();
     struct stash_t *sp = active.lookup(&id);
-    if (!sp || sp->sk)
+    if (!sp) {
+        /* entered before we attached: keep what we learn for the exit (OP_NONE) */
+        if (!traced_tgid(id >> 32))
+            return;
+        struct stash_t st = {};
+        st.op = OP_NONE;
+        st.fd = -1;
+        st.sk = sk;
+        st.sk_family = family;
+        st.sk_protocol = protocol;
+        active.update(&id, &st);
+        return;
+    }
+    if (sp->sk)
         return;
     sp->sk = sk;
     sp->sk_family = family;

@@ -59,6 +59,7 @@ struct conn_t {
 };
 
 /* Arguments stashed at sys_enter_*, keyed by pid_tgid, consumed at sys_exit_*. */
+#define OP_NONE 0    /* only socket info seen (syscall entered before we attached) */
 #define OP_READ 1    /* buf, count */
 #define OP_WRITE 2
 #define OP_READV 3   /* iov, iovcnt */

@@ -26,6 +26,7 @@ from __future__ import annotations
 import ctypes
 import logging
 import os
+import platform
 import re
 import time
 from collections.abc import Callable, Iterable
@@ -139,6 +140,11 @@ def flatten_source(path: Path, _seen: set[Path] | None = None) -> str:
     return "".join(out)
 
 
+def _kernel_version() -> tuple[int, int]:
+    match = re.match(r"(\d+)\.(\d+)", platform.release())
+    return (int(match.group(1)), int(match.group(2))) if match else (0, 0)
+
+
 def _power_of_two(n: int) -> bool:
     return n > 0 and n & (n - 1) == 0
 
@@ -191,6 +197,8 @@ class Capture:
                          if features.get(flag)})
         if o.tls:
             flags.append("-DWITH_OPENSSL")
+        if features.get("OTEL_REGS_FALLBACK"):
+            flags.append("-DOTEL_REGS_FALLBACK")
         return flags
 
     def start(self, on_event: Callable[[Event], object]) -> None:
@@ -223,6 +231,10 @@ class Capture:
             if not ok:
                 log.warning("tracepoint %s:%s is missing: %s", category, event,
                             preflight.OPTIONAL_CONSEQUENCE.get(event, "less precision"))
+        # Syscalls already in flight when we attach (a server blocked in recv/accept)
+        # are recovered from the saved user registers: x86_64 ABI, kernel >= 5.15.
+        features["OTEL_REGS_FALLBACK"] = (platform.machine() == "x86_64"
+                                          and _kernel_version() >= (5, 15))
         self.features = features
         source = bpf_source_dir() / MAIN_SOURCE
         text = flatten_source(source)
