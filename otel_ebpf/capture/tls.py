@@ -194,9 +194,10 @@ def _read_elf_info(path: str, wanted: tuple[str, ...]) -> ElfInfo:
         syms[: len(syms) - len(syms) % _SYM.size]
     ):
         name = offsets.get(st_name)
-        if name is not None and st_shndx != 0 and st_value != 0:
-            if st_info & 0xF in (_STT_FUNC, _STT_GNU_IFUNC):
-                defined.setdefault(name, st_value)
+        # defined (not an import: section index 0), and a function
+        if (name is not None and st_shndx != 0 and st_value != 0
+                and st_info & 0xF in (_STT_FUNC, _STT_GNU_IFUNC)):
+            defined.setdefault(name, st_value)
     return ElfInfo(defined=frozenset(defined), is_go=is_go, addresses=defined)
 
 

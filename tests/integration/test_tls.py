@@ -31,7 +31,7 @@ import pytest
 from otel_ebpf.capture.events import ConnOpenEvent, DataEvent, Direction, Role, Source
 from otel_ebpf.stats import Stats
 
-from .peers import free_port, process, wait_for_port
+from .peers import free_port, process
 
 N = 23  # counting tests send a prime number of requests
 
@@ -453,7 +453,8 @@ def test_python_raw_events_are_plaintext_with_exact_sizes(recorder, certs, tmp_p
     positions contiguous, sizes matching the bytes on the wire of the HTTP layer."""
     with python_tls_server(tmp_path, certs) as (port, srv):
         recorder.trace({srv.pid})
-        client_pid, results = python_tls_client(recorder, tmp_path, port, certs[0], 1)
+        _, results = python_tls_client(recorder, tmp_path, port, certs[0], 1)
+        assert results == [[200, 1000]]
         recorder.wait_exchanges({srv.pid}, 1)
     events = recorder.events_of({srv.pid})
     request = plaintext(events, Direction.INGRESS)
@@ -490,8 +491,11 @@ def test_node_https_server_static_openssl(recorder, certs, tmp_path):
         # else Debian's nodejs: OpenSSL comes from the system libssl, attached at start
         urls = ["https://127.0.0.1:%d/node/%d" % (port, i) for i in range(N)]
         curl_pid, results = curl_https(recorder, urls, certs[0])
+        assert results == ["200 %d" % len("node says /node/%d after 0" % i) for i in range(N)]
         server = recorder.wait_exchanges({srv.pid}, N)
+        client = recorder.wait_exchanges({curl_pid}, N)
     print("node server exchanges: reported %d, sent %d" % (len(server), N))
+    assert len(client) == N and all(x.scheme == "https" for x in client)
     assert len(server) == N
     for i, x in enumerate(server):
         body = "node says /node/%d after 0" % i

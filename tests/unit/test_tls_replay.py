@@ -26,10 +26,10 @@ from otel_ebpf.stats import Stats
 # size, captured bytes; C(lose). Recorded 2026-11-23 on libssl 3.0 / node 20.
 NODE_EVENTS = [
     ["O", 4242, -751640689, 1217668153191, 6673564, 0],
-    ["D", 4242, -751640689, 1217668153191, 6675107, 0, 0, 0, 154, "POST /a HTTP/1.1\r\nHost: 127.0.0.1:18445\r\nUser-Agent: curl/7.88.1\r\nAccept: */*\r\nContent-Length: 5\r\nContent-Type: application/x-www-form-urlencoded\r\n\r\nhello"],  # noqa: E501
-    ["D", 4242, -751640689, 1217668153191, 24465401, 1, 0, 0, 143, "HTTP/1.1 200 OK\r\nContent-Length: 20\r\nDate: Mon, 23 Nov 2026 15:37:05 GMT\r\nConnection: keep-alive\r\nKeep-Alive: timeout=5\r\n\r\nnode says /a after 5"],  # noqa: E501
-    ["D", 4242, -751640689, 1217668153191, 33334624, 0, 0, 154, 158, "POST /b?x=1 HTTP/1.1\r\nHost: 127.0.0.1:18445\r\nUser-Agent: curl/7.88.1\r\nAccept: */*\r\nContent-Length: 5\r\nContent-Type: application/x-www-form-urlencoded\r\n\r\nhello"],  # noqa: E501
-    ["D", 4242, -751640689, 1217668153191, 34002947, 1, 0, 143, 147, "HTTP/1.1 200 OK\r\nContent-Length: 24\r\nDate: Mon, 23 Nov 2026 15:37:05 GMT\r\nConnection: keep-alive\r\nKeep-Alive: timeout=5\r\n\r\nnode says /b?x=1 after 5"],  # noqa: E501
+    ["D", 4242, -751640689, 1217668153191, 6675107, 0, 0, 0, 154, "POST /a HTTP/1.1\r\nHost: 127.0.0.1:18445\r\nUser-Agent: curl/7.88.1\r\nAccept: */*\r\nContent-Length: 5\r\nContent-Type: application/x-www-form-urlencoded\r\n\r\nhello"],
+    ["D", 4242, -751640689, 1217668153191, 24465401, 1, 0, 0, 143, "HTTP/1.1 200 OK\r\nContent-Length: 20\r\nDate: Mon, 23 Nov 2026 15:37:05 GMT\r\nConnection: keep-alive\r\nKeep-Alive: timeout=5\r\n\r\nnode says /a after 5"],
+    ["D", 4242, -751640689, 1217668153191, 33334624, 0, 0, 154, 158, "POST /b?x=1 HTTP/1.1\r\nHost: 127.0.0.1:18445\r\nUser-Agent: curl/7.88.1\r\nAccept: */*\r\nContent-Length: 5\r\nContent-Type: application/x-www-form-urlencoded\r\n\r\nhello"],
+    ["D", 4242, -751640689, 1217668153191, 34002947, 1, 0, 143, 147, "HTTP/1.1 200 OK\r\nContent-Length: 24\r\nDate: Mon, 23 Nov 2026 15:37:05 GMT\r\nConnection: keep-alive\r\nKeep-Alive: timeout=5\r\n\r\nnode says /b?x=1 after 5"],
     ["C", 4242, -751640689, 1217668153191, 47058777],
 ]
 
