@@ -280,53 +280,127 @@ static __always_inline void handle_chunk(void *ctx, struct conn_key_t *key,
               SOURCE_SYSCALL, ubuf, size, pos);
 }
 
-/* One DATA event per iovec segment actually moved (bounded by the return value), so
- * framing written in separate segments (Node.js chunk headers) keeps its positions.
+/* Vectored calls: one DATA event per iovec segment actually moved (bounded by the
+ * return value), so framing written in separate segments (Node.js chunk headers) keeps
+ * its positions. The walk state lives in a per-CPU map: the syscall's program walks
+ * MAX_IOVECS segments, then tail-calls `iov_continue` (IOV_BATCH segments per call, up
+ * to the kernel's 33 tail calls: 16 + 33 * 32 >= IOV_MAX 1024). Whatever is left after
+ * that goes out as one uncaptured chunk: positions stay exact, the skip is counted.
  * Inference looks at the first segment only: running it inside the loop multiplies
- * the verifier's paths per iteration past its 1M-instruction budget. Bytes beyond
- * MAX_IOVECS segments go out as one uncaptured chunk: positions stay exact, the skip
- * is counted. */
+ * the verifier's paths per iteration past its 1M-instruction budget. */
+#ifndef IOV_BATCH
+#define IOV_BATCH 32
+#endif
+
+struct iov_state_t {
+    struct conn_key_t key;
+    __u64 iov;
+    __u64 iovcnt;
+    __u64 left;
+    __u64 next; /* index of the next segment to read */
+    __u32 tid;
+    __u8 dir;
+    __u8 emit;
+    __u8 _pad[2];
+};
+BPF_PERCPU_ARRAY(iov_state, struct iov_state_t, 1);
+BPF_PROG_ARRAY(iov_tail, 1);
+
+static __always_inline void iov_segment(void *ctx, struct iov_state_t *s,
+                                        struct conn_t *conn)
+{
+    __u64 i = s->next;
+    struct otel_iovec seg = {};
+    if (bpf_probe_read_user(&seg, sizeof(seg), (void *)(s->iov + i * sizeof(seg))) != 0) {
+        s->iovcnt = 0; /* unreadable array: the rest is reported uncaptured */
+        return;
+    }
+    s->next = i + 1;
+    __u64 n = seg.len < s->left ? seg.len : s->left;
+    if (n == 0)
+        return;
+    __u8 d = s->dir & 1;
+    __u64 pos = conn->pos[d];
+    conn->pos[d] = pos + n;
+    s->left -= n;
+    if (s->emit)
+        emit_data(ctx, s->key.tgid, s->tid, s->key.fd, conn->generation, conn->role, d,
+                  SOURCE_SYSCALL, (const void *)seg.base, n, pos);
+}
+
+/* Continue in iov_continue while segments remain; when the tail call is impossible
+ * (chain limit, program not installed), finish with one uncaptured chunk. */
+static __always_inline void iov_finish(void *ctx, struct iov_state_t *s, struct conn_t *conn)
+{
+    if (s->left && s->next < s->iovcnt)
+        iov_tail.call(ctx, 0); /* does not return when it succeeds */
+    if (s->left) {
+        counter_add(CNT_IOVEC_SKIPPED, 1);
+        __u8 d = s->dir & 1;
+        __u64 pos = conn->pos[d];
+        __u64 left = s->left;
+        conn->pos[d] = pos + left;
+        s->left = 0;
+        if (s->emit)
+            emit_data(ctx, s->key.tgid, s->tid, s->key.fd, conn->generation, conn->role, d,
+                      SOURCE_SYSCALL, 0, left, pos);
+    }
+}
+
+int iov_continue(void *ctx)
+{
+    __u32 zero = 0;
+    struct iov_state_t *s = iov_state.lookup(&zero);
+    if (!s)
+        return 0;
+    struct conn_key_t key = s->key;
+    struct conn_t *conn = conns.lookup(&key);
+    if (!conn)
+        return 0;
+#pragma clang loop unroll(disable)
+    for (int j = 0; j < IOV_BATCH; j++) {
+        if (s->left == 0 || s->next >= s->iovcnt)
+            break;
+        iov_segment(ctx, s, conn);
+    }
+    iov_finish(ctx, s, conn);
+    return 0;
+}
+
 static __always_inline void handle_iov(void *ctx, struct conn_key_t *key,
                                        struct conn_t *conn, __u32 tid, __u8 dir,
                                        __u64 iov, __u64 iovcnt, __u64 total)
 {
     __u8 d = dir & 1;
-    __u64 left = total;
     int emit = conn->proto == PROTO_HTTP;
     if (conn->proto == PROTO_UNKNOWN && iovcnt > 0) {
         struct otel_iovec first = {};
         if (bpf_probe_read_user(&first, sizeof(first), (void *)iov) == 0 && first.len) {
-            __u64 n = first.len < left ? first.len : left;
+            __u64 n = first.len < total ? first.len : total;
             emit = infer_chunk(conn, d, (const void *)first.base, n) != INFER_NO;
         }
     }
     if (emit)
         conn_ensure_open(ctx, key, conn, tid, SOURCE_SYSCALL);
+    __u32 zero = 0;
+    struct iov_state_t *s = iov_state.lookup(&zero);
+    if (!s)
+        return;
+    s->key = *key;
+    s->iov = iov;
+    s->iovcnt = iovcnt;
+    s->left = total;
+    s->next = 0;
+    s->tid = tid;
+    s->dir = d;
+    s->emit = emit;
 #pragma clang loop unroll(disable)
-    for (int i = 0; i < MAX_IOVECS; i++) {
-        if (left == 0 || i >= iovcnt)
+    for (int j = 0; j < MAX_IOVECS; j++) {
+        if (s->left == 0 || s->next >= s->iovcnt)
             break;
-        struct otel_iovec seg = {};
-        if (bpf_probe_read_user(&seg, sizeof(seg), (void *)(iov + i * sizeof(seg))) != 0)
-            break;
-        __u64 n = seg.len < left ? seg.len : left;
-        if (n == 0)
-            continue;
-        __u64 pos = conn->pos[d];
-        conn->pos[d] = pos + n;
-        if (emit)
-            emit_data(ctx, key->tgid, tid, key->fd, conn->generation, conn->role, d,
-                      SOURCE_SYSCALL, (const void *)seg.base, n, pos);
-        left -= n;
+        iov_segment(ctx, s, conn);
     }
-    if (left) {
-        counter_add(CNT_IOVEC_SKIPPED, 1);
-        __u64 pos = conn->pos[d];
-        conn->pos[d] = pos + left;
-        if (emit)
-            emit_data(ctx, key->tgid, tid, key->fd, conn->generation, conn->role, d,
-                      SOURCE_SYSCALL, 0, left, pos);
-    }
+    iov_finish(ctx, s, conn);
 }
 
 /* A syscall whose entry we never saw (it began before we attached: a server blocked

@@ -245,6 +245,13 @@ class Capture:
             raise CaptureError(self._explain(exc, source)) from None
         self.bpf = bpf
         self._attached = True
+        try:
+            # Vectored calls with more than max_iovecs segments continue here.
+            cont = bpf.load_func(b"iov_continue", BPF.TRACEPOINT)
+            bpf[b"iov_tail"][ctypes.c_int(0)] = ctypes.c_int(cont.fd)
+        except Exception as exc:
+            self.close()
+            raise CaptureError(self._explain(exc, source)) from None
         log.info("BPF programs compiled, verified and attached in %.1f s (%d tracepoints)",
                  time.monotonic() - started, len(getattr(bpf, "tracepoint_fds", {})))
         self.set_pid_filter(self.options.pids)

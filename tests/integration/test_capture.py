@@ -561,3 +561,48 @@ def test_accept_in_flight_at_attach_is_a_server(bpf_available):
     assert len(opens) == N
     assert {e.role for e in opens} == {Role.SERVER}
     assert len([e for e in data(got, Direction.INGRESS) if e.data.startswith(b"GET / ")]) == N
+
+
+NODE_BIG_CHUNKED = textwrap.dedent("""
+    const http = require('http');
+    http.createServer((req, res) => {
+      const total = parseInt(req.url.split('/')[2]);
+      const piece = Buffer.alloc(16384, 0x61);
+      res.writeHead(200, {'Content-Type': 'application/octet-stream'});
+      let left = total;
+      while (left > 0) { const n = Math.min(left, piece.length); res.write(piece.subarray(0, n)); left -= n; }
+      res.end();
+    }).listen(parseInt(process.argv[2]), '127.0.0.1');
+""")
+
+
+@pytest.mark.parametrize("total", [100_000, 3_000_000])
+def test_writev_with_hundreds_of_iovecs_keeps_every_segment(capture, tmp_path, total):
+    """Node queues all chunks and writes them with one writev of 4 iovecs per chunk
+    (29 for 100 kB, hundreds for 3 MB): every segment is walked (tail calls), so the
+    chunk-size lines are all visible."""
+    node = shutil.which("node")
+    if node is None:
+        pytest.fail("node is needed (scripts/bootstrap.sh --test-peers installs nodejs)")
+    script = tmp_path / "big.js"
+    script.write_text(NODE_BIG_CHUNKED)
+    port = free_port()
+    proc = subprocess.Popen([node, str(script), str(port)])
+    try:
+        wait_port(port)
+        drain(capture, quiet_s=0.1)
+        before = capture.loss_counters()
+        _, lines = run_curl(port, "/chunked/%d" % total)
+        events = drain(capture)
+        after = capture.loss_counters()
+    finally:
+        proc.kill()
+        proc.wait()
+    code, header_bytes, body_bytes = map(int, lines[0].split())
+    assert code == 200 and body_bytes == total
+    out = data(of_pid(events, proc.pid), Direction.EGRESS)
+    assert_positions_contiguous(out)
+    full_pieces = total // 16384
+    assert [e.data for e in out].count(b"4000") == full_pieces - 1  # first size is in iovec 1
+    assert sum(e.size for e in out) > total
+    assert after["iovec_skipped"] == before["iovec_skipped"]
