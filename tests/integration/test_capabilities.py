@@ -258,7 +258,14 @@ def test_daemon_captures_under_unit_capabilities(capability_env):
         deadline = time.monotonic() + 90
         while time.monotonic() < deadline:
             if daemon.poll() is not None:
-                pytest.fail(f"daemon exited {daemon.returncode}:\n{(work / 'daemon.log').read_text()}")
+                log_text = (work / "daemon.log").read_text()
+                if "not root" in log_text:
+                    pytest.fail(
+                        "the capture loader still demands uid 0, so the systemd unit cannot "
+                        "work: in otel_ebpf/capture/loader.py replace the euid check with "
+                        "otel_ebpf.privileges.capture_privilege_problem(options.tls)\n"
+                        + log_text[-1500:], pytrace=False)
+                pytest.fail(f"daemon exited {daemon.returncode}:\n{log_text}")
             if health_path.exists() and health_path.read_text().strip() == "ready":
                 break
             time.sleep(0.2)
