@@ -1,4 +1,6 @@
-/* otel-ebpf kernel side: HTTP/1.x capture at the socket syscalls (one compilation unit).
+/* otel-ebpf kernel side: HTTP/1.x capture at the socket syscalls (one compilation unit;
+ * otel_ebpf/capture/loader.py inlines our own #include files before handing the text to
+ * BCC, because BCC rewrites map calls only in the main file).
  *
  * In:  syscall tracepoints (enter + exit) for accept, accept4, connect, close, read,
  *      readv, recvfrom, recvmsg, recvmmsg, write, writev, sendto, sendmsg, sendmmsg,
@@ -10,13 +12,19 @@
  *      before a connection's first data event, DATA per chunk (per iovec segment for
  *      vectored calls), CONN_CLOSE at close(2) for connections that were opened.
  * Dropped and counted (include/events.h CNT_*): ring buffer full, truncated bytes,
- *      table full, iovec segments past MAX_IOVECS, mmsg messages after the first.
+ *      table full, iovec segments past 16 + 33 * 32, mmsg messages after the first.
+ *      MSG_PEEK reads are not data (the bytes are read again).
  * Gated: connections stay silent until in-kernel inference (protocol_infer.h) says
- *      HTTP; after INFER_MAX_TRIES non-HTTP chunks they are ignored for good. Non-TCP
- *      and non-socket fds never create connection entries (when sock_*_length exist).
+ *      HTTP; after INFER_MAX_TRIES non-HTTP chunks (INFER_MAX_TRIES_ATTACHED for
+ *      sockets older than us) they are ignored for good. Non-TCP and non-socket fds
+ *      never create connection entries (when sock_*_length exist). Nothing is traced
+ *      until user space sets SELECT_ENABLED (after the pid filter is in place).
+ * Attach-time gaps closed: a syscall already blocked when we attached (recv, accept)
+ *      gets its arguments from the saved user registers at its exit (x86_64).
  *
  * Compile-time flags (loader.py): MAX_CAPTURE_BYTES, MAX_CONNS, RINGBUF_PAGES,
- * MAX_IOVECS, SELF_TGID (the daemon, never traced), HAVE_SOCK_LENGTH, WITH_OPENSSL.
+ * MAX_IOVECS, SELF_TGID (the daemon, never traced), HAVE_SOCK_LENGTH,
+ * HAVE_TCP_RCV_SPACE_ADJUST, HAVE_INET_SOCK_SET_STATE, OTEL_REGS_FALLBACK, WITH_OPENSSL.
  */
 #include <uapi/linux/ptrace.h>
 

@@ -606,3 +606,25 @@ def test_writev_with_hundreds_of_iovecs_keeps_every_segment(capture, tmp_path, t
     assert [e.data for e in out].count(b"4000") == full_pieces - 1  # first size is in iovec 1
     assert sum(e.size for e in out) > total
     assert after["iovec_skipped"] == before["iovec_skipped"]
+
+
+def test_entries_of_exited_processes_are_pruned(capture, http_server):
+    """A process that exits without close(2) leaves kernel entries; prune drops them."""
+    _, port = http_server
+    client = subprocess.run([sys.executable, "-c", textwrap.dedent("""
+        import os, socket
+        socks = []
+        for _ in range(%d):
+            s = socket.create_connection(("127.0.0.1", %d))
+            s.sendall(b"GET /index.html HTTP/1.1\\r\\nHost: x\\r\\n\\r\\n")
+            s.recv(65536)
+            socks.append(s)
+        print(os.getpid(), flush=True)
+        os._exit(0)  # the kernel closes the fds: no close(2) for the tracepoints to see
+    """) % (N, port)], capture_output=True, text=True, timeout=30, check=True)
+    pid = int(client.stdout)
+    drain(capture)
+    table = capture.bpf[b"conns"]
+    assert len([k for k in table.keys() if k.tgid == pid]) == N
+    assert capture.prune_connections() >= N
+    assert [k for k in table.keys() if k.tgid == pid] == []
