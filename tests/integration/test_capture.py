@@ -628,3 +628,45 @@ def test_entries_of_exited_processes_are_pruned(capture, http_server):
     assert len([k for k in table.keys() if k.tgid == pid]) == N
     assert capture.prune_connections() >= N
     assert [k for k in table.keys() if k.tgid == pid] == []
+
+
+INFERENCE_SERVER = textwrap.dedent("""
+    # Answers every connection's first bytes with a fixed response, then closes.
+    import socket
+    srv = socket.socket(); srv.bind(("127.0.0.1", 0)); srv.listen(64)
+    print(srv.getsockname()[1], flush=True)
+    while True:
+        conn, _ = srv.accept()
+        if not conn.recv(65536):
+            conn.close(); continue
+        conn.sendall(b"ok"); conn.close()
+""")
+HTTP_STARTS = [b"GET / ", b"HEAD / ", b"POST /a ", b"PUT /a ", b"DELETE /a ", b"CONNECT h:1 ",
+               b"OPTIONS * ", b"TRACE / ", b"PATCH /a ", b"PURGE /cache ", b"HTTP/1.1 200 OK"]
+NOT_HTTP_STARTS = [b"get / lowercase", b"\x16\x03\x01\x02\x00\x01\x00\x01", b"SSH-2.0-OpenSSH_9",
+                   b"HELLO world", b"\x00\x00\x00\x08GET / ", b"*1\r\n$4\r\nPING\r\n"]
+
+
+def test_inference_accepts_every_method_and_rejects_the_rest(capture):
+    server = subprocess.Popen([sys.executable, "-c", INFERENCE_SERVER], stdout=subprocess.PIPE,
+                              text=True)
+    try:
+        port = int(server.stdout.readline())
+        client = subprocess.run([sys.executable, "-c", textwrap.dedent("""
+            import socket, sys
+            for start in %r:
+                s = socket.create_connection(("127.0.0.1", %d))
+                s.sendall(start + b"\\r\\nHost: x\\r\\n\\r\\n")
+                s.recv(100)
+                s.close()
+        """) % (HTTP_STARTS + NOT_HTTP_STARTS, port)], timeout=30, check=True)
+        assert client.returncode == 0
+        events = drain(capture)
+    finally:
+        server.kill()
+        server.wait()
+    got = [e.data for e in data(of_pid(events, server.pid), Direction.INGRESS)]
+    assert sorted(got) == sorted(start + b"\r\nHost: x\r\n\r\n" for start in HTTP_STARTS)
+    # The response "ok" is not HTTP either, but it is on an HTTP connection: emitted.
+    out = data(of_pid(events, server.pid), Direction.EGRESS)
+    assert len(out) == len(HTTP_STARTS)
