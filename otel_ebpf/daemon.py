@@ -23,6 +23,7 @@ import threading
 import time
 from collections.abc import Callable
 
+from otel_ebpf.capture.events import ConnOpenEvent
 from otel_ebpf.capture.loader import Capture
 from otel_ebpf.config import Config
 from otel_ebpf.conntrack import ConnectionTable
@@ -45,6 +46,7 @@ class Daemon:
         self.stats = stats or Stats()
         self._stop = threading.Event()
         self._closers: list[Callable[[], None]] = []  # run in reverse order at shutdown
+        self._flushers: list[Callable[[], None]] = []  # after every ring-buffer poll
 
     def stop(self) -> None:
         self._stop.set()
@@ -83,10 +85,12 @@ class Daemon:
         if output.exporter == "console":
             self._console = ConsoleSink(process_name, stats)
             self._closers.append(self._console.close)
+            self._flushers.append(self._console.flush)
             return [self._console.handle]
         if output.exporter == "jsonl":
             sink = JsonlSink(output.path, process_name, stats)
             self._closers.append(sink.close)
+            self._flushers.append(sink.flush)
             return [sink.handle]
         if output.exporter == "otlp":
             from otel_ebpf.export import OtlpExporter
@@ -119,7 +123,7 @@ class Daemon:
         self._console: ConsoleSink | None = None
         self._telemetry = None
 
-        processes = ProcessResolver(stats)
+        processes = ProcessResolver(stats, container_attributes=self._start_kubernetes())
         self._processes = processes
         self._table = ConnectionTable(config.conntrack, stats)
         outputs = self._build_outputs(processes)
@@ -132,8 +136,14 @@ class Daemon:
                 for output in outputs:
                     output(exchange)
 
+        warm_process = processes.get
+
         def on_event(event) -> None:
             # The hot path: one call per kernel event.
+            if type(event) is ConnOpenEvent:
+                # Resolve the process while it surely exists: a short-lived client
+                # (curl) has often exited by the time its exchange is emitted.
+                warm_process(event.tgid)
             for exchange in table.handle(event):
                 stats.add("http.exchanges")
                 emit(exchange)
@@ -157,8 +167,11 @@ class Daemon:
         next_stats = now + stats_interval if stats_interval > 0 else float("inf")
         telemetry = self._telemetry
 
+        flushers = self._flushers
         while not self._stop.is_set():
-            capture.poll(POLL_TIMEOUT_MS)
+            if capture.poll(POLL_TIMEOUT_MS):
+                for flush in flushers:
+                    flush()
             now = time.monotonic()
             if now >= next_expire:
                 next_expire = now + EXPIRE_INTERVAL_S
@@ -167,9 +180,11 @@ class Daemon:
                     emit(exchange)
                 if health is not None:
                     health.mark_alive()
-            if tls is not None and now >= next_tls:
-                next_tls = now + TLS_RESCAN_INTERVAL_S
-                tls.scan()
+            if tls is not None:
+                tls.tick()  # probes programs exec'd since the last pass (cheap: ~4 us idle)
+                if now >= next_tls:
+                    next_tls = now + TLS_RESCAN_INTERVAL_S
+                    tls.scan()
             if now >= next_sweep:
                 next_sweep = now + PROCESS_SWEEP_INTERVAL_S
                 for pid in processes.sweep():
@@ -180,6 +195,17 @@ class Daemon:
             if now >= next_stats:
                 next_stats = now + stats_interval
                 self._report_stats()
+
+    def _start_kubernetes(self):
+        """k8s.* attributes by container id, when running in a pod set up for it."""
+        from otel_ebpf.kubernetes_metadata import KubernetesMetadata
+
+        k8s = KubernetesMetadata.from_environment()
+        if k8s is None:
+            return None
+        k8s.start()
+        self._closers.append(k8s.close)
+        return k8s.lookup
 
     def _start_tls(self, capture: Capture):
         if not self.config.capture.tls:

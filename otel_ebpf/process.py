@@ -31,7 +31,7 @@ import shlex
 import socket
 import time
 import uuid
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from urllib.parse import unquote
@@ -126,8 +126,11 @@ def _sdk_version() -> str:
 class ProcessResolver:
     """pid -> ProcessInfo, cached; see the module docstring."""
 
-    def __init__(self, stats, max_entries: int = 4096, proc_root: str = "/proc") -> None:
+    def __init__(self, stats, max_entries: int = 4096, proc_root: str = "/proc",
+                 container_attributes: Callable[[str], Mapping[str, str]] | None = None) -> None:
         self._stats = stats
+        # container.id -> extra resource attributes (k8s.* from kubernetes_metadata).
+        self._container_attributes = container_attributes
         self._max_entries = max_entries
         self._proc = proc_root
         self._cache: dict[int, ProcessInfo] = {}
@@ -294,6 +297,8 @@ class ProcessResolver:
         container_id = self._read_cgroup(pid)
         if container_id:
             attrs["container.id"] = container_id
+            if self._container_attributes is not None:
+                attrs.update(self._container_attributes(container_id))
         attrs.update(self._common)
 
         env = {} if own else self._read_environ(pid)

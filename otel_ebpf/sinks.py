@@ -9,6 +9,9 @@
 
 Both take `HttpExchange` records and never raise on the hot path: a broken pipe or a
 full disk is logged once and the sink stops writing (counted as output.write_errors).
+Lines are buffered and flushed once per ring-buffer poll (`flush()`, at most 100 ms
+later): a flush per line was a write(2) per exchange, and at wrk rates that alone made
+the loop fall behind the kernel.
 """
 
 from __future__ import annotations
@@ -33,7 +36,7 @@ ProcessNamer = Callable[[int], str | None]
 def _open_output(path: str) -> IO[str]:
     if path == "-":
         return sys.stdout
-    return open(path, "a", encoding="utf-8", buffering=1)  # noqa: SIM115 (owned by the sink)
+    return open(path, "a", encoding="utf-8")  # noqa: SIM115 (owned by the sink)
 
 
 class _LineSink:
@@ -46,16 +49,26 @@ class _LineSink:
         if self._broken:
             return
         try:
-            self._stream.write(line)
-            self._stream.write("\n")
-            self._stream.flush()
+            self._stream.write(line + "\n")
         except (OSError, ValueError) as exc:  # EPIPE, ENOSPC, closed stream
-            self._broken = True
-            self._stats.add("output.write_errors")
-            log.error("cannot write exchanges to %s (%s); further exchanges are not written",
-                      getattr(self._stream, "name", "output"), exc)
+            self._fail(exc)
+
+    def _fail(self, exc: Exception) -> None:
+        self._broken = True
+        self._stats.add("output.write_errors")
+        log.error("cannot write exchanges to %s (%s); further exchanges are not written",
+                  getattr(self._stream, "name", "output"), exc)
+
+    def flush(self) -> None:
+        if self._broken:
+            return
+        try:
+            self._stream.flush()
+        except (OSError, ValueError) as exc:
+            self._fail(exc)
 
     def close(self) -> None:
+        self.flush()
         if self._stream not in (sys.stdout, sys.stderr):
             try:
                 self._stream.close()

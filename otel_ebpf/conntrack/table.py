@@ -14,7 +14,8 @@ trimmed. Both are counted.
 Connections never seen opening (opened before we attached) start with role UNKNOWN:
 the first message start found in either direction decides the role, and addresses
 come from /proc through `resolve_addresses`. With `options.ports` set, connections
-whose local and remote ports are both outside it are dropped once addresses are known.
+whose local and remote ports are both outside it are dropped once addresses are known,
+and so are connections whose ports neither the kernel nor /proc could tell.
 
 TLS: when OPENSSL-source data arrives on a key, syscall-source data on it is
 ciphertext from then on: it is counted (`conntrack.ciphertext_ignored`) and ignored,
@@ -324,9 +325,13 @@ class ConnectionTable:
 
     def _apply_port_filter(self, conn: Connection) -> None:
         ports = self._ports
-        if ports is None or conn.filtered or conn.local_port is None:
+        if ports is None or conn.filtered:
             return
-        if conn.local_port in ports or conn.remote_port in ports:
+        if conn.local_port is None and conn.remote_port is None:
+            # Neither the kernel nor /proc could tell (the process is gone, or the fd
+            # is not an inet socket): a selection by port cannot include it.
+            self.stats.add("conntrack.filtered_unknown_port")
+        elif conn.local_port in ports or conn.remote_port in ports:
             return
         conn.filtered = True
         self.stats.add("conntrack.filtered")

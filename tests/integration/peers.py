@@ -161,7 +161,7 @@ PY_SERVER = textwrap.dedent('''
                 self.wfile.write(body); return
             if self.path.startswith("/never"):
                 time.sleep(3600); return
-            body = b"x" * int(self.path.split("/")[-1]) if self.path.startswith("/bytes/") else b"hello"
+            body = b"x" * int(self.path.split("?")[0].split("/")[-1]) if self.path.startswith("/bytes/") else b"hello"
             self.send_response(200)
             self.send_header("Content-Length", str(len(body))); self.end_headers()
             self.wfile.write(body)
