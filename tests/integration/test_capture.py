@@ -523,7 +523,8 @@ def test_msg_peek_is_not_counted_twice(capture):
         server.wait()
     events = drain(capture)
     got = data(of_pid(events, server.pid), Direction.INGRESS)
-    assert [e.data for e in got] == [b"GET /peek HTTP/1.1\r\nHost: x\r\n\r\n"] * N
+    assert [e.data for e in got] == [b"GET /peek HTTP/1.1\r\nHost: x\r\n\r\n"] * N, (
+        got, capture.loss_counters())
     assert_positions_contiguous(got)
 
 
