@@ -671,3 +671,34 @@ def test_inference_accepts_every_method_and_rejects_the_rest(capture):
     # The response "ok" is not HTTP either, but it is on an HTTP connection: emitted.
     out = data(of_pid(events, server.pid), Direction.EGRESS)
     assert len(out) == len(HTTP_STARTS)
+
+
+def test_ipv6_addresses(capture, tmp_path):
+    (tmp_path / "index.html").write_text("hello\n")
+    with socket.socket(socket.AF_INET6) as s:
+        s.bind(("::1", 0))
+        port = s.getsockname()[1]
+    server = subprocess.Popen([sys.executable, "-m", "http.server", str(port), "--bind", "::1"],
+                              cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                socket.create_connection(("::1", port), timeout=0.2).close()
+                break
+            except OSError:
+                assert time.monotonic() < deadline, "IPv6 server did not start"
+                time.sleep(0.05)
+        drain(capture, quiet_s=0.1)
+        proc = subprocess.run(["curl", "-sS", "-g", "-o", "/dev/null", "-w", "%{http_code}",
+                               "http://[::1]:%d/index.html" % port], capture_output=True,
+                              text=True, timeout=30, check=True)
+        assert proc.stdout == "200"
+        events = drain(capture)
+    finally:
+        server.kill()
+        server.wait()
+    opens = [e for e in of_pid(events, server.pid) if isinstance(e, ConnOpenEvent)]
+    assert len(opens) == 1 and opens[0].role is Role.SERVER
+    assert (opens[0].local_address, opens[0].local_port, opens[0].remote_address) == (
+        "::1", port, "::1")
