@@ -202,6 +202,7 @@ def test_connection_opened_before_the_daemon_started(tmp_path):
     port = free_port()
     with python_keepalive_server(tmp_path, port):
         early = socket.create_connection(("127.0.0.1", port))
+        early_port = early.getsockname()[1]
         early.sendall(b"GET /bytes/7 HTTP/1.1\r\nHost: x\r\n\r\n")
         assert read_response(early).endswith(b"xxxxxxx")
         with Daemon(tmp_path, "--port", str(port)) as daemon:
@@ -214,7 +215,7 @@ def test_connection_opened_before_the_daemon_started(tmp_path):
     srv = servers(daemon.exchanges(), port)
     assert len(srv) == 3, daemon.log[-3000:]
     assert all(e["http.response.body.size"] == 11 for e in srv)
-    assert all(e["client.port"] == early.getsockname()[1] for e in srv)
+    assert all(e["client.port"] == early_port for e in srv)
 
 
 def read_response(sock: socket.socket) -> bytes:
