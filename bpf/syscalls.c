@@ -217,6 +217,26 @@ static __always_inline struct conn_t *conn_get_or_create(__u32 tgid, __s32 fd)
     return conn_create(tgid, fd, ROLE_UNKNOWN);
 }
 
+/* Emit CONN_CLOSE (when the open was emitted) and forget the entry. */
+static __always_inline void conn_close(struct conn_key_t *key, struct conn_t *c, __u32 tid)
+{
+    if (c->flags & CONN_OPEN_SENT) {
+        struct conn_close_event ev = {};
+        ev.kind = EVENT_CONN_CLOSE;
+        ev.source = SOURCE_SYSCALL;
+        ev.tgid = key->tgid;
+        ev.tid = tid;
+        ev.fd = key->fd;
+        ev.generation = c->generation;
+        ev.timestamp_ns = bpf_ktime_get_ns();
+        ev.bytes_sent = c->pos[DIR_EGRESS];
+        ev.bytes_received = c->pos[DIR_INGRESS];
+        if (events.ringbuf_output(&ev, sizeof(ev), 0) != 0)
+            counter_add(CNT_RINGBUF_FULL, 1);
+    }
+    conns.delete(key);
+}
+
 /* ---- TLS hook ----------------------------------------------------------------------- */
 #ifdef WITH_OPENSSL
 /* openssl.h must define:
@@ -469,6 +489,15 @@ static __always_inline int data_exit(void *ctx, long ret, __u8 op, __u8 dir, int
             counter_add(CNT_CONN_RESET, 1);
         return 0;
     }
+#ifdef HAVE_SOCK_LENGTH
+    /* An fd closed without close(2) (close_range, dup2 over it, exec) and reused: the
+     * entry is stale. Every socket read/write passes sock_{recv,send}msg (sendfile
+     * did not before 6.5, so it proves nothing). */
+    if (conn && op != OP_SENDFILE && (!st.sk || (conn->sk && conn->sk != st.sk))) {
+        conn_close(&key, conn, tid);
+        conn = 0;
+    }
+#endif
     if (st.sk_family && st.sk_family != OTEL_AF_INET && st.sk_family != OTEL_AF_INET6)
         return 0; /* AF_UNIX & co: never HTTP we report */
     if (st.sk_protocol && st.sk_protocol != OTEL_IPPROTO_TCP)
@@ -657,23 +686,8 @@ TRACEPOINT_PROBE(syscalls, sys_enter_close)
     __u64 id = bpf_get_current_pid_tgid();
     struct conn_key_t key = {.tgid = id >> 32, .fd = (__s32)args->fd};
     struct conn_t *c = conns.lookup(&key);
-    if (!c)
-        return 0;
-    if (c->flags & CONN_OPEN_SENT) {
-        struct conn_close_event ev = {};
-        ev.kind = EVENT_CONN_CLOSE;
-        ev.source = SOURCE_SYSCALL;
-        ev.tgid = key.tgid;
-        ev.tid = (__u32)id;
-        ev.fd = key.fd;
-        ev.generation = c->generation;
-        ev.timestamp_ns = bpf_ktime_get_ns();
-        ev.bytes_sent = c->pos[DIR_EGRESS];
-        ev.bytes_received = c->pos[DIR_INGRESS];
-        if (events.ringbuf_output(&ev, sizeof(ev), 0) != 0)
-            counter_add(CNT_RINGBUF_FULL, 1);
-    }
-    conns.delete(&key);
+    if (c)
+        conn_close(&key, c, (__u32)id);
     return 0;
 }
 

@@ -702,3 +702,37 @@ def test_ipv6_addresses(capture, tmp_path):
     assert len(opens) == 1 and opens[0].role is Role.SERVER
     assert (opens[0].local_address, opens[0].local_port, opens[0].remote_address) == (
         "::1", port, "::1")
+
+
+def test_fd_reused_without_close_is_a_new_connection(capture, http_server, tmp_path):
+    """dup2() replaces a traced socket's fd without close(2): the kernel entry must not
+    carry the old connection's identity to the new file or socket."""
+    server, port = http_server
+    client = subprocess.run([sys.executable, "-c", textwrap.dedent("""
+        import os, socket, sys
+        a = socket.create_connection(("127.0.0.1", %d))
+        a.sendall(b"GET /index.html HTTP/1.1\\r\\nHost: x\\r\\n\\r\\n"); a.recv(65536)
+        fd = a.fileno()
+        # a regular file holding HTTP-looking bytes takes over the socket's fd number
+        path = sys.argv[1]
+        with open(path, "wb") as f:
+            f.write(b"GET /from-a-file HTTP/1.1\\r\\n\\r\\n")
+        tmp = os.open(path, os.O_RDONLY)
+        os.dup2(tmp, fd)
+        os.read(fd, 100)
+        # and a new socket takes it over again
+        b = socket.create_connection(("127.0.0.1", %d))
+        os.dup2(b.fileno(), fd)
+        os.write(fd, b"GET /index.html?second HTTP/1.1\\r\\nHost: x\\r\\n\\r\\n"); os.read(fd, 65536)
+        print(os.getpid(), fd, flush=True)
+    """) % (port, port), str(tmp_path / "request.txt")],
+        capture_output=True, text=True, timeout=30, check=True)
+    pid, fd = map(int, client.stdout.split())
+    events = of_pid(drain(capture), pid)
+    assert not [e for e in data(events) if b"/from-a-file" in e.data]
+    on_fd = [e for e in events if e.fd == fd]
+    opens = [e for e in on_fd if isinstance(e, ConnOpenEvent)]
+    assert len(opens) == 2 and opens[0].generation != opens[1].generation
+    second = [e for e in data(on_fd, Direction.EGRESS) if b"?second" in e.data]
+    assert len(second) == 1 and second[0].generation == opens[1].generation
+    assert second[0].position == 0  # a fresh stream, not the old connection's positions
