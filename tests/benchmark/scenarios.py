@@ -392,21 +392,24 @@ def memory(plan: Plan, workdir: Path) -> dict:
         # Progress is nginx's own request count: the daemon's counters may only be
         # published between ring-buffer polls, which a sustained load can postpone.
         start, served0 = agent.exchanges(), nginx.requests()
-        series: list[tuple[float, int, float]] = []   # (t, requests served, rss MB)
+        # (t, requests served, rss MB, exchanges the daemon's /stats shows at that moment)
+        series: list[tuple[float, int, float, int]] = []
         t0 = time.monotonic()
         wrk = start_wrk(nginx.url, plan.exchanges_cap_s + 5, 16, 2, workdir)
         try:
             while time.monotonic() - t0 < plan.exchanges_cap_s:
                 time.sleep(1.0)
                 n = nginx.requests() - served0
-                series.append((time.monotonic() - t0, n, agent.rss() / MB))
+                series.append((time.monotonic() - t0, n, agent.rss() / MB,
+                               agent.exchanges() - start))
                 if n >= plan.exchanges_target:
                     break
         finally:
             wrk.stop()
         snap, _ = wait_drained(agent, quiet_s=2.0, timeout_s=120)
         served = nginx.requests() - served0
-        series.append((time.monotonic() - t0, served, agent.rss() / MB))
+        series.append((time.monotonic() - t0, served, agent.rss() / MB,
+                       agent.exchanges(snap) - start))
         result["requests_served"] = served
         result["exchanges_seen"] = agent.exchanges(snap) - start
         result["series"] = series
