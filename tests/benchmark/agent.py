@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import signal
 import sys
 import time
@@ -33,9 +34,10 @@ LOSS_WORDS = ("lost", "drop", "overflow", "truncat", "gap", "fail", "evict", "re
               "skipped", "fault")
 # Counters with a loss-like word that are not loss of HTTP data (a TLS library skipped).
 NOT_LOSS_PREFIXES = ("tls.",)
-# Exchanges handed to telemetry (one per exchange, OTLP mode); http.exchanges is the
-# fallback (at the time of writing both the stitcher and the daemon loop add to it).
-EXCHANGES_KEYS = ("telemetry.exchanges", "http.exchanges")
+# http.exchanges is counted live by the daemon loop; telemetry.exchanges is published
+# between polls only (a fallback).
+EXCHANGES_KEYS = ("http.exchanges", "telemetry.exchanges")
+FINAL_STATS = re.compile(r"final stats: .*?\bexchanges=(\d+)")
 
 
 def loss_counters(snapshot: dict[str, float]) -> dict[str, float]:
@@ -74,6 +76,11 @@ class Agent:
         self.proc = Proc(name, argv, workdir, cpus=cpus, env=self.env, cwd=REPO)
         self.started_at = 0.0
         self.ready_after_s = 0.0
+        self._log_offset = 0
+        # From the daemon's "final stats" log line: exchanges including those its
+        # shutdown produced (pending requests), which /stats can no longer show.
+        self.final_exchanges: int | None = None
+        self.stop_s = 0.0
 
     @property
     def pid(self) -> int:
@@ -90,6 +97,7 @@ class Agent:
         self.started_at = time.monotonic()
         # Logs before this point belong to earlier runs of the same name.
         offset = self.proc.log_path.stat().st_size if self.proc.log_path.exists() else 0
+        self._log_offset = offset
         self.proc.start()
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
@@ -111,9 +119,15 @@ class Agent:
     def stop(self) -> int | None:
         if not self.proc.running():
             return self.proc.stop()
+        t0 = time.monotonic()
         rc = self.proc.stop(signal.SIGTERM, timeout=60)
+        self.stop_s = time.monotonic() - t0
         if rc not in (0, None, -signal.SIGTERM):
             log.warning("otel-ebpf exited with %s; log tail:\n%s", rc, self.proc.tail(1500))
+        with open(self.proc.log_path, errors="replace") as f:
+            f.seek(self._log_offset)
+            found = FINAL_STATS.findall(f.read())
+        self.final_exchanges = int(found[-1]) if found else None
         return rc
 
     def stats(self) -> dict[str, float]:

@@ -37,7 +37,7 @@ class Plan:
     threads: int = 2
     # (connections, per-connection delay ms) from light to unpaced; see capacity().
     ladder: list[tuple[int, int]] = field(default_factory=lambda: [
-        (4, 1), (8, 1), (16, 1), (32, 1), (64, 1), (16, 0), (64, 0)])
+        (4, 1), (8, 1), (16, 1), (24, 1), (32, 1), (48, 1), (16, 0)])
     step_s: float = 8.0
     stall_s: float = 5.0
     idle_s: float = 5.0
@@ -214,6 +214,7 @@ def capacity(plan: Plan, workdir: Path) -> dict:
                 before, cpu0, t0 = agent.stats(), agent.cpu_s(), time.monotonic()
                 w = run_wrk(nginx.url, plan.step_s, conns, min(2, conns), delay_ms=delay_ms,
                             cpus=load_cpus, logdir=workdir)
+                cpu_load, wall_load = agent.cpu_s() - cpu0, time.monotonic() - t0
                 after, drain_s = wait_drained(agent, quiet_s=1.0, timeout_s=30)
                 cpu, wall = agent.cpu_s() - cpu0, time.monotonic() - t0
                 seen = agent.exchanges(after) - agent.exchanges(before)
@@ -224,8 +225,9 @@ def capacity(plan: Plan, workdir: Path) -> dict:
                         "exchanges_per_s": seen / w.duration_s if w.duration_s else 0.0,
                         "drain_s": drain_s, "loss": loss,
                         "daemon_cpu_s": cpu,
-                        # Over the whole step (load + drain): a lower bound of the busy share.
-                        "daemon_cpu_util": cpu / wall,
+                        # While wrk ran (its start-up included: a slight underestimate).
+                        "daemon_cpu_util": cpu_load / wall_load,
+                        "daemon_cpu_util_with_drain": cpu / wall,
                         "cpu_us_per_exchange": cpu * 1e6 / seen if seen else float("nan"),
                         "wrk_errors": w.errors + w.bad_status}
                 step["sustained"] = (not loss and unseen == 0 and drain_s <= 1.5
@@ -262,6 +264,11 @@ def capacity(plan: Plan, workdir: Path) -> dict:
         # After the daemon's shutdown flush: every exchange should have reached the
         # receiver (counted before the profiled daemon below adds its own).
         result["receiver_spans"] = rx.settle()
+        # Shutdown turns pending requests into exchanges too: the daemon's final count.
+        if agent.final_exchanges is not None:
+            total = agent.final_exchanges
+        result["daemon_final_exchanges"] = total
+        result["daemon_stop_s"] = round(agent.stop_s, 1)
         result["export_ratio"] = ratio(result["receiver_spans"], total)
         if plan.profile_s:
             result["profile"] = profile(rx, nginx, plan, workdir, daemon_cpus, load_cpus)
