@@ -66,6 +66,12 @@ def rows(results: dict) -> list[tuple[str, str, str, str]]:
         tf = n["traced_vs_empty_probes"]["throughput"]
         out.append(("1a nginx traced / empty-probes throughput", _fmt(tf),
                     ">= %.2f" % NGINX_VS_FLOOR_MIN, _verdict(tf >= NGINX_VS_FLOOR_MIN)))
+        seen = sum(r["traced"]["daemon_exchanges"] for r in n["rounds"])
+        reqs = sum(r["traced"]["requests"] for r in n["rounds"])
+        lost = sum(v for r in n["rounds"] for k, v in r["traced"]["daemon_loss"].items()
+                   if not k.endswith("_bytes"))
+        out.append(("1a nginx traced arm: exchanges seen / requests",
+                    "%d / %d (loss events %d)" % (seen, reqs, lost), "(info)", ""))
         out.append(("1a nginx traced / untraced p50, p99",
                     "%s, %s" % (_fmt(n["traced_vs_untraced"]["p50"]),
                                 _fmt(n["traced_vs_untraced"]["p99"])), "(info)", ""))
