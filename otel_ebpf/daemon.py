@@ -137,12 +137,15 @@ class Daemon:
                     output(exchange)
 
         warm_process = processes.get
+        note_name = processes.note_name
 
         def on_event(event) -> None:
             # The hot path: one call per kernel event.
             if type(event) is ConnOpenEvent:
-                # Resolve the process while it surely exists: a short-lived client
-                # (curl) has often exited by the time its exchange is emitted.
+                # Resolve the process while it most likely exists: a short-lived
+                # client (curl) has often exited by the time its exchange is emitted;
+                # if it is already gone, the kernel's task name stands in.
+                note_name(event.tgid, event.comm)
                 warm_process(event.tgid)
             for exchange in table.handle(event):
                 stats.add("http.exchanges")
@@ -242,7 +245,7 @@ class Daemon:
 
     def _shutdown(self) -> None:
         capture = getattr(self, "_capture", None)
-        if capture is not None:
+        if capture is not None and capture.bpf is not None:
             try:
                 capture.detach()
                 capture.poll(0)  # what the kernel queued before the detach

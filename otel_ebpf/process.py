@@ -135,6 +135,9 @@ class ProcessResolver:
         self._proc = proc_root
         self._cache: dict[int, ProcessInfo] = {}
         self._gone: dict[int, float] = {}  # pid -> monotonic time it was found missing
+        # pid -> task name the kernel reported (ConnOpenEvent.comm): the identity of a
+        # process that exited before /proc could be read (a one-shot curl).
+        self._names: dict[int, str] = {}
         self._host_name = socket.gethostname()
         self._host_id = read_machine_id()
         self._common: dict[str, AttributeValue] = {
@@ -161,6 +164,11 @@ class ProcessResolver:
             return None
         info = self._build(pid)
         if info is None:
+            name = self._names.get(pid)
+            if name is not None:
+                info = self._from_name(pid, name)
+                self._cache[pid] = info
+                return info
             if len(self._gone) >= self._max_entries:
                 self._gone.clear()
             self._gone[pid] = time.monotonic()
@@ -173,8 +181,29 @@ class ProcessResolver:
         self._cache[pid] = info
         return info
 
+    def note_name(self, pid: int, name: str | None) -> None:
+        """Remember the kernel's name for pid, used only if /proc is gone by lookup."""
+        if name and pid not in self._cache:
+            if len(self._names) >= self._max_entries:
+                self._names.clear()
+            self._names[pid] = name
+
+    def _from_name(self, pid: int, name: str) -> ProcessInfo:
+        self._stats.add("process.identified_by_comm")
+        attrs: dict[str, AttributeValue] = {
+            "service.name": name,
+            "service.instance.id": str(uuid.uuid5(uuid.NAMESPACE_OID,
+                                                  "%s/%d/%s" % (self._host_id, pid, name))),
+            "process.pid": pid,
+            "process.executable.name": name,
+        }
+        attrs.update(self._common)
+        # start_ticks -1 never matches a live process: the next sweep() forgets it.
+        return ProcessInfo(pid, name, name, attrs, -1)
+
     def forget(self, pid: int) -> None:
         self._cache.pop(pid, None)
+        self._names.pop(pid, None)
 
     def sweep(self) -> list[int]:
         """Drop entries whose process exited or whose pid now names another process;
@@ -183,6 +212,7 @@ class ProcessResolver:
                  if self._start_ticks(pid) != info.start_ticks]
         for pid in stale:
             del self._cache[pid]
+            self._names.pop(pid, None)
         now = time.monotonic()
         for pid in [p for p, t in self._gone.items() if now - t >= _NEGATIVE_TTL_S]:
             del self._gone[pid]

@@ -254,3 +254,28 @@ def test_zombie_is_reported_gone_not_cached_half_read():
         assert stats.get("process.vanished") == 1
     finally:
         p.wait()
+
+
+def test_a_process_gone_before_lookup_is_named_by_the_kernel_comm():
+    import subprocess
+    import sys
+
+    from otel_ebpf.process import ProcessResolver
+    from otel_ebpf.stats import Stats
+
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()  # reaped: /proc/PID is gone, as for a one-shot curl
+    stats = Stats()
+    resolver = ProcessResolver(stats)
+    assert resolver.get(child.pid) is None  # no hint: nothing invented
+    resolver = ProcessResolver(stats)
+    resolver.note_name(child.pid, "curl")
+    info = resolver.get(child.pid)
+    assert info is not None
+    assert (info.service_name, info.executable_name) == ("curl", "curl")
+    attrs = info.resource_attributes
+    assert attrs["service.name"] == "curl"
+    assert attrs["process.pid"] == child.pid
+    assert attrs["host.name"]
+    assert stats.get("process.identified_by_comm") == 1
+    assert child.pid in resolver.sweep()  # forgotten at the next sweep
