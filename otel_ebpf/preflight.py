@@ -168,10 +168,18 @@ def _kernel_version() -> tuple[int, int]:
 
 def diagnose() -> list[Check]:
     checks: list[Check] = []
-    root = os.geteuid() == 0
+    from otel_ebpf.privileges import capture_privilege_problem, privilege_warnings
+
+    problem = capture_privilege_problem()
+    who = "root" if os.geteuid() == 0 else "uid %d" % os.geteuid()
     checks.append(Check(
-        "privileges", root, "running as root" if root else "running as uid %d" % os.geteuid(),
-        "no BPF program can be loaded", "run as root (sudo otel-ebpf ...)"))
+        "privileges", problem is None,
+        "running as %s with the capabilities capture needs" % who if problem is None else problem,
+        "no BPF program can be loaded",
+        "run as root (sudo otel-ebpf ...) or with packaging/systemd/otel-ebpf.service's "
+        "capabilities"))
+    for warning in privilege_warnings():
+        checks.append(Check("privileges (partial)", True, warning))
 
     try:
         import bcc  # noqa: F401

@@ -208,9 +208,14 @@ class Capture:
         validate(self.options)
         from otel_ebpf import preflight
 
-        if os.geteuid() != 0:
-            raise CaptureError("not root: loading eBPF programs needs root (or CAP_BPF, "
-                               "CAP_PERFMON and CAP_SYS_RESOURCE); run with sudo")
+        from otel_ebpf.privileges import capture_privilege_problem, privilege_warnings
+
+        # Capabilities, not uid 0: the systemd unit runs unprivileged with a minimal set.
+        problem = capture_privilege_problem(self.options.tls)
+        if problem:
+            raise CaptureError(problem)
+        for warning in privilege_warnings(tls=self.options.tls):
+            log.warning("%s", warning)
         try:
             from bcc import BPF
         except ImportError:
