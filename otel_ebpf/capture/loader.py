@@ -293,8 +293,13 @@ class Capture:
         bpf[b"config"][ctypes.c_int(CFG_SELECT)] = ctypes.c_uint64(select)
 
     def poll(self, timeout_ms: int) -> int:
-        """Drain the ring buffer (waiting up to timeout_ms); returns events handled."""
-        bpf = self._require()
+        """Drain the ring buffer (waiting up to timeout_ms); returns events handled.
+
+        Returns 0 when not started (or after close), so a shutdown path may call it
+        unconditionally."""
+        bpf = self.bpf
+        if bpf is None or self._closed:
+            return 0
         reader = self._reader
         before = reader.events + reader.decode_errors
         bpf.ring_buffer_poll(timeout_ms)

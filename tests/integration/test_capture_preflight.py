@@ -70,3 +70,13 @@ def test_flattened_source_keeps_file_names_for_errors():
 def test_ensure_tracefs_and_headers_are_idempotent(bpf_available):
     assert preflight.ensure_tracefs() == preflight.ensure_tracefs()
     assert preflight.ensure_kernel_headers() == preflight.ensure_kernel_headers()
+
+
+def test_poll_before_start_and_after_close_is_harmless(bpf_available):
+    cap = Capture(CaptureOptions(tls=False))
+    assert cap.poll(0) == 0  # the daemon's shutdown polls even when start failed
+    cap.start(lambda e: None)
+    cap.poll(0)
+    cap.close()
+    assert cap.poll(0) == 0
+    cap.close()
