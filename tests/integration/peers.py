@@ -235,7 +235,7 @@ NGINX_CONF = textwrap.dedent('''
         scgi_temp_path {dir}/scgi;
         keepalive_requests 100000;
         server {{
-            listen 127.0.0.1:{port};
+            listen 127.0.0.1:{port}{tls};
             root {dir}/www;
             location / {{ }}
         }}
@@ -244,15 +244,19 @@ NGINX_CONF = textwrap.dedent('''
 
 
 class Nginx:
-    """nginx from Debian with its own config and a JSON access log."""
+    """nginx from Debian with its own config and a JSON access log; HTTPS with `certs`
+    (certificate and key paths)."""
 
-    def __init__(self, workdir: Path, port: int) -> None:
+    def __init__(self, workdir: Path, port: int, certs: tuple[Path, Path] | None = None,
+                 index: bytes = b"<html>hello from nginx</html>\n") -> None:
         self.dir = workdir / "nginx"
         self.port = port
         (self.dir / "www").mkdir(parents=True)
         self.conf = self.dir / "nginx.conf"
-        self.conf.write_text(NGINX_CONF.format(dir=self.dir, port=port))
-        (self.dir / "www" / "index.html").write_bytes(b"<html>hello from nginx</html>\n")
+        tls = (" ssl;\n            ssl_certificate %s;\n            ssl_certificate_key %s"
+               % certs) if certs else ""
+        self.conf.write_text(NGINX_CONF.format(dir=self.dir, port=port, tls=tls))
+        (self.dir / "www" / "index.html").write_bytes(index)
         (self.dir / "www" / "big.bin").write_bytes(os.urandom(1 << 20))
 
     def __enter__(self) -> Nginx:

@@ -31,7 +31,7 @@ import pytest
 from otel_ebpf.capture.events import ConnOpenEvent, DataEvent, Direction, Role, Source
 from otel_ebpf.stats import Stats
 
-from .peers import free_port, process
+from .peers import Nginx, free_port, process
 
 N = 23  # counting tests send a prime number of requests
 
@@ -54,49 +54,16 @@ def certs(tmp_path_factory) -> tuple[Path, Path]:
     return cert, key
 
 
-NGINX_TLS_CONF = textwrap.dedent('''
-    user root;
-    worker_processes 1;
-    pid {dir}/nginx.pid;
-    error_log {dir}/error.log warn;
-    events {{ worker_connections 1024; }}
-    http {{
-        log_format jsonlog escape=json '{{"method":"$request_method","uri":"$request_uri",'
-            '"status":$status,"bytes":$body_bytes_sent}}';
-        access_log {dir}/access.jsonl jsonlog;
-        client_body_temp_path {dir}/body;
-        proxy_temp_path {dir}/proxy;
-        fastcgi_temp_path {dir}/fastcgi;
-        uwsgi_temp_path {dir}/uwsgi;
-        scgi_temp_path {dir}/scgi;
-        keepalive_requests 100000;
-        server {{
-            listen 127.0.0.1:{port} ssl;
-            ssl_certificate {cert};
-            ssl_certificate_key {key};
-            root {dir}/www;
-            location / {{ }}
-        }}
-    }}
-''')
-
 INDEX = b"<html>hello from nginx over TLS</html>\n"
 BIG = 1 << 20
 
 
 @contextlib.contextmanager
 def nginx_tls(workdir: Path, certs: tuple[Path, Path]) -> Iterator[tuple[int, Path]]:
-    d = workdir / "nginx"
-    (d / "www").mkdir(parents=True)
-    (d / "www" / "index.html").write_bytes(INDEX)
-    (d / "www" / "big.bin").write_bytes(os.urandom(BIG))
     port = free_port()
-    conf = d / "nginx.conf"
-    conf.write_text(NGINX_TLS_CONF.format(dir=d, port=port, cert=certs[0], key=certs[1]))
-    nginx = shutil.which("nginx") or "/usr/sbin/nginx"
-    with process([nginx, "-c", str(conf), "-p", str(d), "-g", "daemon off;"], port=port) as proc:
-        yield port, d
-        assert proc.poll() is None, (d / "error.log").read_text()
+    with Nginx(workdir, port, certs=certs, index=INDEX) as nginx:
+        yield port, nginx.dir
+        assert nginx.proc.poll() is None, (nginx.dir / "error.log").read_text()
 
 
 PY_TLS_SERVER = textwrap.dedent('''
