@@ -77,6 +77,8 @@ CFG_SELECT = 0  # config[] index and bits, as in bpf/include/maps.h
 SELECT_ENABLED = 1
 SELECT_PID_FILTER = 2
 STATS_INTERVAL_S = 1.0
+# Longest one poll() keeps draining a busy ring buffer before it returns to the loop.
+POLL_BUDGET_S = 0.05
 PRUNE_INTERVAL_S = 30.0
 
 
@@ -302,6 +304,7 @@ class Capture:
             return 0
         reader = self._reader
         before = reader.events + reader.decode_errors
+        reader.deadline = time.monotonic() + POLL_BUDGET_S
         bpf.ring_buffer_poll(timeout_ms)
         now = time.monotonic()
         if now >= self._next_stats:

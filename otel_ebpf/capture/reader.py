@@ -20,6 +20,7 @@ import ctypes
 import logging
 import socket
 import struct
+import time
 from collections.abc import Callable
 
 from otel_ebpf.capture.events import (
@@ -124,6 +125,9 @@ def decode(raw: bytes) -> Event:
     raise DecodeError("unknown record kind %d" % kind)
 
 
+_monotonic = time.monotonic
+
+
 class RingReader:
     """Drains BCC's ring buffer `events` into `on_event`; counts what it did.
 
@@ -132,7 +136,7 @@ class RingReader:
     """
 
     __slots__ = ("_on_event", "_stats", "events", "decode_errors", "callback_errors",
-                 "_logged", "_flushed")
+                 "_logged", "_flushed", "deadline")
 
     def __init__(self, on_event: Callable[[Event], object], stats: Stats | None) -> None:
         self._on_event = on_event
@@ -142,6 +146,11 @@ class RingReader:
         self.callback_errors = 0
         self._logged: set[str] = set()
         self._flushed = (0, 0, 0)
+        # time.monotonic() after which one poll stops draining (set by Capture.poll).
+        # libbpf keeps consuming while records keep coming, so under sustained load a
+        # single poll would never return and timeouts, span flushes and the liveness
+        # mark would starve; a negative return makes libbpf stop after this record.
+        self.deadline = float("inf")
 
     def callback(self, _ctx: object, data: int, size: int) -> int:
         # The record is read in place through a ctypes array view (no copy of the
@@ -174,6 +183,8 @@ class RingReader:
             self.callback_errors += 1
             self._log_once(type(exc).__name__, "event handler raised %r; event dropped, "
                            "capture continues (logged once per exception type)", exc)
+        if not self.events & 255 and _monotonic() > self.deadline:
+            return -1  # budget spent: the rest stays queued for the next poll
         return 0
 
     def _log_once(self, key: str, msg: str, *args: object) -> None:
