@@ -180,6 +180,7 @@ class Telemetry:
                 duration if duration > 0.0 else 0.0,
                 exchange.request_body_size,
                 exchange.response_body_size,
+                exchange.start_time_unix_nano,
             )
 
     # ------------------------------------------------------------------ resources

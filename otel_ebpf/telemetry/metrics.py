@@ -319,14 +319,16 @@ class MetricsAggregator:
         duration_s: float,
         request_size: int,
         response_size: int | None,
+        started_ns: int | None = None,
     ) -> None:
         key = (pid, is_client, attrs)
         series = self._series.get(key)
         if series is None:
-            series = self._new_series(pid, is_client, attrs)
+            series = self._new_series(pid, is_client, attrs, started_ns)
         series.record(duration_s, request_size, response_size)
 
-    def _new_series(self, pid: int, is_client: bool, attrs: tuple) -> Series:
+    def _new_series(self, pid: int, is_client: bool, attrs: tuple,
+                    started_ns: int | None = None) -> Series:
         role_key = (pid, is_client)
         n = self._per_role.get(role_key, 0)
         # The last slot per (pid, role) is reserved for the overflow series, which may
@@ -342,6 +344,10 @@ class MetricsAggregator:
             self._per_role[role_key] = n + 1
             key = (pid, is_client, attrs)
         now = self._clock()
+        # A cumulative series' start time must not be later than the first exchange it
+        # counts: that exchange began before the daemon processed it.
+        if started_ns is not None and 0 < started_ns < now:
+            now = started_ns
         self._pid_start.setdefault(pid, now)
         series = (Series if self._exponential else ExplicitSeries)(self._make, attrs, now)
         self._series[key] = series

@@ -470,6 +470,8 @@ def test_cumulative_vs_delta():
             p200 = [p for p in second.data_points
                     if attrs_of(p.attributes)["http.response.status_code"] == 200][0]
             assert p200.start_time_unix_nano == first.data_points[0].start_time_unix_nano
+            # The series began no later than the first exchange it counts.
+            assert first.data_points[0].start_time_unix_nano <= T0
             assert sum(p.count for p in
                        third["http.server.request.duration"].histogram.data_points) == 46
         else:
