@@ -126,6 +126,7 @@ class Daemon:
         processes = ProcessResolver(stats, container_attributes=self._start_kubernetes())
         self._processes = processes
         self._table = ConnectionTable(config.conntrack, stats)
+        stats.gauge("conntrack.connections", self._table.__len__)  # the stats line's conns=
         outputs = self._build_outputs(processes)
         table = self._table
 
