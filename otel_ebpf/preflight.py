@@ -161,14 +161,9 @@ def _tracepoint_exists(tracefs: str | None, category: str, event: str) -> bool:
     return bool(tracefs) and os.path.isdir(os.path.join(tracefs, "events", category, event))
 
 
-def _kernel_version() -> tuple[int, int]:
-    match = re.match(r"(\d+)\.(\d+)", os.uname().release)
-    return (int(match.group(1)), int(match.group(2))) if match else (0, 0)
-
-
 def diagnose() -> list[Check]:
     checks: list[Check] = []
-    from otel_ebpf.privileges import capture_privilege_problem, privilege_warnings
+    from otel_ebpf.privileges import capture_privilege_problem, kernel_version, privilege_warnings
 
     problem = capture_privilege_problem()
     who = "root" if os.geteuid() == 0 else "uid %d" % os.geteuid()
@@ -225,7 +220,7 @@ def diagnose() -> list[Check]:
         "HTTPS (OpenSSL) plaintext is not captured; plaintext HTTP still is",
         "a kernel with CONFIG_UPROBE_EVENTS=y", required=False))
 
-    version = _kernel_version()
+    version = kernel_version()
     ringbuf = version >= (5, 8)
     checks.append(Check(
         "ring buffer", ringbuf, "kernel %d.%d (BPF ring buffer needs >= 5.8)" % version,

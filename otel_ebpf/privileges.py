@@ -54,7 +54,8 @@ def effective_capabilities(status_text: str | None = None) -> set[str]:
     return {name for name, bit in CAPABILITIES.items() if bits >> bit & 1}
 
 
-def _kernel_version() -> tuple[int, int]:
+def kernel_version() -> tuple[int, int]:
+    """(major, minor) of the running kernel; (0, 0) when unparsable."""
     match = re.match(r"(\d+)\.(\d+)", os.uname().release)
     return (int(match.group(1)), int(match.group(2))) if match else (0, 0)
 
@@ -68,7 +69,7 @@ def capture_privilege_problem(
     """None when capture can start, else what is missing and how to fix it."""
     caps = effective_capabilities() if caps is None else caps
     euid = os.geteuid() if euid is None else euid
-    kernel = _kernel_version() if kernel is None else kernel
+    kernel = kernel_version() if kernel is None else kernel
     admin = "CAP_SYS_ADMIN" in caps
     missing: list[str] = []
     if kernel < (5, 8):
@@ -96,7 +97,7 @@ def privilege_warnings(
     """What works without these privileges, but less well."""
     caps = effective_capabilities() if caps is None else caps
     euid = os.geteuid() if euid is None else euid
-    kernel = _kernel_version() if kernel is None else kernel
+    kernel = kernel_version() if kernel is None else kernel
     warnings: list[str] = []
     if tls and "CAP_SYS_ADMIN" not in caps:
         warnings.append(

@@ -142,11 +142,6 @@ def flatten_source(path: Path, _seen: set[Path] | None = None) -> str:
     return "".join(out)
 
 
-def _kernel_version() -> tuple[int, int]:
-    match = re.match(r"(\d+)\.(\d+)", platform.release())
-    return (int(match.group(1)), int(match.group(2))) if match else (0, 0)
-
-
 def _power_of_two(n: int) -> bool:
     return n > 0 and n & (n - 1) == 0
 
@@ -210,7 +205,11 @@ class Capture:
         validate(self.options)
         from otel_ebpf import preflight
 
-        from otel_ebpf.privileges import capture_privilege_problem, privilege_warnings
+        from otel_ebpf.privileges import (
+            capture_privilege_problem,
+            kernel_version,
+            privilege_warnings,
+        )
 
         # Capabilities, not uid 0: the systemd unit runs unprivileged with a minimal set.
         problem = capture_privilege_problem(self.options.tls)
@@ -241,7 +240,7 @@ class Capture:
         # Syscalls already in flight when we attach (a server blocked in recv/accept)
         # are recovered from the saved user registers: x86_64 ABI, kernel >= 5.15.
         features["OTEL_REGS_FALLBACK"] = (platform.machine() == "x86_64"
-                                          and _kernel_version() >= (5, 15))
+                                          and kernel_version() >= (5, 15))
         self.features = features
         source = bpf_source_dir() / MAIN_SOURCE
         text = flatten_source(source)
