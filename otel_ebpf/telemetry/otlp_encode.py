@@ -278,14 +278,19 @@ def status_field(is_error: bool, message: str | None = None) -> bytes:
     return _ld(15, encode_status(is_error, message))
 
 
+def _encode_export_request(groups: Iterable[tuple[bytes, Sequence[bytes]]]) -> bytes:
+    """Export{Trace,Metrics}ServiceRequest: both nest the same way, resource_X(1) ->
+    resource(1) + scope_X(2) -> scope(1) + the item fields (spans or metrics, field 2)."""
+    out = []
+    for resource_body, item_fields in groups:
+        scope_items = SCOPE_FIELD + b"".join(item_fields)
+        out.append(_ld(1, _ld(1, resource_body) + _ld(2, scope_items)))
+    return b"".join(out)
+
+
 def encode_trace_request(groups: Iterable[tuple[bytes, Sequence[bytes]]]) -> bytes:
     """ExportTraceServiceRequest from (Resource body, [span fields]) per resource."""
-    out = []
-    for resource_body, span_fields in groups:
-        scope_spans = SCOPE_FIELD + b"".join(span_fields)
-        resource_spans = _ld(1, resource_body) + _ld(2, scope_spans)
-        out.append(_ld(1, resource_spans))
-    return b"".join(out)
+    return _encode_export_request(groups)
 
 
 # ---------------------------------------------------------------- metrics.proto
@@ -419,9 +424,4 @@ def field_gauge_metric(
 
 def encode_metrics_request(groups: Iterable[tuple[bytes, Sequence[bytes]]]) -> bytes:
     """ExportMetricsServiceRequest from (Resource body, [metric fields]) per resource."""
-    out = []
-    for resource_body, metric_fields in groups:
-        scope_metrics = SCOPE_FIELD + b"".join(metric_fields)
-        resource_metrics = _ld(1, resource_body) + _ld(2, scope_metrics)
-        out.append(_ld(1, resource_metrics))
-    return b"".join(out)
+    return _encode_export_request(groups)
