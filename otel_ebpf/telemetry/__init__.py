@@ -285,12 +285,7 @@ class Telemetry:
         if not self._closed:
             self._flush_spans(pid)
             if self._metrics_on:
-                collected = self._metrics.collect(pid)
-                fields = collected.get(pid)
-                if fields:
-                    self._sink.export_metrics(
-                        enc.encode_metrics_request([(self._resource(pid), fields)]),
-                        self._metrics.last_points)
+                self._export_metrics(pid)
         self._metrics.forget(pid)
         self._routes.forget(pid)
         self._resources.pop(pid, None)
