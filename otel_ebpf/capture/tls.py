@@ -296,6 +296,16 @@ def system_libssl_paths() -> list[str]:
     return sorted(set(paths))
 
 
+def _system_libssl_mappings() -> Iterator[_Mapping]:
+    """system_libssl_paths() as mappings of our own namespace (vanished files skipped)."""
+    for path in system_libssl_paths():
+        try:
+            st = os.stat(path)
+        except OSError:
+            continue
+        yield _Mapping(path, (st.st_dev, st.st_ino), path)
+
+
 # ---------------------------------------------------------------------------------------
 # Classification
 
@@ -375,12 +385,7 @@ def discover_tls_libraries(proc: str = "/proc", include_system: bool = True) -> 
             if got is not None:
                 found[m.file_id] = (got[0], m, got[1], [pid])
     if include_system:
-        for path in system_libssl_paths():
-            try:
-                st = os.stat(path)
-            except OSError:
-                continue
-            m = _Mapping(path, (st.st_dev, st.st_ino), path)
+        for m in _system_libssl_mappings():
             if m.file_id not in found:
                 got = finder.classify(m, is_exe=False)
                 if got is not None:
@@ -506,12 +511,8 @@ class TlsAttacher:
         self._stats.add("tls.scans")
         before = len(self._attached)
         if full and self._attach_system and self._scans == 1:
-            for path in system_libssl_paths():
-                try:
-                    st = os.stat(path)
-                except OSError:
-                    continue
-                self._consider(_Mapping(path, (st.st_dev, st.st_ino), path), is_exe=False)
+            for m in _system_libssl_mappings():
+                self._consider(m, is_exe=False)
         alive = set()
         for pid in _pids(self._proc):
             alive.add(pid)
