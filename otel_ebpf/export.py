@@ -146,7 +146,7 @@ class RateLimitedLog:
             self._log.warning(msg, *args)
 
 
-def _read_file(path: str | None, what: str) -> bytes | None:
+def _read_file(path: str | None) -> bytes | None:
     if not path:
         return None
     with open(path, "rb") as f:  # OSError is turned into a permanent failure by caller
@@ -221,9 +221,9 @@ class _GrpcTransport:
         ]
         if secure:
             credentials = grpc.ssl_channel_credentials(
-                root_certificates=_read_file(options.certificate, "certificate"),
-                private_key=_read_file(options.client_key, "client key"),
-                certificate_chain=_read_file(options.client_certificate, "client certificate"),
+                root_certificates=_read_file(options.certificate),
+                private_key=_read_file(options.client_key),
+                certificate_chain=_read_file(options.client_certificate),
             )
             self._channel = grpc.secure_channel(target, credentials, options=channel_options)
         else:
@@ -339,7 +339,6 @@ class OtlpExporter:
         self._stop = threading.Event()  # interrupts backoff sleeps at shutdown
         self._closed = False
         self._warn = RateLimitedLog(log, 10.0)
-        self._drops_since_log = [0, 0]  # payloads, items
         # Gauges: how far behind the collector is (read at stats time, not per export).
         stats.gauge("export.queue_payloads", lambda: len(self._queue))
         stats.gauge("export.queue_bytes", lambda: self._queued_bytes)
