@@ -311,7 +311,7 @@ class ProcessResolver:
                 attrs["process.executable.path"] = exe
             if cmdline:
                 attrs["process.command_line"] = shlex.join(cmdline)[:_MAX_COMMAND_LINE]
-            if owner is None and proc is not None:
+            if owner is None:
                 uids = read(proc.uids)
                 if uids is not None:
                     owner = str(uids.real)
