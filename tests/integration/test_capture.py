@@ -23,6 +23,8 @@ from otel_ebpf.capture.events import ConnCloseEvent, ConnOpenEvent, DataEvent, D
 from otel_ebpf.capture.loader import LOSS_COUNTERS, Capture, CaptureOptions
 from otel_ebpf.stats import Stats
 
+from .peers import free_port, wait_for_port
+
 N = 23  # prime: off-by-one and duplicates show
 
 
@@ -48,23 +50,6 @@ def drain(cap: Capture, quiet_s: float = 0.3, limit_s: float = 10.0) -> list:
     out = list(cap.events)
     cap.events.clear()
     return out
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_port(port: int, timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
-                return
-        except OSError:
-            time.sleep(0.05)
-    raise AssertionError("server on port %d did not start" % port)
 
 
 def of_pid(events: list, pid: int) -> list:
@@ -96,7 +81,7 @@ def http_server(tmp_path, capture):
                              "127.0.0.1"], cwd=tmp_path, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
     try:
-        wait_port(port)
+        wait_for_port(port, timeout=10.0)
         drain(capture, quiet_s=0.1)
         yield proc, port
     finally:
@@ -203,7 +188,7 @@ def test_node_writev_one_event_per_iovec(capture, tmp_path):
     port = free_port()
     proc = subprocess.Popen([node, str(script), str(port)])
     try:
-        wait_port(port)
+        wait_for_port(port, timeout=10.0)
         drain(capture, quiet_s=0.1)
         curl_pid, lines = run_curl(port, "/", N)
         assert all(line.startswith("200 ") for line in lines) and len(lines) == N
@@ -470,7 +455,7 @@ def test_ring_buffer_overflow_is_counted_and_positions_stay_exact(bpf_available,
     cap = Capture(CaptureOptions(tls=False, ringbuf_kib=64, max_capture_bytes=16384,
                                  pids=(server.pid,)), Stats())
     try:
-        wait_port(port)
+        wait_for_port(port, timeout=10.0)
         cap.start(events.append)
         cap.events = events  # type: ignore[attr-defined]
         _, lines = run_curl(port, "/big.bin")  # no poll meanwhile: the ring fills up
@@ -590,7 +575,7 @@ def test_writev_with_hundreds_of_iovecs_keeps_every_segment(capture, tmp_path, t
     port = free_port()
     proc = subprocess.Popen([node, str(script), str(port)])
     try:
-        wait_port(port)
+        wait_for_port(port, timeout=10.0)
         drain(capture, quiet_s=0.1)
         before = capture.loss_counters()
         _, lines = run_curl(port, "/chunked/%d" % total)
