@@ -260,14 +260,10 @@ class ConnectionTable:
         if conn.session is not None:
             # The capture contract has no reset flag yet; a capture stage that can tell
             # (close after ECONNRESET/EPIPE) may add `reset: bool` to ConnCloseEvent.
-            if getattr(ev, "reset", False):
-                conn.session.close(
-                    ev.timestamp_ns, Outcome.CONNECTION_RESET, "connection_reset"
-                )
-            else:
-                conn.session.close(
-                    ev.timestamp_ns, Outcome.CONNECTION_CLOSED, "connection_closed"
-                )
+            # The reason is the outcome's value ("connection_reset"/"connection_closed").
+            outcome = (Outcome.CONNECTION_RESET if getattr(ev, "reset", False)
+                       else Outcome.CONNECTION_CLOSED)
+            conn.session.close(ev.timestamp_ns, outcome, outcome.value)
 
     # -- internals --------------------------------------------------------------------------
 
