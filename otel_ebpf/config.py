@@ -417,7 +417,7 @@ _MAXIMUMS: dict[str, float] = {"max_capture_bytes": 16384, "max_iovecs": 16}
 
 
 def _foreign_settings(section: str, cls: type, exclude: frozenset[str] = frozenset(),
-                      env: Mapping[str, tuple] | None = None) -> list[tuple[Setting, str]]:
+                      env: Mapping[str, tuple] | None = None) -> list[Setting]:
     hints = typing.get_type_hints(cls)
     out = []
     for f in dataclasses.fields(cls):
@@ -428,8 +428,7 @@ def _foreign_settings(section: str, cls: type, exclude: frozenset[str] = frozens
         if isinstance(number, NumberKind):
             number.minimum = _MINIMUMS.get(f.name, number.minimum)
             number.maximum = _MAXIMUMS.get(f.name, number.maximum)
-        out.append((Setting("%s.%s" % (section, f.name), kind, tuple((env or {}).get(f.name, ()))),
-                    f.name))
+        out.append(Setting("%s.%s" % (section, f.name), kind, tuple((env or {}).get(f.name, ()))))
     return out
 
 
@@ -477,7 +476,7 @@ def _otlp_settings() -> list[Setting]:
     return out
 
 
-def _capture_settings() -> list[tuple[Setting, str]]:
+def _capture_settings() -> list[Setting]:
     if CaptureOptions is None:
         return []
     return _foreign_settings("capture", CaptureOptions)
@@ -488,13 +487,12 @@ def settings() -> list[Setting]:
     out: list[Setting] = [Setting("log_level", ChoiceKind(LOG_LEVELS, {
         "warn": "warning", "trace": "debug", "fatal": "error", "critical": "error"}),
         ("OTEL_LOG_LEVEL",))]
-    out += [s for s, _ in _capture_settings()]
+    out += _capture_settings()
     if not any(s.key == "capture.ports" for s in out):
         out.append(Setting("capture.ports", ListKind(NumberKind(True, 1, maximum=65535), as_set=True,
                                                      none_if_empty=True)))
-    out += [s for s, _ in _foreign_settings("conntrack", ConntrackOptions,
-                                            exclude=frozenset({"ports"}))]
-    out += [s for s, _ in _foreign_settings("telemetry", TelemetryOptions, env=_TELEMETRY_ENV)]
+    out += _foreign_settings("conntrack", ConntrackOptions, exclude=frozenset({"ports"}))
+    out += _foreign_settings("telemetry", TelemetryOptions, env=_TELEMETRY_ENV)
     out += _otlp_settings()
     out += [
         Setting("output.exporter", _Optional(ChoiceKind(EXPORTERS))),
@@ -636,9 +634,11 @@ def _resolve(table: list[Setting], layers: list[_Layer]) -> dict[str, object]:
     return values
 
 
-def _build(cls, section: str, mapping: list[tuple[Setting, str]], values: dict[str, object],
+def _build(cls, section: str, values: dict[str, object],
            extra: Mapping[str, object] | None = None):
-    kwargs = {name: values[s.key] for s, name in mapping if s.key in values}
+    """cls(**) from the `section.<field>` values that were set, plus `extra`."""
+    keys = {f.name: "%s.%s" % (section, f.name) for f in dataclasses.fields(cls)}
+    kwargs = {name: values[key] for name, key in keys.items() if key in values}
     kwargs.update(extra or {})
     try:
         return cls(**kwargs)
@@ -765,14 +765,11 @@ def load(config_path: str | None = None, environ: Mapping[str, str] | None = Non
 
     capture = None
     if CaptureOptions is not None:
-        capture = _build(CaptureOptions, "capture", _capture_settings(), values)
+        capture = _build(CaptureOptions, "capture", values)
         _validate_capture(capture, values, layers)
-    conntrack = _build(ConntrackOptions, "conntrack",
-                       _foreign_settings("conntrack", ConntrackOptions,
-                                         exclude=frozenset({"ports"})),
-                       values, {"ports": _port_set(values.get("capture.ports"))})
-    telemetry = _build(TelemetryOptions, "telemetry",
-                       _foreign_settings("telemetry", TelemetryOptions), values)
+    conntrack = _build(ConntrackOptions, "conntrack", values,
+                       {"ports": _port_set(values.get("capture.ports"))})
+    telemetry = _build(TelemetryOptions, "telemetry", values)
     otlp_kwargs = {k.rsplit(".", 1)[1]: values[k] for k in (
         "export.otlp.max_queue_payloads", "export.otlp.max_queue_bytes",
         "export.otlp.retry_max_elapsed_s", "export.otlp.retry_initial_backoff_s",
