@@ -45,9 +45,18 @@ OPTIONAL_CONSEQUENCE = {
     "inet_sock_set_state": "connection addresses come from accept/connect arguments and /proc "
                            "instead of the kernel",
 }
-SYSCALLS = (
+# The syscalls whose enter+exit tracepoints capture requires (checked here and by the
+# loader before compiling).
+SYSCALLS: tuple[str, ...] = (
     "accept", "accept4", "connect", "close", "read", "readv", "recvfrom", "recvmsg",
     "recvmmsg", "write", "writev", "sendto", "sendmsg", "sendmmsg", "sendfile64",
+)
+# Optional tracepoints: (category, event, -D flag that compiles the program in).
+OPTIONAL_TRACEPOINTS: tuple[tuple[str, str, str], ...] = (
+    ("sock", "sock_send_length", "HAVE_SOCK_LENGTH"),
+    ("sock", "sock_recv_length", "HAVE_SOCK_LENGTH"),
+    ("tcp", "tcp_rcv_space_adjust", "HAVE_TCP_RCV_SPACE_ADJUST"),
+    ("sock", "inet_sock_set_state", "HAVE_INET_SOCK_SET_STATE"),
 )
 
 
@@ -205,8 +214,7 @@ def diagnose() -> list[Check]:
         else "missing: %s" % (", ".join(missing) if tracefs else "tracefs not mounted"),
         "plaintext HTTP cannot be captured", "a kernel with CONFIG_FTRACE_SYSCALLS=y"))
 
-    for category, event in (("sock", "sock_send_length"), ("sock", "sock_recv_length"),
-                            ("tcp", "tcp_rcv_space_adjust"), ("sock", "inet_sock_set_state")):
+    for category, event, _ in OPTIONAL_TRACEPOINTS:
         ok = _tracepoint_exists(tracefs, category, event)
         checks.append(Check(
             "tracepoint %s:%s" % (category, event), ok, "present" if ok else "absent",

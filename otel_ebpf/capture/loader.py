@@ -36,23 +36,12 @@ from pathlib import Path
 from otel_ebpf.capture import CaptureError
 from otel_ebpf.capture.events import Event
 from otel_ebpf.capture.reader import RingReader
+from otel_ebpf.preflight import OPTIONAL_TRACEPOINTS, SYSCALLS
 from otel_ebpf.stats import Stats
 
 log = logging.getLogger(__name__)
 
 MAIN_SOURCE = "syscalls.c"
-
-SYSCALLS: tuple[str, ...] = (
-    "accept", "accept4", "connect", "close", "read", "readv", "recvfrom", "recvmsg",
-    "recvmmsg", "write", "writev", "sendto", "sendmsg", "sendmmsg", "sendfile64",
-)
-# Optional tracepoints: (category, event, -D flag that compiles the program in).
-OPTIONAL_TRACEPOINTS: tuple[tuple[str, str, str], ...] = (
-    ("sock", "sock_send_length", "HAVE_SOCK_LENGTH"),
-    ("sock", "sock_recv_length", "HAVE_SOCK_LENGTH"),
-    ("tcp", "tcp_rcv_space_adjust", "HAVE_TCP_RCV_SPACE_ADJUST"),
-    ("sock", "inet_sock_set_state", "HAVE_INET_SOCK_SET_STATE"),
-)
 
 # Index -> name of the per-CPU `counters` array (CNT_* in bpf/include/events.h).
 LOSS_COUNTERS: tuple[str, ...] = (
