@@ -363,7 +363,8 @@ def _tree(root: Path) -> set[str]:
     }
 
 
-def test_wheel_ships_bpf_and_config_and_finds_them_installed(tmp_path):
+def _copy_wheel_sources(tmp_path):
+    """A clean copy of what a wheel or sdist is built from, in tmp_path/src."""
     src = tmp_path / "src"
     src.mkdir()
     ignore = shutil.ignore_patterns("__pycache__", "*.pyc", "*.egg-info")
@@ -373,6 +374,11 @@ def test_wheel_ships_bpf_and_config_and_finds_them_installed(tmp_path):
             shutil.copytree(path, src / name, ignore=ignore)
         else:
             shutil.copy2(path, src / name)
+    return src
+
+
+def test_wheel_ships_bpf_and_config_and_finds_them_installed(tmp_path):
+    src = _copy_wheel_sources(tmp_path)
     build = subprocess.run(
         [sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "-w", str(tmp_path / "dist"), "."],
         cwd=src, capture_output=True, text=True, timeout=300,
@@ -464,15 +470,7 @@ def test_helm_values_schema_rejects_bad_values(helm, values, complaint):
 
 def test_sdist_carries_bpf_and_config_into_its_wheel(tmp_path):
     """MANIFEST.in: a wheel built from the sdist (as PyPI users get it) still ships them."""
-    src = tmp_path / "src"
-    src.mkdir()
-    ignore = shutil.ignore_patterns("__pycache__", "*.pyc", "*.egg-info")
-    for name in WHEEL_SOURCES:
-        path = REPO / name
-        if path.is_dir():
-            shutil.copytree(path, src / name, ignore=ignore)
-        else:
-            shutil.copy2(path, src / name)
+    src = _copy_wheel_sources(tmp_path)
     tools = tmp_path / "tools"
     subprocess.run([sys.executable, "-m", "venv", str(tools)], check=True, timeout=120)
     setup = subprocess.run([str(tools / "bin" / "pip"), "install", "--quiet", "build"],
