@@ -218,9 +218,6 @@ class Http1Session:
 
     # -- from conntrack -----------------------------------------------------------------
 
-    def data(self, direction: int, data: bytes, ts: int, tid: int) -> None:
-        self.framers[direction].feed(data, ts, tid)
-
     def gap(self, direction: int, size: int, ts: int) -> None:
         self.framers[direction].gap(size, ts)
 
@@ -285,15 +282,16 @@ class Http1Session:
                 self._emit(p, self.resp_head, now, framer.body_size, None, _TIMEOUT, "timeout")
             else:
                 waiting = True
+        if self.resp_lost:  # see close(): the responses may have been sent
+            outcome, reason = _TRUNCATED, "response_lost"
+        else:
+            outcome, reason = _TIMEOUT, "timeout"
         for p in self.pending:
             if p.timed_out:
                 continue
             if now - p.start_ts >= timeout_ns:
                 p.timed_out = True
-                if self.resp_lost:  # see close(): the response may have been sent
-                    self._emit(p, None, now, None, None, _TRUNCATED, "response_lost")
-                else:
-                    self._emit(p, None, now, None, None, _TIMEOUT, "timeout")
+                self._emit(p, None, now, None, None, outcome, reason)
             else:
                 waiting = True
         return waiting
