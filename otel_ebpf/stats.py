@@ -30,6 +30,10 @@ class Stats:
     def gauge(self, name: str, read: Callable[[], int | float]) -> None:
         self._gauges[name] = read
 
+    def gauge_names(self) -> frozenset[str]:
+        """Names whose values may go down (exported as gauges, not monotonic sums)."""
+        return frozenset(self._gauges)
+
     def get(self, name: str) -> int:
         return self._counters.get(name, 0)
 

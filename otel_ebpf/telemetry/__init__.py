@@ -315,9 +315,5 @@ class Telemetry:
 
 
 def _gauge_names(stats) -> frozenset[str]:
-    # Stats has no public list of its gauges; its registry of gauge callbacks is the
-    # only place that knows which snapshot values may go down.
-    names = getattr(stats, "gauge_names", None)
-    if callable(names):
-        return frozenset(names())
-    return frozenset(getattr(stats, "_gauges", {}).keys())
+    # Snapshot values that may go down: exported as gauges, not monotonic sums.
+    return stats.gauge_names()
