@@ -326,7 +326,11 @@ class Capture:
         """Forget kernel entries of exited processes (their fds closed without close(2))."""
         bpf = self._require()
         table = bpf[b"conns"]
-        dead = [key for key in table.keys() if not os.path.exists("/proc/%d" % key.tgid)]
+        keys = list(table.keys())
+        # One /proc lookup per process, not per connection (a server holds thousands).
+        gone = {tgid for tgid in {key.tgid for key in keys}
+                if not os.path.exists("/proc/%d" % tgid)}
+        dead = [key for key in keys if key.tgid in gone]
         for key in dead:
             try:
                 del table[key]
