@@ -19,6 +19,8 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+from tests.receiver import free_port  # noqa: F401 (re-exported to the harness)
+
 log = logging.getLogger(__name__)
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")
@@ -27,12 +29,6 @@ PAGE = os.sysconf("SC_PAGE_SIZE")
 
 class BenchmarkError(RuntimeError):
     """A peer could not be started or measured; the message says which and why."""
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def wait_port(port: int, timeout: float = 20.0, proc: subprocess.Popen | None = None,

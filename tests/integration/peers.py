@@ -20,14 +20,10 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+from tests.receiver import free_port  # noqa: F401 (re-exported to the tests)
+
 REPO = Path(__file__).resolve().parents[2]
 READY_MARKER = "capturing;"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def wait_for_port(port: int, timeout: float = 20.0) -> None:
