@@ -7,6 +7,7 @@ processes on the host are captured too, and ignored here).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import socket
@@ -83,6 +84,24 @@ def http_server(tmp_path, capture):
     try:
         wait_for_port(port, timeout=10.0)
         drain(capture, quiet_s=0.1)
+        yield proc, port
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+@contextlib.contextmanager
+def node_script(tmp_path, name: str, source: str):
+    """Run a Node.js script serving on a free port; yield (process, port); kill it after."""
+    node = shutil.which("node")
+    if node is None:
+        pytest.fail("node is needed (scripts/bootstrap.sh --test-peers installs nodejs)")
+    script = tmp_path / name
+    script.write_text(source)
+    port = free_port()
+    proc = subprocess.Popen([node, str(script), str(port)])
+    try:
+        wait_for_port(port, timeout=10.0)
         yield proc, port
     finally:
         proc.kill()
@@ -180,22 +199,11 @@ NODE_SERVER = textwrap.dedent("""
 
 
 def test_node_writev_one_event_per_iovec(capture, tmp_path):
-    node = shutil.which("node")
-    if node is None:
-        pytest.fail("node is needed (scripts/bootstrap.sh --test-peers installs nodejs)")
-    script = tmp_path / "server.js"
-    script.write_text(NODE_SERVER)
-    port = free_port()
-    proc = subprocess.Popen([node, str(script), str(port)])
-    try:
-        wait_for_port(port, timeout=10.0)
+    with node_script(tmp_path, "server.js", NODE_SERVER) as (proc, port):
         drain(capture, quiet_s=0.1)
         curl_pid, lines = run_curl(port, "/", N)
         assert all(line.startswith("200 ") for line in lines) and len(lines) == N
         events = drain(capture)
-    finally:
-        proc.kill()
-        proc.wait()
     out = data(of_pid(events, proc.pid), Direction.EGRESS)
     # Node writes "8", "\r\n", "chunked ", "\r\n", ..., "0\r\n\r\n" as separate iovecs.
     payloads = [e.data for e in out]
@@ -567,23 +575,12 @@ def test_writev_with_hundreds_of_iovecs_keeps_every_segment(capture, tmp_path, t
     """Node queues all chunks and writes them with one writev of 4 iovecs per chunk
     (29 for 100 kB, hundreds for 3 MB): every segment is walked (tail calls), so the
     chunk-size lines are all visible."""
-    node = shutil.which("node")
-    if node is None:
-        pytest.fail("node is needed (scripts/bootstrap.sh --test-peers installs nodejs)")
-    script = tmp_path / "big.js"
-    script.write_text(NODE_BIG_CHUNKED)
-    port = free_port()
-    proc = subprocess.Popen([node, str(script), str(port)])
-    try:
-        wait_for_port(port, timeout=10.0)
+    with node_script(tmp_path, "big.js", NODE_BIG_CHUNKED) as (proc, port):
         drain(capture, quiet_s=0.1)
         before = capture.loss_counters()
         _, lines = run_curl(port, "/chunked/%d" % total)
         events = drain(capture)
         after = capture.loss_counters()
-    finally:
-        proc.kill()
-        proc.wait()
     code, header_bytes, body_bytes = map(int, lines[0].split())
     assert code == 200 and body_bytes == total
     out = data(of_pid(events, proc.pid), Direction.EGRESS)
