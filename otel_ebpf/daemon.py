@@ -179,9 +179,7 @@ class Daemon:
             now = time.monotonic()
             if now >= next_expire:
                 next_expire = now + EXPIRE_INTERVAL_S
-                for exchange in table.expire(time.monotonic_ns()):
-                    stats.add("http.exchanges")
-                    emit(exchange)
+                self._deliver(table.expire(time.monotonic_ns()))
                 if health is not None:
                     health.mark_alive()
             if tls is not None:
@@ -199,6 +197,13 @@ class Daemon:
             if now >= next_stats:
                 next_stats = now + stats_interval
                 self._report_stats()
+
+    def _deliver(self, exchanges: list[HttpExchange]) -> None:
+        """Count and emit exchanges found off the per-event path (timeouts, shutdown);
+        on_event does the same inline, one call per kernel event."""
+        for exchange in exchanges:
+            self.stats.add("http.exchanges")
+            self._emit(exchange)
 
     def _start_kubernetes(self):
         """k8s.* attributes by container id, when running in a pod set up for it."""
@@ -255,9 +260,7 @@ class Daemon:
         table = getattr(self, "_table", None)
         emit = getattr(self, "_emit", None)
         if table is not None and emit is not None:
-            for exchange in table.close_all():
-                self.stats.add("http.exchanges")
-                emit(exchange)
+            self._deliver(table.close_all())
         for close in reversed(self._closers):
             try:
                 close()
