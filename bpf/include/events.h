@@ -1,6 +1,6 @@
 /* The kernel <-> Python contract: every record the BPF programs put on the ring buffer.
  *
- * Rules (see shared/STYLE.md): fixed-width types only, no kernel headers, explicit
+ * Rules: fixed-width types only, no kernel headers, explicit
  * padding, never packed. The first byte of every record is its kind; user space
  * (otel_ebpf/capture/reader.py) switches on it. Numbers match the IntEnums in
  * otel_ebpf/capture/events.py; tests/unit/test_events_layout.py compiles this file with
@@ -23,6 +23,7 @@
 #define EVENT_CONN_OPEN 1
 #define EVENT_DATA 2
 #define EVENT_CONN_CLOSE 3
+#define EVENT_EXCHANGE 4 /* the kernel fast path: one whole request/response pair */
 
 /* Role (Role). */
 #define ROLE_UNKNOWN 0 /* socket opened before we attached: user space infers it */
@@ -63,6 +64,11 @@ struct conn_open_event {
     __u8 remote_addr[16];
     char comm[16]; /* the opening thread's name (task comm), NUL-padded: names processes
                       that exit before user space can read /proc (curl) */
+    /* Where the emitted byte streams begin, by DIR_*: 0 for a connection that was on
+     * the chunk stream from its start; the positions of a message boundary for one that
+     * the kernel fast path served first and then handed over (user space expects its
+     * first DATA there, not at 0, and sees no gap). */
+    __u64 stream_start[2];
 };
 
 /* EVENT_DATA header; followed by captured_len bytes of data (the record is
@@ -101,6 +107,58 @@ struct conn_close_event {
     __u64 timestamp_ns;
     __u64 bytes_sent;     /* total bytes the process sent on it (incl. not emitted) */
     __u64 bytes_received; /* total bytes it received */
+};
+
+/* EVENT_EXCHANGE: one HTTP/1.x request and its complete response, paired in the
+ * kernel (the fast path). Followed by head_len bytes: the whole request head, request
+ * line through the empty line. Offsets below index those bytes; a length of 0 means
+ * the header was absent. Header values have their surrounding whitespace trimmed.
+ * Timing as for the chunk stream: start = return of the syscall (or SSL call) that
+ * moved the first request byte, end = return of the one that moved the last response
+ * byte. Body sizes are exact (counted in the kernel against Content-Length). */
+#ifndef REQ_HEAD_MAX
+#define REQ_HEAD_MAX 1024 /* request heads longer than this take the chunk stream */
+#endif
+#if (REQ_HEAD_MAX & (REQ_HEAD_MAX - 1)) != 0 || REQ_HEAD_MAX < 64 || REQ_HEAD_MAX > 4096
+#error "REQ_HEAD_MAX must be a power of two between 64 and 4096"
+#endif
+struct exchange_event_hdr {
+    __u8 kind;          /* EVENT_EXCHANGE */
+    __u8 role;          /* ROLE_SERVER or ROLE_CLIENT */
+    __u8 source;        /* SOURCE_* */
+    __u8 version_minor; /* x of the request line's HTTP/1.x */
+    __u32 tgid;
+    __u32 tid;          /* server: thread that read the first request byte; client: wrote it */
+    __s32 fd;
+    __u64 generation;
+    __u64 start_ns;
+    __u64 end_ns;
+    __u64 request_body_size;
+    __u64 response_body_size;
+    __u16 status;       /* final status code, 200..599 (1xx never take the fast path) */
+    __u16 family;       /* 0 unknown, OTEL_AF_INET, OTEL_AF_INET6 */
+    __u16 local_port;
+    __u16 remote_port;
+    __u8 local_addr[16];
+    __u8 remote_addr[16];
+    char comm[16];      /* the task name of the thread that emitted the record */
+    __u16 head_len;     /* request head bytes that follow this header */
+    __u16 method_len;   /* method = head[0, method_len) */
+    __u16 target_off;
+    __u16 target_len;
+    __u16 host_off;
+    __u16 host_len;
+    __u16 user_agent_off;
+    __u16 user_agent_len;
+    __u16 traceparent_off;
+    __u16 traceparent_len;
+    __u16 tracestate_off;
+    __u16 tracestate_len;
+};
+
+struct exchange_event {
+    struct exchange_event_hdr hdr;
+    __u8 head[REQ_HEAD_MAX];
 };
 
 /* Loss and health counters: indexes into the per-CPU array `counters`. User space
