@@ -78,6 +78,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="OTLP protocol (same as OTEL_EXPORTER_OTLP_PROTOCOL)")
     run.add_argument("--no-tls", action="store_true",
                      help="do not attach OpenSSL uprobes (plaintext capture only)")
+    run.add_argument("--no-fast-path", action="store_true",
+                     help="send every connection through the chunk stream instead of pairing "
+                     "requests and responses in the kernel (debugging; costs more CPU)")
     run.add_argument("--health-file", metavar="PATH",
                      help="touch this file while the capture loop is alive")
     run.add_argument("--health-listen", metavar="HOST:PORT",
@@ -101,6 +104,7 @@ def run_overrides(args: argparse.Namespace) -> dict[str, object]:
         "export.otlp.endpoint": args.otlp_endpoint,
         "export.otlp.protocol": args.otlp_protocol,
         "capture.tls": False if args.no_tls else None,
+        "capture.fast_path": False if args.no_fast_path else None,
         "health.file": args.health_file,
         "health.listen": args.health_listen,
         "log_level": args.log_level,

@@ -4,6 +4,8 @@ One thread does the per-exchange work, in pipeline order:
 
     capture (ring buffer poll) -> conntrack/http1 (ConnectionTable.handle)
         -> sinks (console | jsonl | telemetry -> OTLP exporter)
+    capture -> http1 KernelExchangeDecoder (one record per exchange: the kernel
+        fast path) -> the same sinks
 
 Between polls the same loop does the periodic work: request timeouts and idle expiry,
 TLS library rescans, span batch and metric flushes, the stats line, the liveness mark.
@@ -17,18 +19,20 @@ exchanges with their outcome), then flush telemetry and the exporter, then healt
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import signal
 import threading
 import time
 from collections.abc import Callable
 
-from otel_ebpf.capture.events import ConnOpenEvent
+from otel_ebpf.capture.events import ConnOpenEvent, EventKind
 from otel_ebpf.capture.loader import Capture
 from otel_ebpf.config import Config
 from otel_ebpf.conntrack import ConnectionTable
 from otel_ebpf.exchange import HttpExchange
 from otel_ebpf.process import ProcessResolver
+from otel_ebpf.protocols.http1.kernel_exchange import KernelExchangeDecoder
 from otel_ebpf.sinks import ConsoleSink, JsonlSink
 from otel_ebpf.stats import Stats
 
@@ -150,14 +154,29 @@ class Daemon:
                 warm_process(event.tgid)
             for exchange in table.handle(event):
                 stats.add("http.exchanges")
+                stats.add("http.exchanges.slow_path")
                 emit(exchange)
+
+        def emit_fast(exchange: HttpExchange) -> None:
+            stats.add("http.exchanges")
+            emit(exchange)
+
+        def note_process(pid: int, comm: str | None) -> None:
+            note_name(pid, comm)
+            warm_process(pid)
+
+        conntrack = config.conntrack
+        fast = KernelExchangeDecoder(emit_fast, stats, table.clock_offset_ns, conntrack.ports,
+                                     conntrack.capture_request_headers, note_process)
+        self._flushers.append(lambda: stats.set_total("http.exchanges.fast_path", fast.exchanges))
+        self._flushers.append(lambda: stats.set_total("conntrack.filtered_exchanges", fast.filtered))
 
         self._emit = emit
         health = self._start_health()
 
-        capture = Capture(config.capture, stats)
+        capture = Capture(self._capture_options(), stats)
         self._capture = capture
-        capture.start(on_event)
+        capture.start(on_event, {EventKind.EXCHANGE: fast.on_record})
         tls = self._start_tls(capture)
         if health is not None:
             health.set_ready(True)
@@ -197,6 +216,18 @@ class Daemon:
             if now >= next_stats:
                 next_stats = now + stats_interval
                 self._report_stats()
+
+    def _capture_options(self):
+        """The capture settings, with the fast path off where it cannot serve."""
+        options = self.config.capture
+        conntrack = self.config.conntrack
+        if options.fast_path and (conntrack.capture_response_headers or conntrack.body_prefix_bytes):
+            # A fast-path record carries the request head only: no response headers, no
+            # body bytes. Those settings need the chunk stream for every connection.
+            log.info("kernel fast path off: conntrack.capture_response_headers / "
+                     "body_prefix_bytes need the chunk stream")
+            options = dataclasses.replace(options, fast_path=False)
+        return options
 
     def _deliver(self, exchanges: list[HttpExchange]) -> None:
         """Count and emit exchanges found off the per-event path (timeouts, shutdown);

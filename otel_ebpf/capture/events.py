@@ -1,7 +1,9 @@
 """Decoded kernel events: the contract between capture and conntrack.
 
 The kernel side (bpf/include/events.h) emits fixed-layout records; capture/reader.py
-turns each into one of the three classes below. Conntrack consumes only these, so it
+turns each chunk-stream record into one of the three classes below. EXCHANGE records
+(one whole request/response pair from the kernel fast path) skip conntrack: the reader
+hands them to the protocol's own decoder (protocols/http1/kernel_exchange.py). Conntrack consumes only these, so it
 can be driven by synthetic events in unit tests with no kernel at all.
 
 Timestamps are kernel monotonic nanoseconds (bpf_ktime_get_ns == CLOCK_MONOTONIC);
@@ -20,6 +22,7 @@ class EventKind(IntEnum):
     CONN_OPEN = 1
     DATA = 2
     CONN_CLOSE = 3
+    EXCHANGE = 4  # a whole request/response pair settled by the kernel fast path
 
 
 class Role(IntEnum):
@@ -63,6 +66,10 @@ class ConnOpenEvent:
     # chars max) of the thread that opened or first used the connection, so a process
     # that exits before /proc can be read (curl) still has a name. None when unknown.
     comm: str | None = None
+    # Where the streams this connection's DATA events describe begin, by Direction:
+    # (0, 0) from the connection's start; a message boundary further in when the kernel
+    # fast path served the first exchanges and then handed the connection over.
+    stream_start: tuple[int, int] = (0, 0)
 
     @property
     def key(self) -> ConnKey:

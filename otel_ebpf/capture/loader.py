@@ -29,13 +29,13 @@ import os
 import platform
 import re
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
 from otel_ebpf.capture import CaptureError
 from otel_ebpf.capture.events import Event
-from otel_ebpf.capture.reader import RingReader
+from otel_ebpf.capture.reader import RecordHandler, RingReader
 from otel_ebpf.preflight import OPTIONAL_TRACEPOINTS, SYSCALLS
 from otel_ebpf.stats import Stats
 
@@ -63,6 +63,7 @@ STATS_NAMES: dict[str, str] = {
     "not_http": "capture.not_http_connections",
 }
 CFG_SELECT = 0  # config[] index and bits, as in bpf/include/maps.h
+CFG_FAST_PATH = 1
 SELECT_ENABLED = 1
 SELECT_PID_FILTER = 2
 STATS_INTERVAL_S = 1.0
@@ -87,6 +88,12 @@ class CaptureOptions:
     pids: tuple[int, ...] | None = None
     # Attach OpenSSL uprobes (capture/tls.py) and compile bpf/openssl.h in.
     tls: bool = True
+    # Settle common HTTP/1.x exchanges in the kernel (one record per exchange); false
+    # sends every connection through the chunk stream (debugging, parity checks).
+    fast_path: bool = True
+    # Longest request head (request line + headers) the fast path takes, in bytes
+    # (power of two, 64..4096); longer heads take the chunk stream.
+    request_head_bytes: int = 1024
 
 
 def bpf_source_dir() -> Path:
@@ -146,6 +153,9 @@ def validate(options: CaptureOptions) -> None:
                            % options.ringbuf_kib)
     if options.max_kernel_connections < 1:
         raise CaptureError("capture.max_kernel_connections must be >= 1 (e.g. 65536)")
+    if not _power_of_two(options.request_head_bytes) or not 64 <= options.request_head_bytes <= 4096:
+        raise CaptureError("capture.request_head_bytes=%d must be a power of two between 64 and "
+                           "4096 (e.g. 1024)" % options.request_head_bytes)
     if not 1 <= options.max_iovecs <= 16:
         raise CaptureError("capture.max_iovecs=%d must be between 1 and 16 (the BPF verifier "
                            "rejects longer loops)" % options.max_iovecs)
@@ -175,6 +185,7 @@ class Capture:
             "-DRINGBUF_PAGES=%d" % max(pages, 1),
             "-DMAX_CONNS=%d" % o.max_kernel_connections,
             "-DMAX_IOVECS=%d" % o.max_iovecs,
+            "-DREQ_HEAD_MAX=%d" % o.request_head_bytes,
             "-DSELF_TGID=%d" % os.getpid(),
             "-I%s" % bpf_source_dir(),
             "-Wno-unused-function",
@@ -187,8 +198,10 @@ class Capture:
             flags.append("-DOTEL_REGS_FALLBACK")
         return flags
 
-    def start(self, on_event: Callable[[Event], object]) -> None:
-        """Compile, load and attach; then events flow to on_event from poll()."""
+    def start(self, on_event: Callable[[Event], object],
+              handlers: Mapping[int, RecordHandler] | None = None) -> None:
+        """Compile, load and attach; then events flow to on_event from poll(), and
+        records of the kinds in `handlers` (EVENT_EXCHANGE) to their handler."""
         if self.bpf is not None:
             raise CaptureError("Capture.start() called twice; create a new Capture")
         validate(self.options)
@@ -249,8 +262,10 @@ class Capture:
             raise CaptureError(self._explain(exc, source)) from None
         log.info("BPF programs compiled, verified and attached in %.1f s (%d tracepoints)",
                  time.monotonic() - started, len(getattr(bpf, "tracepoint_fds", {})))
+        # Before tracing starts: a connection's path is chosen when it opens.
+        bpf[b"config"][ctypes.c_int(CFG_FAST_PATH)] = ctypes.c_uint64(int(self.options.fast_path))
         self.set_pid_filter(self.options.pids)
-        self._reader = RingReader(on_event, self.stats)
+        self._reader = RingReader(on_event, self.stats, handlers)
         bpf[b"events"].open_ring_buffer(self._reader.callback)
 
     @staticmethod

@@ -1,8 +1,12 @@
 """Ring buffer -> events: decode the raw records of bpf/include/events.h.
 
-In: raw ring-buffer records (bytes), each starting with its kind byte.
+In: raw ring-buffer records, each starting with its kind byte, read in place
+(`on_record(buf, offset, size)`: buf is the ring buffer's memory or a bytes object).
 Out: ConnOpenEvent / DataEvent / ConnCloseEvent (otel_ebpf/capture/events.py), one
-call of the user callback per record, in ring-buffer order.
+call of the user callback per chunk-stream record, in ring-buffer order. Records of
+other kinds (EVENT_EXCHANGE from the kernel fast path) go, undecoded, to the handler
+registered for their kind: the reader knows their layout (EXCHANGE_HDR, checked against
+the C header like the others) but not what they mean.
 Dropped and counted: records too short for their kind or of an unknown kind
 (`capture.decode_errors`), callbacks that raised (`capture.callback_errors`; the
 exception is logged once per distinct type, the event is lost, capture goes on).
@@ -21,7 +25,7 @@ import logging
 import socket
 import struct
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 from otel_ebpf.capture.events import (
     ConnCloseEvent,
@@ -39,13 +43,19 @@ log = logging.getLogger(__name__)
 
 # Layouts of bpf/include/events.h (little-endian, natural alignment, explicit padding).
 # kind, role, source, pad, tgid, tid, fd, generation, timestamp, family, lport, rport,
-# pad, local_addr[16], remote_addr[16], comm[16]
-CONN_OPEN = struct.Struct("<BBBxIIiQQHHH2x16s16s16s")
+# pad, local_addr[16], remote_addr[16], comm[16], stream_start[2]
+CONN_OPEN = struct.Struct("<BBBxIIiQQHHH2x16s16s16sQQ")
 # kind, direction, source, role, tgid, tid, fd, generation, timestamp, position, size,
 # captured_len, pad
 DATA_HDR = struct.Struct("<BBBBIIiQQQQI4x")
 # kind, source, pad[2], tgid, tid, fd, generation, timestamp, bytes_sent, bytes_received
 CONN_CLOSE = struct.Struct("<BB2xIIiQQQQ")
+# kind, role, source, version_minor, tgid, tid, fd, generation, start_ns, end_ns,
+# request_body_size, response_body_size, status, family, local_port, remote_port,
+# local_addr[16], remote_addr[16], comm[16], head_len, method_len, target (off, len),
+# host (off, len), user_agent (off, len), traceparent (off, len), tracestate (off, len);
+# followed by head_len bytes of request head.
+EXCHANGE_HDR = struct.Struct("<BBBBIIiQQQQQHHHH16s16s16s12H")
 
 AF_INET = 2
 AF_INET6 = 10
@@ -108,7 +118,7 @@ def decode(raw: bytes) -> Event:
         if len(raw) < CONN_OPEN.size:
             raise DecodeError("open record of %d bytes, expected %d" % (len(raw), CONN_OPEN.size))
         (_, role, source, tgid, tid, fd, generation, ts, family, lport, rport, laddr,
-         raddr, comm) = CONN_OPEN.unpack_from(raw)
+         raddr, comm, start_in, start_out) = CONN_OPEN.unpack_from(raw)
         # A zero port means "not known": accept/connect only see the remote side.
         local = format_address(family, laddr) if lport else None
         remote = format_address(family, raddr) if rport else None
@@ -116,7 +126,8 @@ def decode(raw: bytes) -> Event:
                              _enum(_SOURCES, source, "source"), local,
                              lport if local is not None else None, remote,
                              rport if remote is not None else None,
-                             comm.split(b"\0", 1)[0].decode("utf-8", "replace") or None)
+                             comm.split(b"\0", 1)[0].decode("utf-8", "replace") or None,
+                             (start_in, start_out))
     if kind == _EVENT_CLOSE:
         if len(raw) < CONN_CLOSE.size:
             raise DecodeError("close record of %d bytes, expected %d" % (len(raw), CONN_CLOSE.size))
@@ -128,54 +139,78 @@ def decode(raw: bytes) -> Event:
 _monotonic = time.monotonic
 
 
-class RingReader:
-    """Drains BCC's ring buffer `events` into `on_event`; counts what it did.
+RecordHandler = Callable[[object, int, int], object]
 
-    `callback` is what BCC calls per record (ctx, data pointer, size). Counters are
-    kept in plain ints on the hot path and pushed into Stats by `flush_stats()`.
+
+class RingReader:
+    """Decodes ring-buffer records in place into `on_event`; counts what it did.
+
+    `on_record(buf, offset, size)` takes one record where it lies (the ring buffer's
+    memory, or any bytes-like object) and returns False once the poll's time budget is
+    spent. `handlers` maps other record kinds (EVENT_EXCHANGE) to a function taking
+    the same (buf, offset, size). `callback` adapts BCC's per-record callback (ctx,
+    data pointer, size). Counters are kept in plain ints on the hot path and pushed into
+    Stats by `flush_stats()`.
     """
 
-    __slots__ = ("_on_event", "_stats", "events", "decode_errors", "callback_errors",
-                 "_logged", "_flushed", "deadline")
+    __slots__ = ("_on_event", "_stats", "_handlers", "events", "decode_errors",
+                 "callback_errors", "_logged", "_flushed", "deadline")
 
-    def __init__(self, on_event: Callable[[Event], object], stats: Stats | None) -> None:
+    def __init__(self, on_event: Callable[[Event], object], stats: Stats | None,
+                 handlers: Mapping[int, RecordHandler] | None = None) -> None:
         self._on_event = on_event
         self._stats = stats
+        self._handlers = dict(handlers or {})
         self.events = 0
         self.decode_errors = 0
         self.callback_errors = 0
         self._logged: set[str] = set()
         self._flushed = (0, 0, 0)
         # time.monotonic() after which one poll stops draining (set by Capture.poll).
-        # libbpf keeps consuming while records keep coming, so under sustained load a
-        # single poll would never return and timeouts, span flushes and the liveness
-        # mark would starve; a negative return makes libbpf stop after this record.
+        # Under sustained load a single drain would never end, and timeouts, span
+        # flushes and the liveness mark would starve.
         self.deadline = float("inf")
 
     def callback(self, _ctx: object, data: int, size: int) -> int:
-        # The record is read in place through a ctypes array view (no copy of the
-        # whole record); slicing it yields the bytes object DataEvent keeps. Data
-        # records, the hot case, are decoded inline; the rest go through decode().
-        record = _RECORD.from_address(data)
+        # BCC/libbpf's callback: a negative return makes libbpf stop after this record.
+        return 0 if self.on_record(_RECORD.from_address(data), 0, size) else -1
+
+    def on_record(self, buf, offset: int, size: int) -> bool:
+        # Data records, the hot case of the chunk stream, are decoded inline; the rest
+        # go through decode() or their kind's handler.
         try:
-            if size >= _HDR_SIZE:
-                h = _unpack_hdr(record)
-                if h[0] == _EVENT_DATA:
-                    end = _HDR_SIZE + h[11]
-                    if end > size or h[11] > h[10] or h[1] > 1 or h[2] > 1:
-                        raise DecodeError("bad data record: direction %d source %d captured %d "
-                                          "size %d in %d bytes" % (h[1], h[2], h[11], h[10], size))
-                    event = DataEvent(h[8], h[4], h[5], h[6], h[7], _DIRECTIONS[h[1]],
-                                      _SOURCES[h[2]], h[9], h[10], record[_HDR_SIZE:end])
-                else:
-                    event = decode(record[:size])
+            kind = buf[offset]
+            if type(kind) is bytes:  # a ctypes char array yields bytes of length 1
+                kind = kind[0]
+            handler = self._handlers.get(kind)
+            if handler is not None:
+                self.events += 1
+                try:
+                    handler(buf, offset, size)
+                except DecodeError:
+                    raise
+                except Exception as exc:  # a bug downstream must not stop capture
+                    self.callback_errors += 1
+                    self._log_once(type(exc).__name__, "record handler raised %r; record "
+                                   "dropped, capture continues (logged once per exception "
+                                   "type)", exc)
+                return not (not self.events & 255 and _monotonic() > self.deadline)
+            if kind == _EVENT_DATA and size >= _HDR_SIZE:
+                h = _unpack_hdr(buf, offset)
+                start = offset + _HDR_SIZE
+                end = start + h[11]
+                if end > offset + size or h[11] > h[10] or h[1] > 1 or h[2] > 1:
+                    raise DecodeError("bad data record: direction %d source %d captured %d "
+                                      "size %d in %d bytes" % (h[1], h[2], h[11], h[10], size))
+                event = DataEvent(h[8], h[4], h[5], h[6], h[7], _DIRECTIONS[h[1]],
+                                  _SOURCES[h[2]], h[9], h[10], buf[start:end])
             else:
-                event = decode(record[:size])
+                event = decode(bytes(buf[offset:offset + size]))
         except DecodeError as exc:
             self.decode_errors += 1
             self._log_once("decode", "dropping a malformed kernel record (%s); is bpf/ from "
                            "the same version as the Python package?", exc)
-            return 0
+            return True
         self.events += 1
         try:
             self._on_event(event)
@@ -183,9 +218,7 @@ class RingReader:
             self.callback_errors += 1
             self._log_once(type(exc).__name__, "event handler raised %r; event dropped, "
                            "capture continues (logged once per exception type)", exc)
-        if not self.events & 255 and _monotonic() > self.deadline:
-            return -1  # budget spent: the rest stays queued for the next poll
-        return 0
+        return not (not self.events & 255 and _monotonic() > self.deadline)
 
     def _log_once(self, key: str, msg: str, *args: object) -> None:
         if key not in self._logged:

@@ -71,16 +71,21 @@ _UNKNOWN = Role.UNKNOWN
 
 
 class Connection(ConnectionInfo):
-    __slots__ = ("key", "fd", "seen_open", "tls", "expected", "session", "last_ts", "filtered")
+    __slots__ = ("key", "fd", "seen_open", "stream_start", "tls", "expected", "session",
+                 "last_ts", "filtered")
 
-    def __init__(self, key: ConnKey, role: Role, seen_open: bool, ts: int) -> None:
+    def __init__(self, key: ConnKey, role: Role, seen_open: bool, ts: int,
+                 stream_start: tuple[int, int] = (0, 0)) -> None:
         super().__init__(key[0], role)
         self.key = key
         self.fd = key[1]
-        self.seen_open = seen_open  # we saw accept/connect: streams start at position 0
+        # We saw accept/connect: streams start at a message boundary, at position 0 or,
+        # for a connection the kernel fast path handed over, at stream_start.
+        self.seen_open = seen_open
+        self.stream_start = stream_start
         self.tls = False
         # next expected position per Direction; None: take the first chunk's position
-        self.expected: list[int | None] = [0, 0] if seen_open else [None, None]
+        self.expected: list[int | None] = list(stream_start) if seen_open else [None, None]
         self.session: Http1Session | None = None
         self.last_ts = ts
         self.filtered = False
@@ -234,7 +239,8 @@ class ConnectionTable:
         addresses = (ev.local_address, ev.local_port, ev.remote_address, ev.remote_port)
         conn = self._conns.get(key)
         if conn is None:
-            conn = self._create(key, ev.role, ev.role != _UNKNOWN, ev.timestamp_ns, addresses)
+            conn = self._create(key, ev.role, ev.role != _UNKNOWN, ev.timestamp_ns, addresses,
+                                ev.stream_start)
         else:
             # Data raced ahead of its open event: keep the tracker, learn what we can.
             self._conns.move_to_end(key)
@@ -274,13 +280,14 @@ class ConnectionTable:
         seen_open: bool,
         ts: int,
         addresses: tuple[str | None, int | None, str | None, int | None] | None,
+        stream_start: tuple[int, int] = (0, 0),
     ) -> Connection:
         conns = self._conns
         if len(conns) >= self.options.max_connections:
             _, victim = conns.popitem(last=False)
             self._forget(victim)
             self.stats.add("conntrack.evicted")
-        conn = Connection(key, role, seen_open, ts)
+        conn = Connection(key, role, seen_open, ts, stream_start)
         if addresses is not None:
             self._set_addresses(conn, addresses)
         if (conn.local_port is None or conn.remote_port is None) and conn.fd >= 0:
@@ -343,7 +350,7 @@ class ConnectionTable:
         if old is not None:
             old.discard()
         # OpenSSL plaintext has its own positions; anything before it was ciphertext.
-        conn.expected = [0, 0] if conn.seen_open else [None, None]
+        conn.expected = list(conn.stream_start) if conn.seen_open else [None, None]
         conn.session = Http1Session(conn, self._ctx, strict=conn.seen_open)
 
     def _forget(self, conn: Connection) -> None:

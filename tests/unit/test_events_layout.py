@@ -34,17 +34,25 @@ HEADER = ROOT / "bpf" / "include" / "events.h"
 FIELDS = {
     "conn_open_event": (reader.CONN_OPEN, [
         "kind", "role", "source", "tgid", "tid", "fd", "generation", "timestamp_ns",
-        "family", "local_port", "remote_port", "local_addr", "remote_addr", "comm"]),
+        "family", "local_port", "remote_port", "local_addr", "remote_addr", "comm",
+        "stream_start[0]", "stream_start[1]"]),
     "data_event_hdr": (reader.DATA_HDR, [
         "kind", "direction", "source", "role", "tgid", "tid", "fd", "generation",
         "timestamp_ns", "position", "size", "captured_len"]),
     "conn_close_event": (reader.CONN_CLOSE, [
         "kind", "source", "tgid", "tid", "fd", "generation", "timestamp_ns", "bytes_sent",
         "bytes_received"]),
+    "exchange_event_hdr": (reader.EXCHANGE_HDR, [
+        "kind", "role", "source", "version_minor", "tgid", "tid", "fd", "generation",
+        "start_ns", "end_ns", "request_body_size", "response_body_size", "status", "family",
+        "local_port", "remote_port", "local_addr", "remote_addr", "comm", "head_len",
+        "method_len", "target_off", "target_len", "host_off", "host_len", "user_agent_off",
+        "user_agent_len", "traceparent_off", "traceparent_len", "tracestate_off",
+        "tracestate_len"]),
 }
 CONSTANTS = {
     "EVENT_CONN_OPEN": EventKind.CONN_OPEN, "EVENT_DATA": EventKind.DATA,
-    "EVENT_CONN_CLOSE": EventKind.CONN_CLOSE,
+    "EVENT_CONN_CLOSE": EventKind.CONN_CLOSE, "EVENT_EXCHANGE": EventKind.EXCHANGE,
     "ROLE_UNKNOWN": Role.UNKNOWN, "ROLE_SERVER": Role.SERVER, "ROLE_CLIENT": Role.CLIENT,
     "DIR_INGRESS": Direction.INGRESS, "DIR_EGRESS": Direction.EGRESS,
     "SOURCE_SYSCALL": Source.SYSCALL, "SOURCE_OPENSSL": Source.OPENSSL,
@@ -62,9 +70,14 @@ def python_offsets(st: struct.Struct, names: list[str]) -> dict[str, tuple[int, 
         if code == "x":
             offset += n
             continue
-        size = n if code == "s" else struct.calcsize("<" + code)
-        out[next(names_iter)] = (offset, size)
-        offset += size
+        if code == "s":
+            out[next(names_iter)] = (offset, n)
+            offset += n
+            continue
+        size = struct.calcsize("<" + code)
+        for _ in range(n):  # "12H": twelve fields of one type
+            out[next(names_iter)] = (offset, size)
+            offset += size
     assert offset == st.size
     return out
 
@@ -83,6 +96,7 @@ def c_layout(tmp_path_factory) -> dict[str, int]:
                          "sizeof(((struct %s *)0)->%s));"
                          % (struct_name, name, struct_name, name, struct_name, name))
     lines.append('printf("data_event.data %zu\\n", offsetof(struct data_event, data));')
+    lines.append('printf("exchange_event.head %zu\\n", offsetof(struct exchange_event, head));')
     for const in CONSTANTS:
         lines.append('printf("%s %%lld\\n", (long long)(%s));' % (const, const))
     lines.append("return 0; }")
@@ -109,6 +123,7 @@ def test_struct_layout_matches_decoder(c_layout, struct_name):
 
 def test_data_follows_header(c_layout):
     assert c_layout["data_event.data"] == reader.DATA_HDR.size == 56
+    assert c_layout["exchange_event.head"] == reader.EXCHANGE_HDR.size == 136
 
 
 def test_constants_match_enums(c_layout):
@@ -145,22 +160,23 @@ def test_decode_open_ipv4_and_v4_mapped_and_unknown():
     laddr = bytes([127, 0, 0, 1]) + bytes(12)
     raddr = bytes(10) + b"\xff\xff" + bytes([10, 1, 2, 3])
     raw = reader.CONN_OPEN.pack(EventKind.CONN_OPEN, Role.SERVER, 0, 9, 10, 4, 77, 5, 2, 8080,
-                                50000, laddr, laddr, b"nginx\0\0garbage")
+                                50000, laddr, laddr, b"nginx\0\0garbage", 0, 0)
     ev = reader.decode(raw)
     assert isinstance(ev, ConnOpenEvent) and ev.role is Role.SERVER
     assert (ev.local_address, ev.local_port, ev.remote_address, ev.remote_port) == (
         "127.0.0.1", 8080, "127.0.0.1", 50000)
     assert ev.comm == "nginx"
     raw6 = reader.CONN_OPEN.pack(EventKind.CONN_OPEN, Role.CLIENT, 0, 9, 10, 4, 77, 5, 10, 0,
-                                 443, bytes(16), raddr, bytes(16))
+                                 443, bytes(16), raddr, bytes(16), 300, 1200)
     ev6 = reader.decode(raw6)
     assert (ev6.local_address, ev6.local_port, ev6.remote_address, ev6.remote_port) == (
         None, None, "10.1.2.3", 443)
     raw0 = reader.CONN_OPEN.pack(EventKind.CONN_OPEN, Role.UNKNOWN, 0, 9, 10, 4, 77, 5, 0, 0, 0,
-                                 bytes(16), bytes(16), bytes(16))
+                                 bytes(16), bytes(16), bytes(16), 0, 0)
     ev0 = reader.decode(raw0)
     assert ev0.role is Role.UNKNOWN and ev0.local_address is None and ev0.remote_address is None
     assert ev6.comm is None
+    assert ev.stream_start == (0, 0) and ev6.stream_start == (300, 1200)
 
 
 def test_decode_close():

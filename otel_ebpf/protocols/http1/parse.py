@@ -91,7 +91,7 @@ _RESPONSE_FIELDS_RE = header_regex((b"content-length", b"transfer-encoding"))
 _capture_regexes: dict[frozenset[bytes], re.Pattern[bytes]] = {}
 
 
-def _captured(block: bytes, start: int, capture: frozenset[bytes]) -> tuple[tuple[str, str], ...]:
+def captured_headers(block: bytes, start: int, capture: frozenset[bytes]) -> tuple[tuple[str, str], ...]:
     regex = _capture_regexes.get(capture)
     if regex is None:
         regex = _capture_regexes[capture] = header_regex(capture)
@@ -214,7 +214,7 @@ def parse_request_head(block: bytes, capture: frozenset[bytes] = frozenset()) ->
         user_agent,
         traceparent,
         tracestate,
-        _captured(block, line_end, capture) if capture and line_end >= 0 else (),
+        captured_headers(block, line_end, capture) if capture and line_end >= 0 else (),
         None if chunked else content_length,
         chunked,
     )
@@ -253,7 +253,7 @@ def parse_response_head(
     return ResponseHead(
         version,
         int(code),
-        _captured(block, line_end, capture) if capture and line_end >= 0 else (),
+        captured_headers(block, line_end, capture) if capture and line_end >= 0 else (),
         None if chunked else content_length,
         chunked,
     )

@@ -1,0 +1,145 @@
+"""EVENT_EXCHANGE records (the kernel fast path) -> HttpExchange.
+
+In: one record per request/response pair that the kernel settled itself
+(bpf/http1_fast.h): both timestamps, exact body sizes, the status, the connection's
+addresses and the whole request head with the offsets of the fields we use
+(bpf/include/events.h, struct exchange_event_hdr; layout EXCHANGE_HDR in
+capture/reader.py). Out: the same HttpExchange the chunk-stream stitcher builds for
+the same traffic, handed to `emit`.
+
+Nothing here parses framing: the kernel only takes the fast path for heads it parsed
+completely and bodies it counted exactly, and hands everything else to the chunk
+stream. Decoding is slicing: the request head's fields are cut at the offsets the
+kernel found. Allow-listed request headers (conntrack.capture_request_headers) are
+read from the same head bytes, since the whole head is in the record.
+
+Dropped and counted: records that contradict their own lengths raise DecodeError (the
+reader counts them as `capture.decode_errors`); exchanges of connections outside the
+port selection are counted as `conntrack.filtered_exchanges`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from otel_ebpf.capture.events import Role
+from otel_ebpf.capture.reader import EXCHANGE_HDR, DecodeError, format_address
+from otel_ebpf.exchange import HttpExchange, Outcome
+from otel_ebpf.protocols.http1.parse import captured_headers
+from otel_ebpf.protocols.http1.stitch import build_exchange
+from otel_ebpf.stats import Stats
+
+_HDR_SIZE = EXCHANGE_HDR.size
+_unpack = EXCHANGE_HDR.unpack_from
+_ROLES = (None, Role.SERVER, Role.CLIENT)
+_SCHEMES = ("http", "https")
+_VERSIONS = ("1.0", "1.1")
+_OK = Outcome.OK
+# Formatted addresses by (family, raw 16 bytes): a server sees the same few peers again
+# and again, and inet_ntop costs more than a dict hit. Bounded: cleared when full.
+_MAX_CACHED_ADDRESSES = 4096
+
+Resolver = Callable[[int, int], "tuple[str, int, str, int] | None"]
+
+
+class KernelExchangeDecoder:
+    """Turns EVENT_EXCHANGE records into HttpExchange records (see the module doc)."""
+
+    __slots__ = ("_emit", "_stats", "_offset", "_ports", "_capture", "_note_process",
+                 "_addresses", "_seen_pids", "exchanges", "filtered")
+
+    def __init__(
+        self,
+        emit: Callable[[HttpExchange], object],
+        stats: Stats,
+        clock_offset_ns: int,
+        ports: frozenset[int] | None = None,
+        capture_request_headers: tuple[str, ...] = (),
+        note_process: Callable[[int, str | None], object] | None = None,
+    ) -> None:
+        self._emit = emit
+        self._stats = stats
+        self._offset = clock_offset_ns
+        self._ports = ports or None
+        self._capture = frozenset(h.lower().encode("latin-1") for h in capture_request_headers)
+        # Called once per process first seen here, with the kernel's task name: the
+        # resolver reads /proc while the process most likely still exists.
+        self._note_process = note_process
+        self._addresses: dict[tuple[int, bytes], str | None] = {}
+        self._seen_pids: set[int] = set()
+        self.exchanges = 0  # emitted (pushed into Stats by the daemon)
+        self.filtered = 0
+
+    def on_record(self, buf, offset: int, size: int) -> None:
+        if size < _HDR_SIZE:
+            raise DecodeError("exchange record of %d bytes is shorter than its header" % size)
+        (_, role, source, minor, tgid, tid, _fd, _gen, start, end, req_size, resp_size,
+         status, family, lport, rport, laddr, raddr, comm, head_len, method_len,
+         target_off, target_len, host_off, host_len, ua_off, ua_len, tp_off, tp_len,
+         ts_off, ts_len) = _unpack(buf, offset)
+        if (head_len > size - _HDR_SIZE or not method_len or not target_len or role > 2
+                or not role or source > 1 or minor > 1
+                or max(target_off + target_len, host_off + host_len, ua_off + ua_len,
+                       tp_off + tp_len, ts_off + ts_len) > head_len):
+            raise DecodeError("exchange record with inconsistent lengths (head %d of %d bytes)"
+                              % (head_len, size - _HDR_SIZE))
+        ports = self._ports
+        if ports is not None and lport not in ports and rport not in ports:
+            self.filtered += 1
+            return
+        if tgid not in self._seen_pids:
+            self._first_sight(tgid, comm)
+        base = offset + _HDR_SIZE
+        head = buf[base:base + head_len]
+        addresses = self._addresses
+        local = addresses.get((family, laddr), False) if lport else None
+        if local is False:
+            local = self._address(family, laddr)
+        remote = addresses.get((family, raddr), False) if rport else None
+        if remote is False:
+            remote = self._address(family, raddr)
+        offset_ns = self._offset
+        self.exchanges += 1
+        self._emit(build_exchange(
+            tgid,
+            tid,
+            _ROLES[role],
+            local,
+            lport if local is not None else None,
+            remote,
+            rport if remote is not None else None,
+            _SCHEMES[source],
+            _VERSIONS[minor],
+            head[:method_len].decode("latin-1"),
+            head[target_off:target_off + target_len].decode("latin-1"),
+            head[host_off:host_off + host_len].decode("latin-1") if host_len else None,
+            head[ua_off:ua_off + ua_len].decode("latin-1") if ua_len else None,
+            head[tp_off:tp_off + tp_len].decode("latin-1") if tp_len else None,
+            head[ts_off:ts_off + ts_len].decode("latin-1") if ts_len else None,
+            req_size,
+            resp_size,
+            status,
+            start + offset_ns,
+            end + offset_ns,
+            _OK,
+            None,
+            captured_headers(head, head.find(b"\r\n"), self._capture) if self._capture else (),
+            (),
+            None,
+            None,
+        ))
+
+    def _address(self, family: int, raw: bytes) -> str | None:
+        addresses = self._addresses
+        if len(addresses) >= _MAX_CACHED_ADDRESSES:
+            addresses.clear()
+        text = addresses[(family, raw)] = format_address(family, raw)
+        return text
+
+    def _first_sight(self, tgid: int, comm: bytes) -> None:
+        seen = self._seen_pids
+        if len(seen) >= 65536:  # bounded: a pid seen again is only noted again
+            seen.clear()
+        seen.add(tgid)
+        if self._note_process is not None:
+            self._note_process(tgid, comm.split(b"\0", 1)[0].decode("utf-8", "replace") or None)
