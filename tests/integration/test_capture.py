@@ -3,6 +3,11 @@
 One Capture per module (compiling and verifying takes seconds); each test starts its
 own peers on free loopback ports and looks only at events of those peers' pids (other
 processes on the host are captured too, and ignored here).
+
+These tests hold the kernel to the chunk stream's contract (DATA records, positions,
+sizes), so they run with the kernel fast path off: that stream is what every connection
+the fast path hands over gets. tests/integration/test_fast_path.py covers the fast path
+and its hand-over; the daemon tests (test_end_to_end.py) run with it on.
 """
 
 from __future__ import annotations
@@ -32,7 +37,7 @@ N = 23  # prime: off-by-one and duplicates show
 @pytest.fixture(scope="module")
 def capture(bpf_available):
     events: list = []
-    cap = Capture(CaptureOptions(tls=False), Stats())
+    cap = Capture(CaptureOptions(tls=False, fast_path=False), Stats())
     cap.start(events.append)
     cap.events = events  # type: ignore[attr-defined]
     yield cap
@@ -344,7 +349,7 @@ def test_connection_older_than_capture(bpf_available):
     pair = subprocess.Popen([sys.executable, "-c", KEEPALIVE_PAIR], stdin=subprocess.PIPE,
                             stdout=subprocess.PIPE, text=True)
     events: list = []
-    cap = Capture(CaptureOptions(tls=False, pids=(pair.pid,)), Stats())
+    cap = Capture(CaptureOptions(tls=False, fast_path=False, pids=(pair.pid,)), Stats())
     try:
         server_port, client_port = map(int, pair.stdout.readline().split())
         cap.start(events.append)
@@ -460,8 +465,8 @@ def test_ring_buffer_overflow_is_counted_and_positions_stay_exact(bpf_available,
                                "127.0.0.1"], cwd=tmp_path, stdout=subprocess.DEVNULL,
                               stderr=subprocess.DEVNULL)
     events: list = []
-    cap = Capture(CaptureOptions(tls=False, ringbuf_kib=64, max_capture_bytes=16384,
-                                 pids=(server.pid,)), Stats())
+    cap = Capture(CaptureOptions(tls=False, fast_path=False, ringbuf_kib=64,
+                                 max_capture_bytes=16384, pids=(server.pid,)), Stats())
     try:
         wait_for_port(port, timeout=10.0)
         cap.start(events.append)
@@ -539,7 +544,7 @@ def test_accept_in_flight_at_attach_is_a_server(bpf_available):
     server = subprocess.Popen([sys.executable, "-c", BLOCKING_ACCEPT_SERVER],
                               stdout=subprocess.PIPE, text=True)
     events: list = []
-    cap = Capture(CaptureOptions(tls=False, pids=(server.pid,)), Stats())
+    cap = Capture(CaptureOptions(tls=False, fast_path=False, pids=(server.pid,)), Stats())
     try:
         port = int(server.stdout.readline())
         time.sleep(0.2)  # let it block in accept()

@@ -203,7 +203,9 @@ def tree_pids(pid: int) -> set[int]:
 
 # ---------------------------------------------------------------------------------------
 # The capture under test: one BPF object for the module, drained by a background thread
-# into a list of events and, through a live ConnectionTable, a list of exchanges.
+# into a list of events and, through a live ConnectionTable, a list of exchanges. The
+# kernel fast path is off: these tests look at the OpenSSL plaintext chunk stream itself
+# (test_tls_daemon.py and test_fast_path.py run HTTPS through the fast path).
 
 
 class Recorder:
@@ -217,7 +219,7 @@ class Recorder:
         self.exchanges: list = []
         self._lock = threading.Lock()
         self.table = ConnectionTable(ConntrackOptions(request_timeout_s=30.0), self.stats)
-        self.capture = Capture(CaptureOptions(tls=True), self.stats)
+        self.capture = Capture(CaptureOptions(tls=True, fast_path=False), self.stats)
         self.capture.start(self._on_event)
         # The daemon's own pid is never traced: filtering on it alone traces nothing.
         self._traced = {os.getpid()}
