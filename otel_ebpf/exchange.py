@@ -5,7 +5,7 @@ protocols/http1 from conntrack's byte streams; consumed by telemetry (spans, met
 and by the console/jsonl sinks. Immutable and slotted: one is built per exchange on
 the hot path.
 
-Timing (DESIGN.md): a server exchange starts when the syscall that returned the first
+Timing: a server exchange starts when the syscall that returned the first
 request byte completes and ends when the syscall that sent the last response byte
 completes; a client exchange starts at the write of the first request byte and ends
 at the read of the last response byte. Times are wall clock (unix ns), converted from

@@ -2,7 +2,7 @@
 
 Contract. In: bytes of an `ExportTraceServiceRequest` (`export_traces`) or an
 `ExportMetricsServiceRequest` (`export_metrics`), built by otel_ebpf/telemetry (the SDK's
-per-span machinery is too slow for the per-exchange budget, see PERF-NOTES.md), with the
+per-span machinery is too slow for the per-exchange budget: ~35 us a span), with the
 number of spans / data points they carry. Out: the same bytes, unchanged, POSTed over
 HTTP/protobuf or sent as a unary gRPC call to an OTLP endpoint.
 

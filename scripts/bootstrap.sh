@@ -16,7 +16,8 @@ if [ "$(id -u)" -ne 0 ]; then
 fi
 
 # 1. System packages. BCC comes from Debian (python3-bpfcc); the 6.1 headers serve
-#    tracepoint/uprobe programs on other kernels (see shared/PLATFORM.md).
+#    tracepoint/uprobe programs on other kernels (their argument layouts come from
+#    tracefs, not from headers).
 need=(bpfcc-tools python3-bpfcc linux-headers-amd64 python3-venv libssl3 openssl curl)
 if [ "$WITH_TEST_PEERS" = "--test-peers" ]; then
   need+=(nginx-light wrk nodejs golang-go apache2-utils iproute2)

@@ -2,7 +2,7 @@
 
 Contract. In: `Telemetry.record(exchange)` once per HttpExchange (the hot path: route,
 span bytes into the pending batch, metric aggregation; ~20 us is the budget of the
-whole pipeline per exchange, see PERF-NOTES.md) and `tick(now_s)` from the daemon loop.
+whole pipeline per exchange) and `tick(now_s)` from the daemon loop.
 Out: `sink.export_traces(payload, spans)` with an ExportTraceServiceRequest and
 `sink.export_metrics(payload, points)` with an ExportMetricsServiceRequest, bytes built
 by otlp_encode (never through the SDK's per-span machinery, which costs ~35 us/span).

@@ -2,7 +2,7 @@
 ExportMetricsServiceRequest, written by hand.
 
 Why by hand: building `opentelemetry.proto` message objects costs ~24 us per span
-(PERF-NOTES.md), the SDK span path ~35 us; the per-exchange budget is ~20 us for
+(measured here), the SDK span path ~35 us; the per-exchange budget is ~20 us for
 everything. The wire format itself is cheap: varints, length-delimited fields and
 little-endian fixed64s. Encodings that repeat (attribute keys, low-cardinality
 key/value pairs, the instrumentation scope, a process's Resource) are built once and

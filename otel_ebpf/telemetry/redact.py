@@ -5,7 +5,7 @@ Out: the same string with the value of every sensitive parameter replaced by
 `REDACTED`; names, order, separators and non-sensitive values are kept byte for byte.
 
 The stable HTTP semantic conventions (url.query) require instrumentations to redact
-`AWSAccessKeyId`, `Signature`, `sig` and `X-Goog-Signature` by default; DESIGN.md adds
+`AWSAccessKeyId`, `Signature`, `sig` and `X-Goog-Signature` by default; this project adds
 "no credential leaves the host unless the operator asked for it", so the default list
 also covers the usual token/password/key parameter names. Matching is
 case-insensitive on the (not percent-decoded) parameter name: `Token=` and `TOKEN=`

@@ -7,7 +7,7 @@
 # so they are re-pointed here under $HOST_ROOT. /lib/modules in the container is an
 # empty writable volume for these links. When the host has no headers for its kernel,
 # the Debian 6.1 headers baked into the image are used: tracepoint and uprobe programs
-# take their argument layouts from tracefs, not from headers (see shared/PLATFORM.md).
+# take their argument layouts from tracefs, not from headers.
 set -eu
 
 HOST_ROOT="${OTEL_EBPF_HOST_ROOT:-/host}"

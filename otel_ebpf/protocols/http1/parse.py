@@ -80,7 +80,7 @@ def header_regex(names: Iterable[bytes]) -> re.Pattern[bytes]:
     """A regex finding the given header fields (case-insensitive) in a header block.
 
     One C-level scan per block instead of a Python loop over every header line: the
-    per-exchange budget (PERF-NOTES.md) cannot afford per-line Python work.
+    per-exchange budget cannot afford per-line Python work.
     """
     alternatives = b"|".join(re.escape(n) for n in sorted(set(names), key=len, reverse=True))
     return re.compile(rb"\r\n(" + alternatives + rb")[ \t]*:[ \t]*([^\r\n]*)", re.I)
