@@ -119,17 +119,103 @@ class Proc:
         self.stop()
 
 
-def cpu_seconds(pid: int) -> float:
-    """utime + stime of a process (all its threads), in seconds."""
+def cpu_seconds(pid: int, reaped_children: bool = False) -> float:
+    """utime + stime of a process (all its threads), in seconds; with
+    `reaped_children`, plus cutime + cstime (children it has waited for)."""
     with open("/proc/%d/stat" % pid) as f:
         fields = f.read().rsplit(")", 1)[1].split()
-    # fields[0] is state (field 3); utime/stime are fields 14/15 -> indexes 11/12.
-    return (int(fields[11]) + int(fields[12])) / CLK_TCK
+    # fields[0] is state (field 3); utime/stime/cutime/cstime are fields 14-17
+    # -> indexes 11-14.
+    ticks = int(fields[11]) + int(fields[12])
+    if reaped_children:
+        ticks += int(fields[13]) + int(fields[14])
+    return ticks / CLK_TCK
 
 
 def rss_bytes(pid: int) -> int:
     with open("/proc/%d/statm" % pid) as f:
         return int(f.read().split()[1]) * PAGE
+
+
+def descendants(pid: int) -> list[int]:
+    """Every live descendant of `pid` (children of all its threads, recursively),
+    from /proc/PID/task/*/children."""
+    out: list[int] = []
+    todo = [pid]
+    while todo:
+        parent = todo.pop()
+        try:
+            tasks = os.listdir("/proc/%d/task" % parent)
+        except OSError:
+            continue
+        for task in tasks:
+            try:
+                with open("/proc/%d/task/%s/children" % (parent, task)) as f:
+                    kids = [int(x) for x in f.read().split()]
+            except OSError:
+                continue
+            for kid in kids:
+                if kid not in out:
+                    out.append(kid)
+                    todo.append(kid)
+    return out
+
+
+def tree(pid: int) -> list[int]:
+    """`pid` and its live descendants."""
+    return [pid, *descendants(pid)]
+
+
+def tree_cpu_seconds(pid: int) -> float:
+    """CPU of a process tree: utime + stime + cutime + cstime of every live member, so
+    a child that exits (and is reaped by a member) between two reads keeps counting."""
+    total = 0.0
+    for p in tree(pid):
+        with contextlib.suppress(OSError, IndexError, ValueError):
+            total += cpu_seconds(p, reaped_children=True)
+    return total
+
+
+def tree_rss_bytes(pid: int) -> int:
+    """RSS summed over a process tree (pages shared between members count once per
+    member, as `top` would add them up; tree_pss_bytes() splits them)."""
+    total = 0
+    for p in tree(pid):
+        with contextlib.suppress(OSError, IndexError, ValueError):
+            total += rss_bytes(p)
+    return total
+
+
+def tree_pss_bytes(pid: int) -> int:
+    """Proportional set size summed over a process tree (shared pages split between
+    the processes mapping them), from /proc/PID/smaps_rollup."""
+    total = 0
+    for p in tree(pid):
+        with contextlib.suppress(OSError), open("/proc/%d/smaps_rollup" % p) as f:
+            for line in f:
+                if line.startswith("Pss:"):
+                    total += int(line.split()[1]) * 1024
+                    break
+    return total
+
+
+COMPILER_LIBS = ("libLLVM", "libclang")
+
+
+def compiler_mappings(pid: int) -> dict[int, list[str]]:
+    """{pid: [mapped libLLVM/libclang files]} over a process tree (from
+    /proc/PID/maps); empty when no member maps BCC's compiler."""
+    out: dict[int, list[str]] = {}
+    for p in tree(pid):
+        found: set[str] = set()
+        with contextlib.suppress(OSError), open("/proc/%d/maps" % p) as f:
+            for line in f:
+                parts = line.split(None, 5)
+                if len(parts) == 6 and any(lib in parts[5] for lib in COMPILER_LIBS):
+                    found.add(os.path.basename(parts[5].strip()))
+        if found:
+            out[p] = sorted(found)
+    return out
 
 
 def rss_breakdown(pid: int) -> dict[str, float]:

@@ -1,8 +1,12 @@
-"""Issue 5's targets, and the table and JSON a benchmark run ends with.
+"""The targets (issue 5, raised by issues 9 and 10), and the table and JSON a benchmark
+run ends with.
 
 Contract: `rows(results)` turns the sections' dicts into (measurement, value, target,
-verdict) rows; a verdict is "meets", "MISSES", or "n/a" when the section did not run or
-failed (its error is shown instead). Nothing here measures; nothing raises on a miss.
+verdict) rows; a verdict is "meets", "MISSES", "load-bound" (capacity: the daemon kept
+up with everything the load generator could offer, below the rate the target needs to
+be resolved), or "n/a" when the section did not run, failed (its error is shown
+instead) or the daemon does not publish the counter. Nothing here measures; nothing
+raises on a miss.
 """
 
 from __future__ import annotations
@@ -12,13 +16,21 @@ import math
 import time
 from pathlib import Path
 
-# Issue 5, "Targets".
+# Issue 5, "Targets", as raised by issue 9 (capacity, kernel cost, zero loss) and
+# issue 10 (memory, shutdown).
 BUSY_THROUGHPUT_MIN = 0.99
 BUSY_P99_MAX = 1.02
-NGINX_VS_FLOOR_MIN = 0.95
+# nginx traced, exporting over OTLP / empty-probe floor (issue 9; 0.95 is the goal beyond).
+NGINX_VS_FLOOR_MIN = 0.80
+# nginx traced, exporting nothing / empty-probe floor: our BPF logic + draining <= 5 %.
+KERNEL_VS_FLOOR_MIN = 0.95
+# Exchanges/s per core of daemon CPU (all daemon processes): <= 10 us per exchange...
+CAPACITY_PER_CORE_MIN = 100_000
+# ... and not resolved unless sustained (zero loss) at >= this rate, measured.
 CAPACITY_MIN = 50_000
-IDLE_RSS_MAX_MB = 60
-HELD_RSS_MAX_MB = 150
+IDLE_RSS_MAX_MB = 50
+HELD_RSS_MAX_MB = 100
+STOP_MAX_S = 1.0
 # "Flat": the least-squares RSS trend over the last 3/4 of the run, per million
 # exchanges. A leak of even 2 bytes per exchange shows as 2 MB/M.
 FLAT_MB_PER_MILLION_MAX = 2.0
@@ -33,6 +45,13 @@ def _fmt(v: object, unit: str = "", digits: int = 3) -> str:
             return "nan"
         return ("%.*g%s" % (digits, v, unit)) if abs(v) < 1000 else ("%.0f%s" % (v, unit))
     return "%s%s" % (v, unit)
+
+
+def _pct(share: float | None) -> str:
+    """A share as a percentage; "n/a" when the daemon does not publish it."""
+    if share is None or (isinstance(share, float) and math.isnan(share)):
+        return "n/a"
+    return "%.1f %%" % (100 * share)
 
 
 def _verdict(ok: bool | None) -> str:
@@ -56,22 +75,31 @@ def rows(results: dict) -> list[tuple[str, str, str, str]]:
         o = sec["overhead"]
         n = o["nginx"]
         med = n["median"]
-        out.append(("1a nginx req/s untraced / empty / traced",
-                    "%.0f / %.0f / %.0f" % (med["untraced"]["rps"], med["empty_probes"]["rps"],
-                                            med["traced"]["rps"]), "", ""))
+        out.append(("1a nginx req/s untraced / empty / traced-none / traced",
+                    "%.0f / %.0f / %.0f / %.0f" % (
+                        med["untraced"]["rps"], med["empty_probes"]["rps"],
+                        med["traced_none"]["rps"], med["traced"]["rps"]), "", ""))
         out.append(("1a nginx traced / untraced throughput",
                     _fmt(n["traced_vs_untraced"]["throughput"]), "(info)", ""))
         out.append(("1a nginx empty-probes / untraced throughput",
                     _fmt(n["empty_probes_vs_untraced"]["throughput"]), "(floor)", ""))
+        kf = n["traced_none_vs_empty_probes"]["throughput"]
+        out.append(("1a nginx traced-none / empty-probes throughput (kernel cost)", _fmt(kf),
+                    ">= %.2f" % KERNEL_VS_FLOOR_MIN, _verdict(kf >= KERNEL_VS_FLOOR_MIN)))
         tf = n["traced_vs_empty_probes"]["throughput"]
         out.append(("1a nginx traced / empty-probes throughput", _fmt(tf),
                     ">= %.2f" % NGINX_VS_FLOOR_MIN, _verdict(tf >= NGINX_VS_FLOOR_MIN)))
-        seen = sum(r["traced"]["daemon_exchanges"] for r in n["rounds"])
-        reqs = sum(r["traced"]["requests"] for r in n["rounds"])
-        lost = sum(v for r in n["rounds"] for k, v in r["traced"]["daemon_loss"].items()
-                   if not k.endswith("_bytes"))
-        out.append(("1a nginx traced arm: exchanges seen / requests",
-                    "%d / %d (loss events %d)" % (seen, reqs, lost), "(info)", ""))
+        for arm, label in (("traced_none", "traced-none"), ("traced", "traced")):
+            t = n["%s_totals" % arm]
+            served = t.get("served")
+            out.append(("1a nginx %s arm: exchanges seen / requests served" % label,
+                        "%d / %s (loss events %d)" % (t["exchanges"],
+                                                      "n/a" if served is None else served,
+                                                      t["loss_events"]),
+                        "equal (0 loss)",
+                        _verdict(None if served is None else t["exchanges"] == served)))
+            out.append(("1a nginx %s arm: fast-path share" % label,
+                        _pct(t["fast_path_share"]), "(info)", ""))
         out.append(("1a nginx traced / untraced p50, p99",
                     "%s, %s" % (_fmt(n["traced_vs_untraced"]["p50"]),
                                 _fmt(n["traced_vs_untraced"]["p99"])), "(info)", ""))
@@ -85,28 +113,76 @@ def rows(results: dict) -> list[tuple[str, str, str, str]]:
         out.append(("1b 1ms-CPU traced / untraced p99 (p50)",
                     "%s (%s)" % (_fmt(bp, digits=4), _fmt(b["traced_vs_untraced"]["p50"], digits=4)),
                     "<= %.2f" % BUSY_P99_MAX, _verdict(bp <= BUSY_P99_MAX)))
+        if "traced_totals" in b:
+            out.append(("1b 1ms-CPU traced: fast-path share",
+                        _pct(b["traced_totals"]["fast_path_share"]), "(info)", ""))
 
     if not failed("capacity", "2. capacity"):
         c = sec["capacity"]
         best = c["max_sustained_exchanges_per_s"]
-        ok = best >= CAPACITY_MIN and not math.isnan(c["export_ratio"]) \
-            and c["export_ratio"] >= 1.0
-        # Bounded by the daemon when loss began on the ladder, else by what CPU 0 could offer.
-        note = (" (daemon-bound)" if c.get("loss_begins_at") else " (load-bound)")
+        exported = not math.isnan(c["export_ratio"]) and c["export_ratio"] >= 1.0
+        bound = c.get("bound", "daemon-bound" if c.get("loss_begins_at") else "load-bound")
+        busiest = c.get("busiest_step") or {}
+        util = busiest.get("daemon_cpu_util")
+        note = " (%s%s)" % (bound, "" if util is None else
+                            ", daemon %.0f %% of its core at the top" % (100 * util))
+        if best >= CAPACITY_MIN and exported:
+            verdict = "meets"
+        elif bound == "load-bound" and exported and best > 0:
+            verdict = "load-bound"   # the daemon kept up with all CPU 0 could offer
+        else:
+            verdict = "MISSES"
         out.append(("2 max sustained exchanges/s, 1 core, 0 loss", _fmt(best) + note,
-                    ">= %d" % CAPACITY_MIN, _verdict(ok)))
-        out.append(("2 daemon CPU us per exchange (at %.0f ex/s)" % c.get("cpu_us_per_exchange_at", 0),
-                    _fmt(c["cpu_us_per_exchange"]),
-                    "<= %.0f" % (1e6 / CAPACITY_MIN),
-                    _verdict(c["cpu_us_per_exchange"] <= 1e6 / CAPACITY_MIN)))
-        out.append(("2 projected exchanges/s on one core", _fmt(c["projected_exchanges_per_s_one_core"]),
-                    "(1e6 / us)", ""))
+                    ">= %d measured" % CAPACITY_MIN, verdict))
+        us = c["cpu_us_per_exchange"]
+        out.append(("2 daemon CPU us per exchange, all %s daemon processes (at %.0f ex/s)"
+                    % (busiest.get("daemon_pids", "?"), c.get("cpu_us_per_exchange_at", 0)),
+                    _fmt(us), "<= %.0f" % (1e6 / CAPACITY_PER_CORE_MIN),
+                    _verdict(None if math.isnan(us) else us <= 1e6 / CAPACITY_PER_CORE_MIN)))
+        per_core = c["projected_exchanges_per_s_one_core"]
+        out.append(("2 exchanges/s per core of daemon CPU (1e6 / us)", _fmt(per_core),
+                    ">= %d" % CAPACITY_PER_CORE_MIN,
+                    _verdict(None if math.isnan(per_core)
+                             else per_core >= CAPACITY_PER_CORE_MIN)))
+        paths = busiest.get("paths") or {}
+        out.append(("2 fast-path share (busiest step)", _pct(paths.get("fast_path_share")),
+                    "(info)", ""))
+        wps = busiest.get("wakeups_per_s")
+        rpw = paths.get("records_per_wakeup")
+        out.append(("2 wake-ups/s, records per wake-up (busiest step)",
+                    "%s, %s" % ("n/a" if wps is None else "%.0f" % wps,
+                                "n/a" if rpw is None else "%.1f" % rpw), "(info)", ""))
+        stats = c.get("daemon_stats") or {}
+        kernel = [(k.rsplit(".", 1)[-1], stats.get(k)) for k in
+                  ("capture.fast.exchanges", "capture.fast.fallbacks",
+                   "capture.fast.pending_full")]
+        out.append(("2 kernel fast path: exchanges / fallbacks / pending_full (run)",
+                    " / ".join("n/a" if v is None else "%d" % v for _, v in kernel),
+                    "(info)", ""))
+        lost = {k: v for k, v in stats.items() if k.startswith("capture.lost.")}
+        out.append(("2 kernel capture.lost.* (run, incl. the stall)",
+                    ", ".join("%s=%d" % (k[len("capture.lost."):], v)
+                              for k, v in sorted(lost.items()) if v) or "0",
+                    "(info)", ""))
+        slow = c.get("slow_path_step")
+        if slow:
+            out.append(("2 fast path forced off, same unpaced step: us/ex, ex/s, share",
+                        "%s, %.0f, %s" % (_fmt(slow["cpu_us_per_exchange"]),
+                                          slow["exchanges_per_s"],
+                                          _pct((slow.get("paths") or {}).get("fast_path_share"))),
+                        "(info)", ""))
+        else:
+            how = str(c.get("slow_path_switch") or "n/a")
+            out.append(("2 fast path forced off, same unpaced step",
+                        how if how.startswith("n/a") else "n/a (not run in this mode)",
+                        "", ""))
         out.append(("2 spans received / exchanges", "%d / %d" % (
                         c["receiver_spans"], c.get("daemon_final_exchanges",
                                                    c["daemon_total_exchanges"])),
                     "100 %", _verdict(c["export_ratio"] >= 1.0)))
         lb = c["loss_begins_at"]
-        out.append(("2 loss begins at", "not reached" if lb is None else
+        out.append(("2 loss begins at", "not reached (top offered %.0f req/s)"
+                    % c.get("top_offered_rps", 0) if lb is None else
                     "%.0f req/s offered" % lb["offered_rps"], "", ""))
         st = c["stall"]
         # Events and gaps, not bytes: a byte counter would dwarf the rest.
@@ -119,12 +195,32 @@ def rows(results: dict) -> list[tuple[str, str, str, str]]:
 
     if not failed("memory", "3. memory"):
         m = sec["memory"]
-        out.append(("3 RSS idle", _fmt(m["idle_rss_mb"], " MB"), "<= %d MB" % IDLE_RSS_MAX_MB,
-                    _verdict(m["idle_rss_mb"] <= IDLE_RSS_MAX_MB)))
-        out.append(("3 RSS with %d open connections" % m["held_connections"],
-                    _fmt(m["held_rss_mb"], " MB"), "<= %d MB" % HELD_RSS_MAX_MB,
+        procs = len(m.get("idle_pids") or [0])
+        out.append(("3 RSS idle, all %d daemon process(es) (PSS)" % procs,
+                    "%s (%s)" % (_fmt(m["idle_rss_mb"], " MB"), _fmt(m.get("idle_pss_mb"), " MB")),
+                    "<= %d MB" % IDLE_RSS_MAX_MB, _verdict(m["idle_rss_mb"] <= IDLE_RSS_MAX_MB)))
+        out.append(("3 RSS with %d open connections (PSS)" % m["held_connections"],
+                    "%s (%s)" % (_fmt(m["held_rss_mb"], " MB"), _fmt(m.get("held_pss_mb"), " MB")),
+                    "<= %d MB" % HELD_RSS_MAX_MB,
                     _verdict(m["held_rss_mb"] <= HELD_RSS_MAX_MB
                              and m["held_connections"] >= 10_000)))
+        if "ready_s" in m:
+            out.append(("3 start-up: spawn -> ready (/readyz), peak RSS",
+                        "%s (/readyz %s), peak %s" % (
+                            _fmt(m["ready_s"], " s"),
+                            "n/a" if m.get("readyz_s") is None else _fmt(m["readyz_s"], " s"),
+                            _fmt(max(m["start_peak_rss_mb"], m.get("start_hwm_mb", 0)), " MB")),
+                        "(info)", ""))
+        if "compiler_mapped" in m:
+            mapped = m["compiler_mapped"]
+            out.append(("3 libLLVM/libclang mapped by a resident daemon process",
+                        "no" if not mapped else "yes: " + "; ".join(
+                            "pid %s %s" % (pid, ",".join(libs)) for pid, libs in mapped.items()),
+                        "no", _verdict(not mapped)))
+        if "stop_under_load_s" in m:
+            out.append(("3 SIGTERM -> every daemon process exited, under load",
+                        _fmt(m["stop_under_load_s"], " s"), "<= %.0f s" % STOP_MAX_S,
+                        _verdict(m["stop_under_load_s"] <= STOP_MAX_S)))
         full = m["requests_served"] >= m["exchanges_target"]
         g = m["growth_mb_per_million"]
         out.append(("3 RSS over %d requests (%d exchanges seen): start -> end (max)"

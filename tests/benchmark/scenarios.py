@@ -17,7 +17,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from tests.benchmark.agent import Agent, EmptyProbes, delta, loss_counters
+from tests.benchmark.agent import (Agent, EmptyProbes, delta, fast_path_switch, loss_counters,
+                                   path_counters)
 from tests.benchmark.peers import (BusyServer, HeldConnections, Nginx, Receiver, run_wrk,
                                    start_wrk)
 from tests.benchmark.proc import BenchmarkError
@@ -36,8 +37,12 @@ class Plan:
     connections: int = 16
     threads: int = 2
     # (connections, per-connection delay ms) from light to unpaced; see capacity().
+    # The paced steps go past what one nginx worker on one core can serve (~20-30k/s
+    # here), so the top of the ladder is unpaced at two concurrencies: if the daemon
+    # keeps up with all of it, the result is "load-bound", and CPU us per exchange (all
+    # daemon processes) is what says how far one core of daemon would go.
     ladder: list[tuple[int, int]] = field(default_factory=lambda: [
-        (4, 1), (8, 1), (16, 1), (24, 1), (32, 1), (48, 1), (16, 0)])
+        (4, 1), (8, 1), (16, 1), (32, 1), (48, 1), (64, 1), (96, 1), (16, 0), (64, 0)])
     step_s: float = 8.0
     stall_s: float = 5.0
     idle_s: float = 5.0
@@ -48,6 +53,11 @@ class Plan:
     freshness_delay_ms: int = 10
     # py-spy on the daemon under unpaced load (0 = no profile).
     profile_s: float = 8.0
+    # One unpaced capacity step with the fast path forced off (when the daemon has the
+    # switch): the slow path's CPU per exchange, side by side with the default's.
+    slow_path_step: bool = True
+    # SIGTERM -> every daemon process gone, under this much unpaced load.
+    stop_under_load_s: float = 2.0
     daemon_cpu: int = 1
     load_cpu: int = 0
 
@@ -64,7 +74,8 @@ class Plan:
         duplicate or a miss shows (211 held connections -> exactly 211 exchanges)."""
         return cls(rounds=1, arm_s=2.0, warmup_s=0.0, ladder=[(8, 1)], step_s=2.0,
                    stall_s=2.0, idle_s=1.0, held_connections=211, exchanges_target=30011,
-                   exchanges_cap_s=10.0, freshness_s=2.0, profile_s=0.0)
+                   exchanges_cap_s=10.0, freshness_s=2.0, profile_s=0.0,
+                   slow_path_step=False, stop_under_load_s=1.0)
 
 
 def median(values: list[float]) -> float:
@@ -118,15 +129,29 @@ def _measure_arm(url: str, plan: Plan, workdir: Path) -> dict:
     return run_wrk(url, plan.arm_s, plan.connections, plan.threads, logdir=workdir).as_dict()
 
 
-def _traced_arm(server, rx: Receiver, url: str, plan: Plan, workdir: Path) -> dict:
-    with Agent(workdir, rx.grpc_endpoint, pids=server.pids()) as agent:
+def _traced_arm(server, rx: Receiver | None, url: str, plan: Plan, workdir: Path,
+                exporter: str = "otlp") -> dict:
+    """One traced arm: the daemon exporting over OTLP to `rx` ("otlp"), or loaded and
+    draining but exporting nothing ("none": our BPF programs + the drain loop, the
+    kernel-side cost beyond the empty-probe floor). For nginx, requests served are
+    nginx's own count (stub_status), the ground truth for "exchanges seen"."""
+    nginx_count = getattr(server, "requests", None)
+    with Agent(workdir, rx.grpc_endpoint if rx is not None else None, pids=server.pids(),
+               exporter=exporter, name="otel-ebpf-%s" % exporter) as agent:
         before, cpu0 = agent.stats(), agent.cpu_s()
+        # The stub_status read is itself a request nginx counts (in the value it returns)
+        # and the daemon sees (before `after`): r1 - r0 = wrk's requests + the r1 read,
+        # and the daemon's exchanges = the r0 read + wrk's requests. Equal when exact.
+        served0 = nginx_count() if nginx_count else None
         res = _measure_arm(url, plan, workdir)
         after, _ = wait_drained(agent, quiet_s=1.0, timeout_s=30)
         res["daemon_cpu_s"] = agent.cpu_s() - cpu0
         res["daemon_exchanges"] = agent.exchanges(after) - agent.exchanges(before)
         res["daemon_loss"] = delta(loss_counters(after), loss_counters(before))
         res["daemon_ready_s"] = agent.ready_after_s
+        res["daemon_paths"] = path_counters(after, before)
+        if nginx_count:
+            res["served"] = nginx_count() - served0
     return res
 
 
@@ -146,17 +171,38 @@ def _summarize(rounds: list[dict], base: str, others: list[str]) -> dict:
     return out
 
 
+def _traced_totals(rounds: list[dict], arm: str) -> dict:
+    """Sums over the rounds of one traced arm: exchanges seen vs. requests served
+    (nginx's count) and vs. completed (wrk's), loss events, fast-path share."""
+    arms = [r[arm] for r in rounds]
+    out: dict = {
+        "exchanges": sum(a["daemon_exchanges"] for a in arms),
+        "wrk_requests": sum(a["requests"] for a in arms),
+        "loss_events": sum(v for a in arms for k, v in a["daemon_loss"].items()
+                           if not k.endswith("_bytes")),
+    }
+    if all("served" in a for a in arms):
+        out["served"] = sum(a["served"] for a in arms)
+    fast = [a["daemon_paths"].get("http.exchanges.fast_path") for a in arms]
+    out["fast_path"] = None if any(f is None for f in fast) else sum(fast)
+    out["fast_path_share"] = (ratio(out["fast_path"], out["exchanges"])
+                              if out["fast_path"] is not None else None)
+    return out
+
+
 def overhead(plan: Plan, workdir: Path) -> dict:
     result: dict = {"plan": {"rounds": plan.rounds, "arm_s": plan.arm_s,
                              "wrk": "-t%d -c%d --latency" % (plan.threads, plan.connections)}}
     with Receiver(workdir) as rx:
-        # (a) nginx, small static file: untraced / empty probes / traced.
+        # (a) nginx, small static file: untraced / empty probes / traced exporting
+        # nothing / traced exporting over OTLP. Rotating order, one arm per position.
         with Nginx(workdir) as nginx:
-            arms = ["untraced", "empty_probes", "traced"]
+            arms = ["untraced", "empty_probes", "traced_none", "traced"]
             rounds: list[dict] = []
             attached = ""
             for i in range(plan.rounds):
-                order = arms[i % 3:] + arms[:i % 3]
+                k = i % len(arms)
+                order = arms[k:] + arms[:k]
                 rec: dict = {"order": order}
                 for arm in order:
                     if arm == "untraced":
@@ -165,17 +211,28 @@ def overhead(plan: Plan, workdir: Path) -> dict:
                         with EmptyProbes(workdir) as probes:
                             attached = probes.attached
                             rec[arm] = _measure_arm(nginx.url, plan, workdir)
+                    elif arm == "traced_none":
+                        rec[arm] = _traced_arm(nginx, None, nginx.url, plan, workdir,
+                                               exporter="none")
                     else:
                         rec[arm] = _traced_arm(nginx, rx, nginx.url, plan, workdir)
-                    log.info("overhead nginx round %d %s: %.0f req/s p99 %.0f us", i + 1, arm,
-                             rec[arm]["rps"], rec[arm]["p99_us"])
+                    log.info("overhead nginx round %d %s: %.0f req/s p99 %.0f us%s", i + 1,
+                             arm, rec[arm]["rps"], rec[arm]["p99_us"],
+                             "" if "served" not in rec[arm] else
+                             ", exchanges %d / served %d" % (rec[arm]["daemon_exchanges"],
+                                                              rec[arm]["served"]))
                 rounds.append(rec)
             result["nginx"] = {"rounds": rounds, "empty_probes": attached,
-                               **_summarize(rounds, "untraced", ["empty_probes", "traced"])}
+                               **_summarize(rounds, "untraced",
+                                            ["empty_probes", "traced_none", "traced"])}
             med = result["nginx"]["median"]
-            result["nginx"]["traced_vs_empty_probes"] = {
-                "throughput": ratio(med["traced"]["rps"], med["empty_probes"]["rps"]),
-                "p99": ratio(med["traced"]["p99_us"], med["empty_probes"]["p99_us"])}
+            for arm in ("traced_none", "traced"):
+                result["nginx"]["%s_vs_empty_probes" % arm] = {
+                    "throughput": ratio(med[arm]["rps"], med["empty_probes"]["rps"]),
+                    "p99": ratio(med[arm]["p99_us"], med["empty_probes"]["p99_us"]),
+                    "throughput_rounds": [ratio(r[arm]["rps"], r["empty_probes"]["rps"])
+                                          for r in rounds]}
+                result["nginx"]["%s_totals" % arm] = _traced_totals(rounds, arm)
         # (b) ~1 ms of CPU per request: untraced / traced.
         with BusyServer(workdir) as busy:
             arms = ["untraced", "traced"]
@@ -189,18 +246,61 @@ def overhead(plan: Plan, workdir: Path) -> dict:
                     log.info("overhead busy round %d %s: %.0f req/s p99 %.0f us", i + 1, arm,
                              rec[arm]["rps"], rec[arm]["p99_us"])
                 rounds.append(rec)
-            result["busy_1ms"] = {"rounds": rounds, **_summarize(rounds, "untraced", ["traced"])}
+            result["busy_1ms"] = {"rounds": rounds, **_summarize(rounds, "untraced", ["traced"]),
+                                  "traced_totals": _traced_totals(rounds, "traced")}
         result["receiver_spans"] = rx.span_count()
     return result
 
 
 # ---------------------------------------------------------------- 2. capacity
 
+def _capacity_step(agent: Agent, url: str, conns: int, delay_ms: int, plan: Plan,
+                   workdir: Path, load_cpus: set[int] | None) -> dict:
+    """One rung: wrk at (conns, delay_ms) for step_s; the daemon's CPU (every process
+    of it), exchanges, loss, drain time, fast-path share and batching over it."""
+    before, cpu0, t0 = agent.stats(), agent.cpu_s(), time.monotonic()
+    w = run_wrk(url, plan.step_s, conns, min(2, conns), delay_ms=delay_ms,
+                cpus=load_cpus, logdir=workdir)
+    cpu_load, wall_load = agent.cpu_s() - cpu0, time.monotonic() - t0
+    after, drain_s = wait_drained(agent, quiet_s=1.0, timeout_s=30)
+    cpu, wall = agent.cpu_s() - cpu0, time.monotonic() - t0
+    seen = agent.exchanges(after) - agent.exchanges(before)
+    loss = delta(loss_counters(after), loss_counters(before))
+    unseen = max(0, w.requests - seen)
+    paths = path_counters(after, before)
+    wakeups = paths.get("capture.wakeups")
+    step = {"connections": conns, "delay_ms": delay_ms, "offered_rps": w.rps,
+            "requests": w.requests, "exchanges": seen, "unseen": unseen,
+            "exchanges_per_s": seen / w.duration_s if w.duration_s else 0.0,
+            "drain_s": drain_s, "loss": loss,
+            "daemon_cpu_s": cpu,
+            # While wrk ran (its start-up included: a slight underestimate).
+            "daemon_cpu_util": cpu_load / wall_load,
+            "daemon_cpu_util_with_drain": cpu / wall,
+            "cpu_us_per_exchange": cpu * 1e6 / seen if seen else float("nan"),
+            "wrk_errors": w.errors + w.bad_status,
+            "paths": paths,
+            # Over the whole step (load + drain): the drain loop's wake-up rate.
+            "wakeups_per_s": wakeups / wall if wakeups is not None and wall else None,
+            "daemon_pids": len(agent.pids())}
+    step["sustained"] = (not loss and unseen == 0 and drain_s <= 1.5
+                         and step["wrk_errors"] == 0)
+    share = paths.get("fast_path_share")
+    log.info("capacity c=%d delay=%dms: %.0f ex/s, daemon %.0f%% CPU (%d procs), %.1f us/ex, "
+             "loss %s, unseen %d, drain %.1fs, fast path %s, records/wake-up %s", conns,
+             delay_ms, step["exchanges_per_s"], 100 * step["daemon_cpu_util"],
+             step["daemon_pids"], step["cpu_us_per_exchange"], loss or 0, unseen, drain_s,
+             "n/a" if share is None else "%.1f%%" % (100 * share),
+             "n/a" if paths.get("records_per_wakeup") is None
+             else "%.1f" % paths["records_per_wakeup"])
+    return step
+
+
 def capacity(plan: Plan, workdir: Path) -> dict:
     """A ladder of offered loads; the daemon alone on `daemon_cpu`, everything else on
     `load_cpu`. A step is sustained when no loss counter moved, every request wrk
     completed was seen as an exchange, and the daemon caught up within 1.5 s of the
-    load stopping (no backlog building up)."""
+    load stopping (no backlog building up). CPU is summed over every daemon process."""
     dcpu = cpus_available(plan.daemon_cpu, plan.load_cpu)
     daemon_cpus = {plan.daemon_cpu} if dcpu else None
     load_cpus = {plan.load_cpu} if dcpu else None
@@ -211,32 +311,8 @@ def capacity(plan: Plan, workdir: Path) -> dict:
             Nginx(workdir, workers=1, cpus=load_cpus) as nginx:
         with Agent(workdir, rx.grpc_endpoint, pids=nginx.pids(), cpus=daemon_cpus) as agent:
             for conns, delay_ms in plan.ladder:
-                before, cpu0, t0 = agent.stats(), agent.cpu_s(), time.monotonic()
-                w = run_wrk(nginx.url, plan.step_s, conns, min(2, conns), delay_ms=delay_ms,
-                            cpus=load_cpus, logdir=workdir)
-                cpu_load, wall_load = agent.cpu_s() - cpu0, time.monotonic() - t0
-                after, drain_s = wait_drained(agent, quiet_s=1.0, timeout_s=30)
-                cpu, wall = agent.cpu_s() - cpu0, time.monotonic() - t0
-                seen = agent.exchanges(after) - agent.exchanges(before)
-                loss = delta(loss_counters(after), loss_counters(before))
-                unseen = max(0, w.requests - seen)
-                step = {"connections": conns, "delay_ms": delay_ms, "offered_rps": w.rps,
-                        "requests": w.requests, "exchanges": seen, "unseen": unseen,
-                        "exchanges_per_s": seen / w.duration_s if w.duration_s else 0.0,
-                        "drain_s": drain_s, "loss": loss,
-                        "daemon_cpu_s": cpu,
-                        # While wrk ran (its start-up included: a slight underestimate).
-                        "daemon_cpu_util": cpu_load / wall_load,
-                        "daemon_cpu_util_with_drain": cpu / wall,
-                        "cpu_us_per_exchange": cpu * 1e6 / seen if seen else float("nan"),
-                        "wrk_errors": w.errors + w.bad_status}
-                step["sustained"] = (not loss and unseen == 0 and drain_s <= 1.5
-                                     and step["wrk_errors"] == 0)
-                steps.append(step)
-                log.info("capacity c=%d delay=%dms: %.0f ex/s, daemon %.0f%% CPU, %.1f us/ex, "
-                         "loss %s, unseen %d, drain %.1fs", conns, delay_ms,
-                         step["exchanges_per_s"], 100 * step["daemon_cpu_util"],
-                         step["cpu_us_per_exchange"], loss or 0, unseen, drain_s)
+                steps.append(_capacity_step(agent, nginx.url, conns, delay_ms, plan, workdir,
+                                            load_cpus))
             # Loss, provoked: the daemon stopped (SIGSTOP) under full load cannot drain the
             # ring buffer; whatever it cannot see must show up in a loss counter.
             before = agent.stats()
@@ -268,8 +344,18 @@ def capacity(plan: Plan, workdir: Path) -> dict:
         if agent.final_exchanges is not None:
             total = agent.final_exchanges
         result["daemon_final_exchanges"] = total
-        result["daemon_stop_s"] = round(agent.stop_s, 1)
+        result["daemon_stop_s"] = round(agent.stop_s, 2)
         result["export_ratio"] = ratio(result["receiver_spans"], total)
+        # The same unpaced step with the fast path forced off, when the daemon has the
+        # switch: what the chunk stream costs per exchange, in the same run.
+        env, how = fast_path_switch()
+        result["slow_path_switch"] = how
+        if plan.slow_path_step and env is not None:
+            conns, delay_ms = plan.ladder[-1]
+            with Agent(workdir, rx.grpc_endpoint, pids=nginx.pids(), cpus=daemon_cpus,
+                       env=env, name="otel-ebpf-slow-path") as slow:
+                result["slow_path_step"] = _capacity_step(slow, nginx.url, conns, delay_ms,
+                                                          plan, workdir, load_cpus)
         if plan.profile_s:
             result["profile"] = profile(rx, nginx, plan, workdir, daemon_cpus, load_cpus)
     result["steps"] = steps
@@ -282,6 +368,7 @@ def capacity(plan: Plan, workdir: Path) -> dict:
     result["cpu_us_per_exchange"] = (busiest["cpu_us_per_exchange"] if busiest
                                      else float("nan"))
     result["cpu_us_per_exchange_at"] = busiest["exchanges_per_s"] if busiest else 0.0
+    result["busiest_step"] = busiest
     # What one core could take if CPU per exchange stayed what it is at these rates.
     result["projected_exchanges_per_s_one_core"] = ratio(1e6, result["cpu_us_per_exchange"])
     first_bad = next((s for s in steps if not s["sustained"]), None)
@@ -290,6 +377,11 @@ def capacity(plan: Plan, workdir: Path) -> dict:
                                  "loss": first_bad["loss"], "unseen": first_bad["unseen"]})
     # Whether the ladder ever saturated the daemon or only the load's own CPU.
     result["daemon_saturated"] = any(s["daemon_cpu_util"] > 0.9 for s in steps)
+    # daemon-bound: the daemon lost something or ran out of its core on the ladder;
+    # load-bound: it kept up with everything CPU 0 could offer (nginx + wrk).
+    result["bound"] = ("daemon-bound" if first_bad is not None or result["daemon_saturated"]
+                       else "load-bound")
+    result["top_offered_rps"] = max((s["offered_rps"] for s in steps), default=0.0)
     return result
 
 
@@ -375,13 +467,24 @@ def short_path(file: str) -> str:
 # ---------------------------------------------------------------- 3. memory
 
 def memory(plan: Plan, workdir: Path) -> dict:
+    """RSS of every daemon process (summed) idle, with held connections, over many
+    exchanges; start-up peak and time to ready; SIGTERM -> exit under load; whether a
+    resident daemon process maps BCC's compiler (libLLVM/libclang)."""
     result: dict = {}
     with Receiver(workdir) as rx, Nginx(workdir) as nginx, \
             Agent(workdir, rx.grpc_endpoint, pids=nginx.pids()) as agent:
+        result["ready_s"] = agent.ready_after_s
+        result["readyz_s"] = agent.readyz_after_s
+        result["start_peak_rss_mb"] = agent.start_peak_rss / MB
+        result["start_hwm_mb"] = agent.start_hwm_kb / 1024
         time.sleep(plan.idle_s)
         idle = [agent.rss() for _ in range(5) if time.sleep(0.2) is None]
         result["idle_rss_mb"] = max(idle) / MB
+        result["idle_pss_mb"] = agent.pss() / MB
+        result["idle_pids"] = agent.pids()
         result["idle_rss_breakdown_mb"] = agent.rss_breakdown()
+        # After start-up, whatever compiled the programs should be gone or never mapped.
+        result["compiler_mapped"] = {str(k): v for k, v in agent.compiler_mappings().items()}
 
         before = agent.exchanges()
         with HeldConnections(workdir, nginx.port, plan.held_connections) as held:
@@ -390,6 +493,7 @@ def memory(plan: Plan, workdir: Path) -> dict:
             samples = [agent.rss() for _ in range(5) if time.sleep(0.2) is None]
             result["held_connections"] = held.held
             result["held_rss_mb"] = max(samples) / MB
+            result["held_pss_mb"] = agent.pss() / MB
             result["held_rss_breakdown_mb"] = agent.rss_breakdown()
             result["held_exchanges_seen"] = agent.exchanges(snap) - before
         wait_drained(agent, quiet_s=1.0, timeout_s=30)
@@ -433,6 +537,18 @@ def memory(plan: Plan, workdir: Path) -> dict:
         result["growth_mb_per_million"] = _slope([s[1] for s in tail],
                                                  [s[2] for s in tail]) * 1e6
         result["growth_last_3q_mb"] = tail[-1][2] - tail[0][2] if tail else float("nan")
+
+        # SIGTERM -> every daemon process gone, under unpaced load (probes detached,
+        # queued telemetry flushed: the daemon's shutdown path, as a user would stop it).
+        wrk = start_wrk(nginx.url, plan.stop_under_load_s + 5, 16, 2, workdir)
+        try:
+            time.sleep(plan.stop_under_load_s)
+            result["stop_under_load_pids"] = len(agent.pids())
+            agent.stop()
+        finally:
+            wrk.stop()
+        result["stop_under_load_s"] = agent.stop_s
+        result["stop_rc"] = agent.stop_rc
     return result
 
 
