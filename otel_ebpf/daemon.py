@@ -282,7 +282,7 @@ class Daemon:
 
     def _shutdown(self) -> None:
         capture = getattr(self, "_capture", None)
-        if capture is not None and capture.bpf is not None:
+        if capture is not None and capture.started:
             try:
                 capture.detach()
                 capture.poll(0)  # what the kernel queued before the detach

@@ -1,4 +1,5 @@
-"""Load bpf/syscalls.c with BCC, attach its tracepoints, and run the ring buffer.
+"""Load bpf/syscalls.c (compiled by BCC in a short-lived child), hold its probes and
+maps as file descriptors, and drain the ring buffer.
 
 Contract:
     capture = Capture(CaptureOptions(...), stats)
@@ -6,9 +7,20 @@ Contract:
     capture.poll(timeout_ms)     # drain: on_event(ConnOpenEvent|DataEvent|ConnCloseEvent)
     capture.loss_counters()      # {"ringbuf_full": n, "truncated_bytes": n, ...}
     capture.set_pid_filter(pids) # None/empty = every process (the daemon never)
+    capture.tracked_connections(), connection_keys(), prune_connections()
+    capture.attach_uprobe(path, offset, program, retprobe) -> fd; detach_probes(fds)
+                                 # the OpenSSL uprobes (capture/tls.py)
+    capture.maps, capture.programs, capture.features, capture.options
     capture.detach()             # no new events; what is queued can still be polled
     capture.close()              # detach + free (idempotent)
-    capture.bpf, capture.options # for the OpenSSL uprobes (capture/tls.py)
+
+Process model: start() runs `python -m otel_ebpf.capture.compile` (a fresh interpreter)
+which imports BCC, compiles, verifies, attaches the tracepoints, loads the OpenSSL
+programs and hands every fd over a socketpair (SCM_RIGHTS), then exits. This process
+never imports bcc: maps are read through libbpf.so.1 (capture/bpfmap.py), the ring
+buffer is drained from its mmap (capture/ringbuf.py), later uprobes are attached with
+perf_event_open (capture/attach.py). The compile step's errors arrive here as the same
+one-line CaptureError they always were.
 
 Start-up quirks of the project's machines are handled here: tracefs is mounted when
 missing, the kernel-headers link BCC insists on is made when Debian headers are
@@ -23,20 +35,20 @@ us at syscall time, so conntrack filters on ports in user space.
 
 from __future__ import annotations
 
-import ctypes
 import logging
 import os
-import platform
 import re
+import struct
 import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from otel_ebpf.capture import CaptureError
 from otel_ebpf.capture.events import Event
 from otel_ebpf.capture.reader import RecordHandler, RingReader
-from otel_ebpf.preflight import OPTIONAL_TRACEPOINTS, SYSCALLS
+from otel_ebpf.preflight import OPTIONAL_TRACEPOINTS
 from otel_ebpf.stats import Stats
 
 log = logging.getLogger(__name__)
@@ -70,6 +82,11 @@ STATS_INTERVAL_S = 1.0
 # Longest one poll() keeps draining a busy ring buffer before it returns to the loop.
 POLL_BUDGET_S = 0.05
 PRUNE_INTERVAL_S = 30.0
+# The compile step takes ~7 s on an idle 2-CPU machine; much longer means it is stuck.
+COMPILE_TIMEOUT_S = 300.0
+_U32 = struct.Struct("<I")
+_U64 = struct.Struct("<Q")
+_CONN_KEY = struct.Struct("<Ii")  # struct conn_key_t {u32 tgid; s32 fd}
 
 
 @dataclass(frozen=True, slots=True)
@@ -167,11 +184,22 @@ class Capture:
     def __init__(self, options: CaptureOptions | None = None, stats: Stats | None = None) -> None:
         self.options = options or CaptureOptions()
         self.stats = stats if stats is not None else Stats()
-        self.bpf = None  # the bcc.BPF object once started (TLS attaches uprobes on it)
         self.features: dict[str, bool] = {}
+        # What the compile step handed over, by name: maps (BpfMap), OpenSSL programs
+        # (fd, attached later by capture/tls.py); tracepoint and uprobe attachments (fd).
+        self.maps: dict[str, Any] = {}
+        self.programs: dict[str, int] = {}
+        self._tracepoints: dict[str, int] = {}
+        self._uprobes: set[int] = set()
+        self._ring = None
         self._reader: RingReader | None = None
-        self._attached = False
+        self._started = False
+        self._attached = True
         self._closed = False
+        self._select = 0
+        self.compile_s = 0.0
+        # The tgid the kernel side never traces: ours (the compile step is another one).
+        self.self_tgid = os.getpid()
         self._next_stats = 0.0
         self._next_prune = 0.0
 
@@ -186,7 +214,7 @@ class Capture:
             "-DMAX_CONNS=%d" % o.max_kernel_connections,
             "-DMAX_IOVECS=%d" % o.max_iovecs,
             "-DREQ_HEAD_MAX=%d" % o.request_head_bytes,
-            "-DSELF_TGID=%d" % os.getpid(),
+            "-DSELF_TGID=%d" % self.self_tgid,
             "-I%s" % bpf_source_dir(),
             "-Wno-unused-function",
         ]
@@ -201,17 +229,15 @@ class Capture:
     def start(self, on_event: Callable[[Event], object],
               handlers: Mapping[int, RecordHandler] | None = None) -> None:
         """Compile, load and attach; then events flow to on_event from poll(), and
-        records of the kinds in `handlers` (EVENT_EXCHANGE) to their handler."""
-        if self.bpf is not None:
+        records of the kinds in `handlers` (EVENT_EXCHANGE) to their handler.
+
+        The compiling happens in a short-lived child (otel_ebpf/capture/compile.py),
+        which hands over the maps, the tracepoint attachments and the OpenSSL programs
+        as file descriptors: BCC and its compiler never enter this process."""
+        if self._started:
             raise CaptureError("Capture.start() called twice; create a new Capture")
         validate(self.options)
-        from otel_ebpf import preflight
-
-        from otel_ebpf.privileges import (
-            capture_privilege_problem,
-            kernel_version,
-            privilege_warnings,
-        )
+        from otel_ebpf.privileges import capture_privilege_problem, privilege_warnings
 
         # Capabilities, not uid 0: the systemd unit runs unprivileged with a minimal set.
         problem = capture_privilege_problem(self.options.tls)
@@ -219,54 +245,103 @@ class Capture:
             raise CaptureError(problem)
         for warning in privilege_warnings(tls=self.options.tls):
             log.warning("%s", warning)
-        try:
-            from bcc import BPF
-        except ImportError:
-            raise CaptureError(preflight.BCC_MISSING) from None
-        preflight.ensure_tracefs()
-        preflight.ensure_kernel_headers()
-        missing = [name for name in SYSCALLS
-                   if not (BPF.tracepoint_exists("syscalls", "sys_enter_" + name)
-                           and BPF.tracepoint_exists("syscalls", "sys_exit_" + name))]
-        if missing:
-            raise CaptureError("this kernel lacks the syscall tracepoints for %s "
-                               "(CONFIG_FTRACE_SYSCALLS); capture needs a kernel built with them"
-                               % ", ".join(missing))
-        features: dict[str, bool] = {}
-        for category, event, flag in OPTIONAL_TRACEPOINTS:
-            ok = BPF.tracepoint_exists(category, event)
-            features[flag] = features.get(flag, True) and ok
-            if not ok:
-                log.warning("tracepoint %s:%s is missing: %s", category, event,
-                            preflight.OPTIONAL_CONSEQUENCE.get(event, "less precision"))
-        # Syscalls already in flight when we attach (a server blocked in recv/accept)
-        # are recovered from the saved user registers: x86_64 ABI, kernel >= 5.15.
-        features["OTEL_REGS_FALLBACK"] = (platform.machine() == "x86_64"
-                                          and kernel_version() >= (5, 15))
-        self.features = features
-        source = bpf_source_dir() / MAIN_SOURCE
-        text = flatten_source(source)
+        from otel_ebpf.capture.bpfmap import libbpf
+
+        libbpf()  # fail before compiling when libbpf.so.1 is missing
         started = time.monotonic()
+        handover, fds = self._run_compile_step()
+        self._started = True
+        self._take_handover(handover, fds)
+        self.compile_s = float(handover.get("compile_s", 0.0))
+        log.info("BPF programs compiled, verified and attached in %.1f s (%d tracepoints; "
+                 "compile step %.1f s)", self.compile_s, len(self._tracepoints),
+                 time.monotonic() - started)
         try:
-            bpf = BPF(text=text.encode(), cflags=self.cflags(features))
-        except Exception as exc:  # BCC raises bare Exception for compile/load/attach errors
-            raise CaptureError(self._explain(exc, source)) from None
-        self.bpf = bpf
-        self._attached = True
-        try:
-            # Vectored calls with more than max_iovecs segments continue here.
-            cont = bpf.load_func(b"iov_continue", BPF.TRACEPOINT)
-            bpf[b"iov_tail"][ctypes.c_int(0)] = ctypes.c_int(cont.fd)
-        except Exception as exc:
+            # Before tracing starts: a connection's path is chosen when it opens.
+            self._set_config(CFG_FAST_PATH, int(self.options.fast_path))
+            self.set_pid_filter(self.options.pids)
+            from otel_ebpf.capture.ringbuf import RingBuffer
+
+            events = self.maps["events"]
+            self._ring = RingBuffer(events.fd, events.max_entries)
+        except Exception:
             self.close()
-            raise CaptureError(self._explain(exc, source)) from None
-        log.info("BPF programs compiled, verified and attached in %.1f s (%d tracepoints)",
-                 time.monotonic() - started, len(getattr(bpf, "tracepoint_fds", {})))
-        # Before tracing starts: a connection's path is chosen when it opens.
-        bpf[b"config"][ctypes.c_int(CFG_FAST_PATH)] = ctypes.c_uint64(int(self.options.fast_path))
-        self.set_pid_filter(self.options.pids)
+            raise
         self._reader = RingReader(on_event, self.stats, handlers)
-        bpf[b"events"].open_ring_buffer(self._reader.callback)
+
+    def _run_compile_step(self) -> tuple[dict, list[int]]:
+        """Spawn `python -m otel_ebpf.capture.compile`, return its handover and fds."""
+        import json
+        import socket
+        import subprocess
+        import sys
+
+        from otel_ebpf.capture.compile import MAX_FDS, MAX_MESSAGE, options_to_json
+
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        package_root = str(Path(__file__).resolve().parents[2])
+        env = dict(os.environ)
+        env["PYTHONPATH"] = os.pathsep.join(
+            p for p in (package_root, env.get("PYTHONPATH")) if p)
+        try:
+            child = subprocess.Popen(
+                [sys.executable, "-m", "otel_ebpf.capture.compile", str(theirs.fileno())],
+                pass_fds=[theirs.fileno()], stdin=subprocess.DEVNULL, env=env)
+        except OSError as exc:
+            ours.close()
+            theirs.close()
+            raise CaptureError("cannot start the BPF compile step (%s -m "
+                               "otel_ebpf.capture.compile): %s" % (sys.executable, exc)) from None
+        theirs.close()  # the child's end: EOF here when the child is gone
+        fds: list[int] = []
+        try:
+            level = logging.getLevelName(logging.getLogger("otel_ebpf").getEffectiveLevel())
+            ours.sendall(json.dumps({"options": options_to_json(self.options),
+                                     "self_tgid": os.getpid(), "log_level": level}).encode())
+            ours.settimeout(COMPILE_TIMEOUT_S)
+            msg, fds, flags, _ = socket.recv_fds(ours, MAX_MESSAGE, MAX_FDS)
+        except (OSError, socket.timeout) as exc:
+            child.kill()
+            child.wait()
+            _close_fds(fds)
+            raise CaptureError("the BPF compile step (pid %d) did not answer: %s"
+                               % (child.pid, exc)) from None
+        finally:
+            ours.close()
+        if flags & socket.MSG_CTRUNC:
+            _close_fds(fds)
+            child.wait()
+            raise CaptureError("the BPF compile step handed over more file descriptors "
+                               "than fit one message (RLIMIT_NOFILE too low?)")
+        code = child.wait()
+        if not msg:
+            raise CaptureError("the BPF compile step (pid %d) exited with status %d before "
+                               "handing over (its messages are above); nothing stays "
+                               "attached" % (child.pid, code))
+        handover = json.loads(msg)
+        if not handover.get("ok"):
+            _close_fds(fds)
+            raise CaptureError(handover.get("error") or "the BPF compile step failed")
+        return handover, fds
+
+    def _take_handover(self, handover: dict, fds: list[int]) -> None:
+        from otel_ebpf.capture.bpfmap import BpfMap
+
+        self.features = dict(handover.get("features", {}))
+        maps, attachments, programs = (handover["maps"], handover["attachments"],
+                                       handover["programs"])
+        if len(fds) != len(maps) + len(attachments) + len(programs):
+            _close_fds(fds)
+            raise CaptureError("the BPF compile step handed over %d fds for %d objects"
+                               % (len(fds), len(maps) + len(attachments) + len(programs)))
+        it = iter(fds)
+        for m in maps:
+            self.maps[m["name"]] = BpfMap(next(it), m["name"], m["type"], m["key_size"],
+                                          m["value_size"], m["max_entries"])
+        for name in attachments:
+            self._tracepoints[name] = next(it)
+        for name in programs:
+            self.programs[name] = next(it)
 
     @staticmethod
     def _explain(exc: Exception, source: Path) -> str:
@@ -285,30 +360,43 @@ class Capture:
 
     # -- runtime ------------------------------------------------------------------
 
+    @property
+    def started(self) -> bool:
+        return self._started and not self._closed
+
+    def _set_config(self, index: int, value: int) -> None:
+        self._map("config").update(_U32.pack(index), _U64.pack(value))
+
     def set_pid_filter(self, pids: Iterable[int] | None) -> None:
         """Trace only these tgids (None or empty: all). The daemon is always excluded."""
-        bpf = self._require()
-        table = bpf[b"pid_filter"]
-        table.clear()
+        table = self._map("pid_filter")
         wanted = sorted(set(pids or ()))
-        for pid in wanted:
-            table[ctypes.c_uint32(pid)] = ctypes.c_uint8(1)
+        keep = {_U32.pack(pid) for pid in wanted}
+        for key in table.keys():
+            if key not in keep:
+                table.delete(key)
+        for key in keep:
+            table.update(key, b"\x01")
         # Also switches tracing on: the kernel side traces nothing until this first call.
-        select = SELECT_ENABLED | (SELECT_PID_FILTER if wanted else 0)
-        bpf[b"config"][ctypes.c_int(CFG_SELECT)] = ctypes.c_uint64(select)
+        self._select = SELECT_ENABLED | (SELECT_PID_FILTER if wanted else 0)
+        self._set_config(CFG_SELECT, self._select)
 
     def poll(self, timeout_ms: int) -> int:
-        """Drain the ring buffer (waiting up to timeout_ms); returns events handled.
+        """Wait up to timeout_ms for the ring buffer, then drain it; returns events handled.
 
+        The kernel may not wake us below its fill threshold (BPF_RB_NO_WAKEUP), so a
+        timeout is not "nothing there": whatever is queued is drained either way.
         Returns 0 when not started (or after close), so a shutdown path may call it
         unconditionally."""
-        bpf = self.bpf
-        if bpf is None or self._closed:
+        ring = self._ring
+        if ring is None or self._closed:
             return 0
         reader = self._reader
         before = reader.events + reader.decode_errors
+        if timeout_ms > 0 and not ring.pending():
+            ring.wait(timeout_ms)
         reader.deadline = time.monotonic() + POLL_BUDGET_S
-        bpf.ring_buffer_poll(timeout_ms)
+        ring.drain(reader.on_record)
         now = time.monotonic()
         if now >= self._next_stats:
             self._next_stats = now + STATS_INTERVAL_S
@@ -320,83 +408,126 @@ class Capture:
 
     def loss_counters(self) -> dict[str, int]:
         """Kernel-side loss/health counters, summed over CPUs, since start."""
-        bpf = self._require()
-        table = bpf[b"counters"]
+        table = self._map("counters")
         out = {}
         for index, name in enumerate(LOSS_COUNTERS):
-            out[name] = int(sum(table[ctypes.c_int(index)]))
+            out[name] = sum(_U64.unpack(v)[0] for v in table.values_per_cpu(_U32.pack(index)))
         return out
 
     def flush_stats(self) -> None:
         if self._reader is not None:
             self._reader.flush_stats()
-        if self.bpf is not None:
+        if self.started:
             for name, value in self.loss_counters().items():
                 self.stats.set_total(STATS_NAMES[name], value)
 
+    def connection_keys(self) -> list[tuple[int, int]]:
+        """(tgid, fd) of every connection the kernel tracks."""
+        return [_CONN_KEY.unpack(key) for key in self._map("conns").keys()]
+
     def tracked_connections(self) -> int:
-        return len(self._require()["conns"])
+        return len(self._map("conns"))
 
     def prune_connections(self) -> int:
         """Forget kernel entries of exited processes (their fds closed without close(2))."""
-        bpf = self._require()
-        table = bpf[b"conns"]
-        keys = list(table.keys())
+        table = self._map("conns")
+        keys = table.keys()
         # One /proc lookup per process, not per connection (a server holds thousands).
-        gone = {tgid for tgid in {key.tgid for key in keys}
-                if not os.path.exists("/proc/%d" % tgid)}
-        dead = [key for key in keys if key.tgid in gone]
+        tgids = {_CONN_KEY.unpack(key)[0] for key in keys}
+        gone = {tgid for tgid in tgids if not os.path.exists("/proc/%d" % tgid)}
+        dead = [key for key in keys if _CONN_KEY.unpack(key)[0] in gone]
         for key in dead:
-            try:
-                del table[key]
-            except KeyError:
-                pass
+            table.delete(key)
         if dead:
             self.stats.add("capture.kernel_conns_pruned", len(dead))
         return len(dead)
 
+    # -- uprobes (capture/tls.py) ---------------------------------------------------
+
+    def attach_uprobe(self, path: str, offset: int, program: str, retprobe: bool = False) -> int:
+        """Attach a handed-over program at file offset `offset` of `path`; returns the
+        attachment's fd (for detach_probes). OSError/KeyError when it cannot."""
+        if not self.started or not self._attached:
+            raise OSError(9, "capture is not attached")
+        from otel_ebpf.capture.attach import attach_uprobe
+
+        fd = attach_uprobe(path, offset, self.programs[program], retprobe)
+        self._uprobes.add(fd)
+        return fd
+
+    def detach_probes(self, fds: Iterable[int]) -> None:
+        """Detach uprobes attach_uprobe() made (the kernel finishes in the background)."""
+        from otel_ebpf.capture.attach import release
+
+        mine = [fd for fd in fds if fd in self._uprobes]
+        self._uprobes.difference_update(mine)
+        release(mine)
+
     # -- shutdown -----------------------------------------------------------------
 
     def detach(self) -> None:
-        """Detach every probe (tracepoints and uprobes); idempotent. Poll still drains."""
-        bpf = self.bpf
-        if bpf is None or not self._attached:
+        """Stop every probe (tracepoints and uprobes); idempotent. Poll still drains.
+
+        Tracing is switched off in the kernel first (config[CFG_SELECT] = 0: every
+        program returns at its first check), so nothing is emitted from here on; the
+        attachments are then given up without waiting for the kernel to unregister
+        them (~70 ms per tracepoint; see otel_ebpf/capture/attach.py)."""
+        if not self._started or not self._attached:
             return
         self._attached = False
-        for tp in list(getattr(bpf, "tracepoint_fds", {})):
-            try:
-                bpf.detach_tracepoint(tp)
-            except Exception as exc:  # keep detaching the rest
-                log.warning("detaching tracepoint %s failed: %s", tp, exc)
-        for ev_name in list(getattr(bpf, "uprobe_fds", {})):
-            try:
-                bpf.detach_uprobe_event(ev_name)
-            except Exception as exc:
-                log.warning("detaching uprobe %s failed: %s", ev_name, exc)
+        try:
+            self._set_config(CFG_SELECT, 0)
+        except OSError as exc:
+            log.warning("switching capture off in the kernel failed: %s", exc)
+        from otel_ebpf.capture.attach import release
+
+        fds = list(self._tracepoints.values()) + sorted(self._uprobes)
+        self._tracepoints.clear()
+        self._uprobes.clear()
+        release(fds)
 
     def close(self) -> None:
-        """Detach and free the BPF object; idempotent."""
+        """Detach and free the maps and programs; idempotent."""
         if self._closed:
             return
-        self._closed = True
         self.detach()
-        if self.bpf is not None:
+        if self._started:
             try:
                 self.flush_stats()
             except Exception:  # stats are best effort at shutdown
                 pass
-            try:
-                self.bpf.cleanup()
-            except Exception as exc:
-                log.warning("freeing the BPF object failed: %s", exc)
+        self._closed = True
+        if self._ring is not None:
+            self._ring.close()
+            self._ring = None
+        for table in self.maps.values():
+            table.close()
+        _close_fds(self.programs.values())
+        self.programs.clear()
 
-    def _require(self):
-        if self.bpf is None:
+    def map_memory(self) -> dict[str, int]:
+        """Kernel memory per map (key + value x max entries), for `otel-ebpf check`."""
+        return {name: m.kernel_bytes() for name, m in self.maps.items()}
+
+    def _map(self, name: str):
+        if not self._started:
             raise CaptureError("capture is not started: call Capture.start(on_event) first")
-        return self.bpf
+        try:
+            return self.maps[name]
+        except KeyError:
+            raise CaptureError("the BPF object has no map %r (bpf/ and otel_ebpf from "
+                               "different versions?)" % name) from None
 
     def __enter__(self) -> Capture:
         return self
 
     def __exit__(self, *_exc: object) -> None:
         self.close()
+
+
+def _close_fds(fds: Iterable[int]) -> None:
+    for fd in list(fds):
+        try:
+            os.close(fd)
+        except OSError:
+            pass

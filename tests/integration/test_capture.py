@@ -612,10 +612,9 @@ def test_entries_of_exited_processes_are_pruned(capture, http_server):
     """) % (N, port)], capture_output=True, text=True, timeout=30, check=True)
     pid = int(client.stdout)
     drain(capture)
-    table = capture.bpf[b"conns"]
-    assert len([k for k in table.keys() if k.tgid == pid]) == N
+    assert len([k for k in capture.connection_keys() if k[0] == pid]) == N
     assert capture.prune_connections() >= N
-    assert [k for k in table.keys() if k.tgid == pid] == []
+    assert [k for k in capture.connection_keys() if k[0] == pid] == []
 
 
 INFERENCE_SERVER = textwrap.dedent("""
