@@ -88,7 +88,7 @@ class BpfMap:
     """One BPF map held by its fd (handed over by the compile step)."""
 
     __slots__ = ("fd", "name", "map_type", "key_size", "value_size", "max_entries",
-                 "_vbuf", "_kbuf", "_kbuf2", "_stride", "_lib")
+                 "_vlen", "_stride", "_lib")
 
     def __init__(self, fd: int, name: str, map_type: int, key_size: int, value_size: int,
                  max_entries: int) -> None:
@@ -101,10 +101,9 @@ class BpfMap:
         self._lib = libbpf()
         # Per-CPU maps copy one 8-byte-aligned slot per possible CPU.
         self._stride = (value_size + 7) & ~7
-        ncopies = possible_cpus() if map_type in PERCPU_TYPES else 1
-        self._vbuf = ctypes.create_string_buffer(max(self._stride * ncopies, 8))
-        self._kbuf = ctypes.create_string_buffer(max(key_size, 1))
-        self._kbuf2 = ctypes.create_string_buffer(max(key_size, 1))
+        # Buffers are made per call (~1 us), not kept: callers on two threads (the
+        # capture loop, a test's main thread) must not share them; no call is hot.
+        self._vlen = self._stride * possible_cpus() if map_type in PERCPU_TYPES else value_size
 
     @property
     def per_cpu(self) -> bool:
@@ -121,19 +120,18 @@ class BpfMap:
         if len(key) != self.key_size:
             raise ValueError("BPF map %s: key of %d bytes, expected %d"
                              % (self.name, len(key), self.key_size))
-        ctypes.memmove(self._kbuf, key, self.key_size)
-        return self._kbuf
+        return ctypes.create_string_buffer(key, self.key_size)
 
     def lookup(self, key: bytes) -> bytes | None:
         """The value (all CPUs' slots concatenated for per-CPU maps), None if absent."""
-        ret = self._lib.bpf_map_lookup_elem(self.fd, self._key(key), self._vbuf)
+        value = ctypes.create_string_buffer(max(self._vlen, 8))
+        ret = self._lib.bpf_map_lookup_elem(self.fd, self._key(key), value)
         if ret != 0:
             err = -ret if ret < 0 else ctypes.get_errno()
             if err == 2:  # ENOENT
                 return None
             _raise(ret, "lookup", self.name)
-        n = self._stride * possible_cpus() if self.per_cpu else self.value_size
-        return self._vbuf.raw[:n]
+        return value.raw[:self._vlen]
 
     def values_per_cpu(self, key: bytes) -> list[bytes]:
         raw = self.lookup(key)
@@ -145,12 +143,11 @@ class BpfMap:
         return [raw[i:i + self.value_size] for i in range(0, len(raw), s)]
 
     def update(self, key: bytes, value: bytes, flags: int = BPF_ANY) -> None:
-        want = self._stride * possible_cpus() if self.per_cpu else self.value_size
-        if len(value) != want:
+        if len(value) != self._vlen:
             raise ValueError("BPF map %s: value of %d bytes, expected %d"
-                             % (self.name, len(value), want))
-        ctypes.memmove(self._vbuf, value, want)
-        ret = self._lib.bpf_map_update_elem(self.fd, self._key(key), self._vbuf, flags)
+                             % (self.name, len(value), self._vlen))
+        buf = ctypes.create_string_buffer(value, max(self._vlen, 1))
+        ret = self._lib.bpf_map_update_elem(self.fd, self._key(key), buf, flags)
         if ret != 0:
             _raise(ret, "update", self.name)
 
@@ -168,7 +165,8 @@ class BpfMap:
         """Every key, by bpf_map_get_next_key (one syscall per key)."""
         out: list[bytes] = []
         get_next = self._lib.bpf_map_get_next_key
-        cur, nxt = self._kbuf, self._kbuf2
+        n = max(self.key_size, 1)
+        cur, nxt = ctypes.create_string_buffer(n), ctypes.create_string_buffer(n)
         ret = get_next(self.fd, None, nxt)
         n = self.key_size
         limit = self.max_entries + 1  # a map refilled while we walk must still end
@@ -188,7 +186,7 @@ class BpfMap:
             for key in self.keys():
                 self.delete(key)
             return
-        zero = bytes(self._stride * possible_cpus() if self.per_cpu else self.value_size)
+        zero = bytes(self._vlen)
         for i in range(self.max_entries):
             self.update(i.to_bytes(4, "little"), zero)
 

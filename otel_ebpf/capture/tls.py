@@ -4,7 +4,9 @@ Contract:
 - In: /proc (which files every process maps) and the ELF dynamic symbol tables of those
   files. Out: uprobes + uretprobes on SSL_read, SSL_read_ex, SSL_write, SSL_write_ex
   (and SSL_set_fd / SSL_free when present, to tie an SSL* to its socket and forget it)
-  attached through `capture.bpf` to the programs in bpf/openssl.h. The kernel side then
+  attached through `capture.attach_uprobe()` (perf_event_open on the uprobe PMU, no
+  BCC) to the programs of bpf/openssl.h that the compile step loaded and handed over
+  (`capture.programs`). The kernel side then
   emits plaintext DataEvents with source OPENSSL into the same ring buffer as the
   syscall path; nothing TLS-specific reaches Python through this module.
 - A uprobe is attached to a file (inode), so every process mapping that file is covered,
@@ -77,11 +79,6 @@ _GNUTLS_NAME = re.compile(r"^libgnutls\.so(\.\d+)*$")
 FileId = tuple[int, int]  # (st_dev, st_ino)
 
 
-def _b(text: str) -> bytes:
-    """BCC wants bytes (str is deprecated there); paths may hold any byte."""
-    return os.fsencode(text)
-
-
 class Kind:
     OPENSSL_SHARED = "openssl-shared"  # libssl.so.* exporting the symbols
     OPENSSL_STATIC = "openssl-static"  # another ELF file defining the symbols itself
@@ -111,10 +108,12 @@ class ElfInfo:
     defined: frozenset[str] = frozenset()  # wanted symbols defined (not imported) here
     is_go: bool = False
     error: str | None = None
-    # symbol -> st_value: what BCC's attach_uprobe(addr=) takes for both ET_EXEC (a
-    # virtual address) and ET_DYN (offset from the load base). Passing it spares BCC a
-    # symbol walk per probe: ~170 ms for the 98 MB node binary, vs ~2 ms.
+    # symbol -> st_value (a virtual address for ET_EXEC, an offset from the load base
+    # for ET_DYN), as `nm -D` prints it.
     addresses: dict[str, int] = field(default_factory=dict)
+    # symbol -> file offset of its code (through the PT_LOAD program headers): what
+    # the uprobe PMU takes.
+    offsets: dict[str, int] = field(default_factory=dict)
 
 
 # ---------------------------------------------------------------------------------------
@@ -198,7 +197,17 @@ def _read_elf_info(path: str, wanted: tuple[str, ...]) -> ElfInfo:
         if (name is not None and st_shndx != 0 and st_value != 0
                 and st_info & 0xF in (_STT_FUNC, _STT_GNU_IFUNC)):
             defined.setdefault(name, st_value)
-    return ElfInfo(defined=frozenset(defined), is_go=is_go, addresses=defined)
+    offsets: dict[str, int] = {}
+    if defined:
+        from otel_ebpf.capture.attach import file_offset, load_segments
+
+        segments = load_segments(path)
+        for name, value in defined.items():
+            try:
+                offsets[name] = file_offset(segments, value)
+            except ValueError:
+                pass  # not in a loadable segment: not probeable
+    return ElfInfo(defined=frozenset(defined), is_go=is_go, addresses=defined, offsets=offsets)
 
 
 # ---------------------------------------------------------------------------------------
@@ -402,10 +411,13 @@ def discover_tls_libraries(proc: str = "/proc", include_system: bool = True) -> 
 class TlsAttacher:
     """Attaches the OpenSSL uprobes of bpf/openssl.h to every provider file, once.
 
-    `capture.bpf` must be the BCC object compiled with -DWITH_OPENSSL. Call `scan()` at
-    start and then every ~2 s from the daemon loop, and `tick()` on every loop iteration
-    (programs that exec'd are examined within one poll interval); `close()` detaches
-    everything (idempotent). Never raises for a file it cannot attach: counts and logs.
+    `capture` is a started Capture compiled with -DWITH_OPENSSL (its `programs` hold
+    the handed-over OpenSSL programs): `attach_uprobe(path, offset, program, retprobe)`
+    returns an attachment handle, `detach_probes(handles)` gives them up, and
+    `maps["tls_execs"]` lists exec'd tgids. Call `scan()` at start and then every ~2 s
+    from the daemon loop, and `tick()` on every loop iteration (programs that exec'd
+    are examined within one poll interval); `close()` detaches everything (idempotent).
+    Never raises for a file it cannot attach: counts and logs.
     """
 
     def __init__(
@@ -424,10 +436,8 @@ class TlsAttacher:
         self._attach_system = attach_system_libssl
         self._finder = _Finder(proc)
         self._handled: set[FileId] = set()  # attached, skipped or not TLS: never re-examined
-        # file -> (path as mapped, symbols, path attached by, probes attached, ELF info)
-        self._attached: dict[
-            FileId, tuple[str, list[str], str, list[tuple[str, str, bool]], ElfInfo]
-        ] = {}
+        # file -> (path as mapped, symbols, path attached by, attachment handles)
+        self._attached: dict[FileId, tuple[str, list[str], str, list[Any]]] = {}
         self._pid_exe: dict[int, FileId | None] = {}
         self._scans = 0
         self._closed = False
@@ -435,26 +445,18 @@ class TlsAttacher:
         self._disabled = not self._programs_present()
 
     def _programs_present(self) -> bool:
-        """Whether the BPF object was built with -DWITH_OPENSSL (has our programs)."""
-        load_func = getattr(self.bpf, "load_func", None)
-        if load_func is None:  # not a BCC object (unit tests)
-            return True
-        try:
-            from bcc import BPF
-
-            load_func(b"tls_enter_read", BPF.KPROBE)
-        except Exception as exc:  # BCC raises bare Exception for a missing function
+        """Whether the compile step built and handed over our programs (-DWITH_OPENSSL)."""
+        programs = getattr(self._capture, "programs", {})
+        missing = [p for pair in PROBE_PROGRAMS.values() for p in pair
+                   if p is not None and p not in programs]
+        if missing:
             log.error(
-                "TLS capture disabled: the BPF program has no OpenSSL probes (%s); the "
-                "capture stage must compile bpf/syscalls.c with -DWITH_OPENSSL",
-                exc,
+                "TLS capture disabled: the BPF object has no OpenSSL probes (%s missing); "
+                "the capture stage must compile bpf/syscalls.c with -DWITH_OPENSSL",
+                ", ".join(missing[:3]),
             )
             return False
         return True
-
-    @property
-    def bpf(self) -> Any:
-        return getattr(self._capture, "bpf", self._capture)
 
     def attached(self) -> list[tuple[str, list[str]]]:
         """(path, symbols) for every file with probes attached."""
@@ -470,18 +472,18 @@ class TlsAttacher:
         if table is None:
             return 0
         try:
-            keys = list(table.keys())
-        except Exception:  # BCC raises bare Exception on map syscalls
+            keys = table.keys()
+        except OSError:
             return 0
         if not keys:
             return 0
         before = len(self._attached)
         for key in keys:
             try:
-                del table[key]
-            except KeyError:
+                table.delete(key)
+            except OSError:
                 pass
-            pid = key.value
+            pid = int.from_bytes(key[:4], "little")
             exe = _exe_id(self._proc, pid)
             # Not remembered in _pid_exe: the loader maps the libraries only after the
             # exec, so the next scan() reads this process's maps again.
@@ -494,10 +496,10 @@ class TlsAttacher:
         if self._execs is False:
             return None
         if self._execs is None:
-            try:
-                self._execs = self.bpf[b"tls_execs"]
-            except (KeyError, TypeError, AttributeError):
-                self._execs = False  # an older BPF object: rescans only
+            # `is None`, not truthiness: an empty map has len() 0.
+            table = getattr(self._capture, "maps", {}).get("tls_execs")
+            self._execs = False if table is None else table
+            if table is None:  # an older BPF object: rescans only
                 return None
         return self._execs
 
@@ -538,6 +540,8 @@ class TlsAttacher:
             return
         kind, info = got
         self._handled.add(m.file_id)
+        # Attached or skipped, the file is never looked at again: its ELF details go.
+        self._finder.elf_cache.pop(m.file_id, None)
         if kind not in (Kind.OPENSSL_SHARED, Kind.OPENSSL_STATIC):
             lib = _library(kind, m, info, ())
             self._stats.add("tls.libraries_skipped")
@@ -546,8 +550,8 @@ class TlsAttacher:
         self._attach(m, info)
 
     def _attach(self, m: _Mapping, info: ElfInfo) -> None:
-        bpf = self.bpf
-        done: list[tuple[str, str, bool]] = []  # (symbol, program, is_return)
+        capture = self._capture
+        done: list[Any] = []  # attachment handles
         symbols: list[str] = []
         for sym in _WANTED:
             if sym not in info.defined:
@@ -555,17 +559,17 @@ class TlsAttacher:
             enter, leave = PROBE_PROGRAMS[sym]
             mark = len(done)
             try:
+                offset = info.offsets.get(sym)
+                if offset is None:
+                    raise OSError("symbol is in no loadable segment")
                 # Return probe first: a call caught by the entry probe then always has
                 # its return seen, so no stale in-call state swallows later syscalls.
-                where = self._where(m.open_path, sym, info)
                 if leave is not None:
-                    bpf.attach_uretprobe(fn_name=_b(leave), **where)
-                    done.append((sym, leave, True))
-                bpf.attach_uprobe(fn_name=_b(enter), **where)
-                done.append((sym, enter, False))
+                    done.append(capture.attach_uprobe(m.open_path, offset, leave, True))
+                done.append(capture.attach_uprobe(m.open_path, offset, enter, False))
                 symbols.append(sym)
-            except Exception as exc:  # BCC raises bare Exception for attach failures
-                self._detach(m.open_path, done[mark:], info)  # no half-probed symbol
+            except (OSError, KeyError) as exc:
+                capture.detach_probes(done[mark:])  # no half-probed symbol
                 del done[mark:]
                 self._stats.add("tls.attach_failures")
                 log.warning(
@@ -575,42 +579,21 @@ class TlsAttacher:
                     exc,
                 )
         if not any(s in symbols for s in DATA_SYMBOLS):
-            self._detach(m.open_path, done, info)
+            capture.detach_probes(done)
             return
-        self._attached[m.file_id] = (m.path, symbols, m.open_path, done, info)
+        self._attached[m.file_id] = (m.path, symbols, m.open_path, done)
         self._stats.add("tls.libraries_attached")
         self._stats.add("tls.probes_attached", len(done))
         log.info("TLS: attached %d probes to %s (%s)", len(done), m.path, ", ".join(symbols))
-
-    @staticmethod
-    def _where(open_path: str, sym: str, info: ElfInfo) -> dict[str, Any]:
-        """attach/detach arguments: by address when we know it, else by name."""
-        addr = info.addresses.get(sym)
-        if addr:
-            return {"name": _b(open_path), "addr": addr}
-        return {"name": _b(open_path), "sym": _b(sym)}
-
-    def _detach(self, open_path: str, done: list[tuple[str, str, bool]],
-                info: ElfInfo | None = None) -> None:
-        bpf = self.bpf
-        for sym, _, is_return in done:
-            where = self._where(open_path, sym, info or ElfInfo())
-            try:
-                if is_return:
-                    bpf.detach_uretprobe(**where)
-                else:
-                    bpf.detach_uprobe(**where)
-            except Exception as exc:  # the file may be gone; the probe dies with the BPF object
-                log.debug("TLS: detaching %s from %s failed: %s", sym, open_path, exc)
 
     def close(self) -> None:
         """Detach every probe this attacher added. Idempotent."""
         if self._closed:
             return
         self._closed = True
-        for _, _, open_path, done, info in list(self._attached.values()):
-            self._detach(open_path, done, info)
+        handles = [h for _, _, _, done in self._attached.values() for h in done]
         self._attached.clear()
+        self._capture.detach_probes(handles)
 
 
 def _pids_text(pids: tuple[int, ...]) -> str:

@@ -82,62 +82,60 @@ class FakeProc:
 
 
 class FakeBpf:
+    """Records what the attacher asks the capture for, as (call, path, symbol, program)."""
+
     def __init__(self, fail_on: set[str] | None = None) -> None:
         self.calls: list[tuple[str, str, str, str]] = []
         self.fail_on = fail_on or set()
+        self.execs: FakeExecMap | None = None
 
-    # BCC takes bytes, and an address (st_value) or a symbol name; recorded as str with
-    # the address mapped back to its symbol through the file's own dynamic symbols.
+    # The attacher passes file offsets; recorded as the symbol they belong to, through
+    # the file's own dynamic symbols.
     @staticmethod
-    def _sym(name: bytes, sym: bytes, addr: int | None) -> str:
-        if addr is None:
-            return sym.decode()
-        by_addr = {a: s for s, a in tls.read_elf_info(name.decode()).addresses.items()}
-        return by_addr[addr]
+    def _sym(path: str, offset: int) -> str:
+        by_offset = {o: s for s, o in tls.read_elf_info(path).offsets.items()}
+        return by_offset[offset]
 
-    def attach_uprobe(self, name: bytes, fn_name: bytes, sym: bytes = b"",
-                      addr: int | None = None) -> None:
-        symbol = self._sym(name, sym, addr)
-        if symbol in self.fail_on:
-            raise Exception("Failed to attach BPF to uprobe")
-        self.calls.append(("uprobe", name.decode(), symbol, fn_name.decode()))
+    def attach_uprobe(self, path: str, offset: int, program: str, retprobe: bool = False):
+        symbol = self._sym(path, offset)
+        if not retprobe and symbol in self.fail_on:
+            raise OSError(1, "perf_event_open(uprobe): Operation not permitted")
+        kind = "uretprobe" if retprobe else "uprobe"
+        self.calls.append((kind, path, symbol, program))
+        return (kind, path, symbol)
 
-    def attach_uretprobe(self, name: bytes, fn_name: bytes, sym: bytes = b"",
-                         addr: int | None = None) -> None:
-        self.calls.append(("uretprobe", name.decode(), self._sym(name, sym, addr),
-                           fn_name.decode()))
-
-    def detach_uprobe(self, name: bytes, sym: bytes = b"", addr: int | None = None) -> None:
-        self.calls.append(("detach", name.decode(), self._sym(name, sym, addr), ""))
-
-    def detach_uretprobe(self, name: bytes, sym: bytes = b"", addr: int | None = None) -> None:
-        self.calls.append(("detach_ret", name.decode(), self._sym(name, sym, addr), ""))
+    def detach_probes(self, handles) -> None:
+        for kind, path, symbol in handles:
+            self.calls.append(("detach_ret" if kind == "uretprobe" else "detach", path,
+                               symbol, ""))
 
 
-class FakeExecTable(dict):
-    """The tls_execs map as BCC shows it: keys with .value."""
+class FakeExecMap(dict):
+    """The tls_execs map as capture.maps holds it: u32 keys as bytes."""
 
     def keys(self):
-        return [ctypes.c_uint32(k) for k in list(dict.keys(self))]
+        return [k.to_bytes(4, "little") for k in list(dict.keys(self))]
 
-    def __delitem__(self, key):
-        dict.__delitem__(self, key.value)
+    def delete(self, key: bytes) -> bool:
+        return self.pop(int.from_bytes(key, "little"), None) is not None
 
 
 class FakeBpfWithExecs(FakeBpf):
     def __init__(self) -> None:
         super().__init__()
-        self.execs = FakeExecTable()
-
-    def __getitem__(self, name: bytes):
-        if name != b"tls_execs":
-            raise KeyError(name)
-        return self.execs
+        self.execs = FakeExecMap()
 
 
 class FakeCapture:
+    """What TlsAttacher uses of a started Capture."""
+
     def __init__(self, bpf: FakeBpf) -> None:
         self.bpf = bpf
+        self.programs = {p: 100 + i for i, p in enumerate(
+            p for pair in tls.PROBE_PROGRAMS.values() for p in pair if p)}
+        self.maps = {"tls_execs": bpf.execs} if bpf.execs is not None else {}
+        self.attach_uprobe = bpf.attach_uprobe
+        self.detach_probes = bpf.detach_probes
 
 
 @pytest.fixture
