@@ -48,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m tests.benchmark",
                                      description="Measure otel-ebpf against issue 5's targets.")
     parser.add_argument("--quick", action="store_true",
-                        help="about one minute: 1 round, short arms, 1,000 connections, "
+                        help="about two minutes: 1 round, short arms, 1,000 connections, "
                         "30k exchanges (a smoke run; its numbers are not the benchmark's)")
     parser.add_argument("--smoke", action="store_true",
                         help="seconds per section: checks the harness works (used by "

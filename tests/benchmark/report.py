@@ -183,7 +183,10 @@ def rows(results: dict) -> list[tuple[str, str, str, str]]:
         lb = c["loss_begins_at"]
         out.append(("2 loss begins at", "not reached (top offered %.0f req/s)"
                     % c.get("top_offered_rps", 0) if lb is None else
-                    "%.0f req/s offered" % lb["offered_rps"], "", ""))
+                    "%.0f req/s offered%s" % (
+                        lb["offered_rps"], "" if lb.get("daemon_cpu_util") is None else
+                        ", daemon at %.0f %% of its core" % (100 * lb["daemon_cpu_util"])),
+                    "", ""))
         st = c["stall"]
         # Events and gaps, not bytes: a byte counter would dwarf the rest.
         counted = sum(v for k, v in st["loss"].items() if not k.endswith("_bytes"))

@@ -374,7 +374,8 @@ def capacity(plan: Plan, workdir: Path) -> dict:
     first_bad = next((s for s in steps if not s["sustained"]), None)
     result["loss_begins_at"] = (None if first_bad is None else
                                 {"offered_rps": first_bad["offered_rps"],
-                                 "loss": first_bad["loss"], "unseen": first_bad["unseen"]})
+                                 "loss": first_bad["loss"], "unseen": first_bad["unseen"],
+                                 "daemon_cpu_util": first_bad["daemon_cpu_util"]})
     # Whether the ladder ever saturated the daemon or only the load's own CPU.
     result["daemon_saturated"] = any(s["daemon_cpu_util"] > 0.9 for s in steps)
     # daemon-bound: the daemon lost something or ran out of its core on the ladder;
