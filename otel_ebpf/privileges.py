@@ -11,8 +11,9 @@ What is needed, measured on 6.18 as uid nobody (tests/integration/test_capabilit
 - CAP_BPF + CAP_PERFMON (kernel >= 5.8; before that only CAP_SYS_ADMIN): load, attach;
 - file access to tracefs (mode 0700, root-owned): root by ownership, anyone else
   CAP_DAC_OVERRIDE or CAP_DAC_READ_SEARCH;
-- TLS (OpenSSL uprobes): root, CAP_SYS_ADMIN (uprobe PMU) or CAP_DAC_OVERRIDE (BCC then
-  writes tracefs' uprobe_events);
+- TLS (OpenSSL uprobes): root, CAP_SYS_ADMIN (the kernel's uprobe PMU refuses
+  CAP_PERFMON alone) or CAP_DAC_OVERRIDE (the daemon then writes tracefs' uprobe_events,
+  otel_ebpf/capture/attach.py);
 - CAP_SYS_PTRACE to read other users' /proc/PID/{environ,root} (service.name,
   libssl inside containers): without it capture works with less metadata;
 - kernels < 5.11 charge BPF maps to RLIMIT_MEMLOCK: CAP_SYS_RESOURCE or a high limit.
@@ -101,10 +102,10 @@ def privilege_warnings(
     warnings: list[str] = []
     if tls and "CAP_SYS_ADMIN" not in caps:
         warnings.append(
-            "no CAP_SYS_ADMIN: OpenSSL uprobes go through tracefs, so libraries of "
-            "processes in other mount namespaces (/proc/PID/root/..., containers) and "
-            "functions another tool already probes cannot be attached; add CAP_SYS_ADMIN "
-            "(packaging/systemd/tls-containers.conf) for those")
+            "no CAP_SYS_ADMIN: OpenSSL uprobes go through tracefs, so a function another "
+            "tool already probes through the uprobe PMU cannot be attached, and the "
+            "daemon's tracefs uprobe events outlive it until its next start removes them; "
+            "add CAP_SYS_ADMIN (packaging/systemd/tls-containers.conf) for those")
     if "CAP_SYS_PTRACE" not in caps:
         warnings.append(
             "no CAP_SYS_PTRACE: other users' /proc/PID/environ and /proc/PID/root are "

@@ -9,10 +9,15 @@ Contract:
 - `file_offset(path, vaddr) -> int`: an ELF symbol value (st_value) -> file offset,
   through the PT_LOAD program headers (what the uprobe PMU wants).
 - `release(fds)`: gives up attachment fds without waiting for the kernel (see below).
+- `sweep_tracefs_events()`: removes tracefs uprobes left by daemons that are gone.
 
-Privileges: opening a uprobe perf event needs CAP_PERFMON (kernel >= 5.8; before,
-CAP_SYS_ADMIN) and read access to the file (CAP_DAC_OVERRIDE for files we could not
-otherwise open); SET_BPF needs the program fd only. No tracefs write is involved.
+Privileges (measured on 6.18 as uid 65534 with the systemd unit's set): the uprobe PMU
+refuses perf_event_open without CAP_SYS_ADMIN (EACCES, even with CAP_PERFMON). Then,
+as BCC did, the uprobe is created through tracefs (a line in uprobe_events: the file is
+root's, so CAP_DAC_OVERRIDE) and opened as a tracepoint perf event (CAP_PERFMON). Our
+tracefs events are named otel_ebpf_<pid>/p<n> (short: the kernel caps names at 64
+bytes, which broke BCC's path-derived names for long paths). The kernel still refuses
+a tracefs uprobe at an offset where another process holds a PMU one.
 
 Why `release` does not simply close: releasing the last perf event of a tracepoint
 unregisters it and waits for an RCU-tasks grace period (tracepoint_synchronize_unregister,
@@ -91,7 +96,31 @@ def uprobe_pmu() -> tuple[int, int]:
     return _pmu
 
 
-def attach_uprobe(path: str, offset: int, prog_fd: int, retprobe: bool = False) -> int:
+class Uprobe(int):
+    """An attachment fd; `event` names its tracefs uprobe ("group/name") when it was
+    made through tracefs, to be removed once the fd is gone (`remove_tracefs_event`)."""
+
+    event: str | None = None
+
+
+_use_tracefs = False  # set after the PMU refused us once (no CAP_SYS_ADMIN)
+_seq = 0
+
+
+def attach_uprobe(path: str, offset: int, prog_fd: int, retprobe: bool = False) -> Uprobe:
+    """The uprobe PMU when permitted, else a tracefs uprobe event (module docstring)."""
+    global _use_tracefs
+    if not _use_tracefs:
+        try:
+            return Uprobe(_attach_pmu(path, offset, prog_fd, retprobe))
+        except OSError as exc:
+            if exc.errno not in (1, 13):  # EPERM, EACCES: try tracefs; the rest is real
+                raise
+            _use_tracefs = True
+    return _attach_tracefs(path, offset, prog_fd, retprobe)
+
+
+def _attach_pmu(path: str, offset: int, prog_fd: int, retprobe: bool) -> int:
     pmu_type, ret_bit = uprobe_pmu()
     cpath = ctypes.create_string_buffer(os.fsencode(path))
     attr = PerfEventAttr()
@@ -104,18 +133,118 @@ def attach_uprobe(path: str, offset: int, prog_fd: int, retprobe: bool = False) 
     attr.config2 = offset
     # pid -1, cpu 0: one event for every process on every CPU (the BPF program runs
     # from the probe itself, whichever CPU hits it).
+    return _open_and_attach(attr, prog_fd, "uprobe %s+0x%x" % (path, offset))
+
+
+def _open_and_attach(attr: PerfEventAttr, prog_fd: int, what: str) -> int:
     fd = _syscall()(_NR_PERF_EVENT_OPEN, ctypes.byref(attr), -1, 0, -1, PERF_FLAG_FD_CLOEXEC)
     if fd < 0:
         err = ctypes.get_errno()
-        raise OSError(err, "perf_event_open(uprobe %s+0x%x): %s" % (path, offset, os.strerror(err)))
+        raise OSError(err, "perf_event_open(%s): %s" % (what, os.strerror(err)))
     try:
         fcntl.ioctl(fd, PERF_EVENT_IOC_SET_BPF, prog_fd)
         fcntl.ioctl(fd, PERF_EVENT_IOC_ENABLE, 0)
     except OSError as exc:
         os.close(fd)
-        raise OSError(exc.errno, "attaching the BPF program to uprobe %s+0x%x: %s"
-                      % (path, offset, exc.strerror)) from None
+        raise OSError(exc.errno, "attaching the BPF program to %s: %s"
+                      % (what, exc.strerror)) from None
     return fd
+
+
+# -- tracefs uprobe events: the way without CAP_SYS_ADMIN ---------------------------------
+
+PERF_TYPE_TRACEPOINT = 2
+GROUP_PREFIX = "otel_ebpf_"
+
+
+def _tracefs() -> str:
+    from otel_ebpf.preflight import tracefs_path
+
+    path = tracefs_path()
+    if path is None:
+        raise OSError(2, "tracefs is not mounted: uprobes cannot be created without "
+                         "CAP_SYS_ADMIN")
+    return path
+
+
+def _attach_tracefs(path: str, offset: int, prog_fd: int, retprobe: bool) -> Uprobe:
+    global _seq
+    tracefs = _tracefs()
+    _seq += 1
+    # Short names of our own: the kernel caps event names at 64 bytes, and a name made
+    # from the library's path (what BCC does) fails for a container's libssl.
+    group = "%s%d" % (GROUP_PREFIX, os.getpid())
+    event = "%s/%s%d" % (group, "r" if retprobe else "p", _seq)
+    if any(c.isspace() for c in path):
+        raise OSError(22, "tracefs uprobes cannot name a path with blanks: %r" % path)
+    line = "%s:%s %s:0x%x\n" % ("r" if retprobe else "p", event, path, offset)
+    try:
+        _write_uprobe_events(tracefs, line)
+        with open(os.path.join(tracefs, "events", event, "id")) as f:
+            event_id = int(f.read())
+    except OSError as exc:
+        remove_tracefs_event(event)
+        raise OSError(exc.errno, "creating tracefs uprobe %s at %s+0x%x: %s"
+                      % (event, path, offset, exc.strerror)) from None
+    attr = PerfEventAttr()
+    attr.type = PERF_TYPE_TRACEPOINT
+    attr.size = ctypes.sizeof(PerfEventAttr)
+    attr.config = event_id
+    attr.sample_period = 1
+    attr.wakeup_events = 1
+    try:
+        fd = Uprobe(_open_and_attach(attr, prog_fd, "tracefs uprobe %s" % event))
+    except OSError:
+        remove_tracefs_event(event)
+        raise
+    fd.event = event
+    return fd
+
+
+def _write_uprobe_events(tracefs: str, line: str) -> None:
+    # os.open, not open(..., "a"): Python seeks to the end of an append-mode file, and
+    # tracefs files refuse SEEK_END (EINVAL).
+    fd = os.open(os.path.join(tracefs, "uprobe_events"), os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC)
+    try:
+        os.write(fd, line.encode("utf-8", "surrogateescape"))
+    finally:
+        os.close(fd)
+
+
+def remove_tracefs_event(event: str) -> bool:
+    """Delete a tracefs uprobe event ("group/name"); False while a perf event holds it."""
+    try:
+        _write_uprobe_events(_tracefs(), "-:%s\n" % event)
+        return True
+    except OSError:
+        return False
+
+
+def sweep_tracefs_events(alive=lambda pid: os.path.exists("/proc/%d" % pid)) -> int:
+    """Remove the tracefs uprobes earlier daemons left (their pid is gone); how many.
+
+    A daemon exits without waiting for its probes to be released (see `release`), so it
+    cannot delete their tracefs events itself; the next start does."""
+    try:
+        tracefs = _tracefs()
+        with open(os.path.join(tracefs, "uprobe_events")) as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return 0
+    removed = 0
+    for line in lines:
+        # "p:otel_ebpf_1234/p1 /usr/lib/x86_64-linux-gnu/libssl.so.3:0x0000000000035430"
+        name = line.split(None, 1)[0].partition(":")[2] if line else ""
+        group = name.partition("/")[0]
+        if not group.startswith(GROUP_PREFIX):
+            continue
+        try:
+            pid = int(group[len(GROUP_PREFIX):])
+        except ValueError:
+            continue
+        if not alive(pid) and remove_tracefs_event(name):
+            removed += 1
+    return removed
 
 
 _EHDR = struct.Struct("<16sHHIQQQIHHHHHH")

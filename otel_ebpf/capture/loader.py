@@ -191,6 +191,7 @@ class Capture:
         self.programs: dict[str, int] = {}
         self._tracepoints: dict[str, int] = {}
         self._uprobes: set[int] = set()
+        self._tracefs_events: dict[int, str] = {}  # uprobe fd -> its tracefs event
         self._ring = None
         self._reader: RingReader | None = None
         self._started = False
@@ -248,6 +249,12 @@ class Capture:
         from otel_ebpf.capture.bpfmap import libbpf
 
         libbpf()  # fail before compiling when libbpf.so.1 is missing
+        if self.options.tls:
+            from otel_ebpf.capture.attach import sweep_tracefs_events
+
+            swept = sweep_tracefs_events()
+            if swept:
+                log.info("removed %d tracefs uprobes left by earlier daemons", swept)
         started = time.monotonic()
         handover, fds = self._run_compile_step()
         self._started = True
@@ -452,16 +459,24 @@ class Capture:
         from otel_ebpf.capture.attach import attach_uprobe
 
         fd = attach_uprobe(path, offset, self.programs[program], retprobe)
-        self._uprobes.add(fd)
-        return fd
+        self._uprobes.add(int(fd))
+        if fd.event is not None:
+            self._tracefs_events[int(fd)] = fd.event
+        return int(fd)
 
     def detach_probes(self, fds: Iterable[int]) -> None:
-        """Detach uprobes attach_uprobe() made (the kernel finishes in the background)."""
-        from otel_ebpf.capture.attach import release
+        """Detach uprobes attach_uprobe() made. A tracefs-made one (no CAP_SYS_ADMIN) is
+        closed synchronously, so its tracefs event can be deleted right after."""
+        from otel_ebpf.capture.attach import release, remove_tracefs_event
 
         mine = [fd for fd in fds if fd in self._uprobes]
         self._uprobes.difference_update(mine)
-        release(mine)
+        release([fd for fd in mine if fd not in self._tracefs_events])
+        for fd in mine:
+            event = self._tracefs_events.pop(fd, None)
+            if event is not None:
+                _close_fds([fd])
+                remove_tracefs_event(event)
 
     # -- shutdown -----------------------------------------------------------------
 
@@ -484,6 +499,8 @@ class Capture:
         fds = list(self._tracepoints.values()) + sorted(self._uprobes)
         self._tracepoints.clear()
         self._uprobes.clear()
+        # Their tracefs events (if any) outlive us: the next start sweeps them.
+        self._tracefs_events.clear()
         release(fds)
 
     def close(self) -> None:
