@@ -98,8 +98,9 @@ def rows(results: dict) -> list[tuple[str, str, str, str]]:
                                                       t["loss_events"]),
                         "equal (0 loss)",
                         _verdict(None if served is None else t["exchanges"] == served)))
-            out.append(("1a nginx %s arm: fast-path share" % label,
-                        _pct(t["fast_path_share"]), "(info)", ""))
+            out.append(("1a nginx %s arm: fast-path share; daemon CPU (cores)" % label,
+                        "%s; %s" % (_pct(t["fast_path_share"]),
+                                    _fmt(t.get("daemon_cores"), digits=2)), "(info)", ""))
         out.append(("1a nginx traced / untraced p50, p99",
                     "%s, %s" % (_fmt(n["traced_vs_untraced"]["p50"]),
                                 _fmt(n["traced_vs_untraced"]["p99"])), "(info)", ""))
