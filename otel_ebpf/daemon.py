@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 import signal
 import threading
 import time
@@ -238,6 +239,9 @@ class Daemon:
 
     def _start_kubernetes(self):
         """k8s.* attributes by container id, when running in a pod set up for it."""
+        if not os.environ.get("KUBERNETES_SERVICE_HOST"):
+            # Not in a pod: skip the module, whose ssl + urllib.request cost ~5 MB resident.
+            return None
         from otel_ebpf.kubernetes_metadata import KubernetesMetadata
 
         k8s = KubernetesMetadata.from_environment()
