@@ -89,6 +89,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     check = sub.add_parser("check", help="diagnose what this kernel and machine allow")
     check.add_argument("--no-tls", action="store_true", help="skip the TLS library scan")
+    check.add_argument("--no-compile", action="store_true",
+                       help="do not compile the BPF programs (skips the kernel map memory "
+                       "report)")
     sub.add_parser("version", help="print the version")
     return parser
 
@@ -158,8 +161,41 @@ def cmd_check(args: argparse.Namespace) -> int:
     if not args.no_tls:
         _print_tls_coverage()
     possible = capture_possible(checks)
+    if possible and not args.no_compile:
+        possible = _print_map_memory()
     print("capture: possible" if possible else "capture: IMPOSSIBLE on this machine (see above)")
     return EXIT_OK if possible else EXIT_CAPTURE_IMPOSSIBLE
+
+
+def _print_map_memory() -> bool:
+    """Compile as `run` would (settings from the environment and /etc defaults) and
+    print each BPF map's kernel memory; False when the programs do not load."""
+    from otel_ebpf.capture import CaptureError
+    from otel_ebpf.capture.bpfmap import BPF_MAP_TYPE_RINGBUF, possible_cpus
+    from otel_ebpf.capture.loader import compile_report, map_kernel_bytes
+    from otel_ebpf.config import ConfigError, load
+
+    try:
+        options = load(None, os.environ, {}).capture
+        report = compile_report(options)
+    except (CaptureError, ConfigError) as exc:
+        print(f"[NO ] BPF programs  {exc}")
+        return False
+    cpus = possible_cpus()
+    maps = sorted(report["maps"], key=lambda m: -map_kernel_bytes(m, cpus))
+    total = sum(map_kernel_bytes(m, cpus) for m in maps)
+    print("[ok ] BPF programs  compiled, verified and attached in %.1f s (then released)"
+          % report["compile_s"])
+    print("      kernel maps   %.1f MiB in %d maps (key + value x max entries; %d possible "
+          "CPUs for per-CPU maps):" % (total / 2**20, len(maps), cpus))
+    for m in maps:
+        size = map_kernel_bytes(m, cpus)
+        if m["type"] == BPF_MAP_TYPE_RINGBUF:
+            what = "ring buffer (capture.ringbuf_kib; the daemon maps it: counts in its RSS)"
+        else:
+            what = "%d x (%d + %d B)" % (m["max_entries"], m["key_size"], m["value_size"])
+        print("        %-12s %8.1f KiB  %s" % (m["name"], size / 1024, what))
+    return True
 
 
 def _print_tls_coverage() -> None:

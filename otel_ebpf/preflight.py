@@ -1,6 +1,6 @@
 """What this kernel and machine allow: the diagnosis behind `otel-ebpf check`.
 
-Contract: `diagnose()` returns one `Check` per capability (privileges, bcc, tracefs,
+Contract: `diagnose()` returns one `Check` per capability (privileges, bcc, libbpf, tracefs,
 each syscall tracepoint, the sock/tcp tracepoints, uprobes, ring buffer, BTF, kernel
 headers, kprobes), each saying what was seen, what happens without it and how to fix
 it; `capture_possible(checks)` says whether `otel-ebpf run` can start. Diagnosis only
@@ -193,8 +193,18 @@ def diagnose() -> list[Check]:
         checks.append(Check("bcc", False, "bcc Python module not importable",
                             "BPF programs cannot be compiled or loaded", BCC_MISSING))
 
+    try:
+        from otel_ebpf.capture.bpfmap import libbpf
+
+        libbpf()
+        checks.append(Check("libbpf", True, "libbpf.so.1 loadable (the daemon reads BPF maps "
+                            "through it; BCC runs only in the compile step)"))
+    except CaptureError as exc:
+        checks.append(Check("libbpf", False, str(exc), "the daemon cannot read its BPF maps",
+                            "apt-get install libbpf1"))
+
     tracefs = tracefs_path()
-    if tracefs is None and root:
+    if tracefs is None and os.geteuid() == 0:
         try:
             tracefs = ensure_tracefs()
         except CaptureError as exc:
@@ -223,8 +233,13 @@ def diagnose() -> list[Check]:
     config = _kernel_config()
     uprobes = os.path.exists(os.path.join(tracefs or TRACEFS_DIRS[0], "uprobe_events")) \
         or config.get("CONFIG_UPROBE_EVENTS") == "y"
+    pmu = os.path.exists("/sys/bus/event_source/devices/uprobe/type")
+    detail = "uprobe_events available" if uprobes else "no uprobe_events in tracefs"
+    if uprobes:
+        detail += ("; uprobe PMU present (used with CAP_SYS_ADMIN, else tracefs events)"
+                   if pmu else "; no uprobe PMU: tracefs events")
     checks.append(Check(
-        "uprobes", uprobes, "uprobe_events available" if uprobes else "no uprobe_events in tracefs",
+        "uprobes", uprobes, detail,
         "HTTPS (OpenSSL) plaintext is not captured; plaintext HTTP still is",
         "a kernel with CONFIG_UPROBE_EVENTS=y", required=False))
 

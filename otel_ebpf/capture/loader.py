@@ -545,6 +545,31 @@ class Capture:
         self.close()
 
 
+def compile_report(options: CaptureOptions) -> dict:
+    """Run the compile step as `run` would, keep nothing: its handover description
+    (maps with key/value sizes and max entries, features, compile time), for
+    `otel-ebpf check`. The programs stay switched off (nothing is selected) until the
+    kernel releases them, a few seconds later. CaptureError as from start()."""
+    from otel_ebpf.capture.attach import release
+
+    validate(options)
+    handover, fds = Capture(options)._run_compile_step()
+    release(fds)
+    return handover
+
+
+def map_kernel_bytes(m: dict, cpus: int) -> int:
+    """Memory of one handed-over map's entries: (key + value) x max entries; per-CPU
+    values once per possible CPU; a ring buffer its data size."""
+    from otel_ebpf.capture.bpfmap import BPF_MAP_TYPE_RINGBUF, PERCPU_TYPES
+
+    if m["type"] == BPF_MAP_TYPE_RINGBUF:
+        return m["max_entries"]
+    value = (m["value_size"] + 7) & ~7
+    copies = cpus if m["type"] in PERCPU_TYPES else 1
+    return (m["key_size"] + value * copies) * m["max_entries"]
+
+
 def _close_fds(fds: Iterable[int]) -> None:
     for fd in list(fds):
         try:
