@@ -301,8 +301,14 @@ def release(fds: Iterable[int]) -> None:
         _close_all(fds)
         return
     _close_all(fds)
-    a.close()
+    # b first: the collector runs when a unix socket is released (a, here), and must
+    # find b with no user reference left, only the one in its own queue. Closing one
+    # more pair asks for another pass in case a pass ran between the two closes.
     b.close()
+    a.close()
+    x, y = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+    x.close()
+    y.close()
 
 
 def _close_all(fds: Iterable[int]) -> None:
