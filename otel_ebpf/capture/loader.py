@@ -296,7 +296,10 @@ class Capture:
         try:
             child = subprocess.Popen(
                 [sys.executable, "-m", "otel_ebpf.capture.compile", str(theirs.fileno())],
-                pass_fds=[theirs.fileno()], stdin=subprocess.DEVNULL, env=env)
+                pass_fds=[theirs.fileno()], stdin=subprocess.DEVNULL,
+                # Its messages go where ours do; stdout may be the jsonl stream (--output -).
+                stdout=sys.stderr.fileno() if sys.stderr is not None else subprocess.DEVNULL,
+                env=env)
         except OSError as exc:
             ours.close()
             theirs.close()
