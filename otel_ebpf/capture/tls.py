@@ -33,7 +33,9 @@ Contract:
 Cost: a scan reads /proc/<pid>/maps only for pids not seen before (or whose executable
 changed); every `full_rescan_every`-th scan re-reads all of them to catch libraries
 loaded later with dlopen (Python's `import ssl`). ELF symbol tables are read once per
-file identity and cached. Nothing here is on the per-exchange path.
+file identity; what is kept afterwards is the identity alone (a set of (dev, inode)
+pairs, one per distinct executable file ever mapped) and, per attached file, its
+probe handles. Nothing here is on the per-exchange path.
 """
 
 from __future__ import annotations
