@@ -2,7 +2,8 @@
  *
  * Included by bpf/syscalls.c under -DWITH_OPENSSL, after its emission helpers
  * (emit_data, conn_ensure_open, conn_lookup, conn_get_or_create, traced_tgid, count)
- * and before its data path, which calls tls_syscall_hook() at every data syscall exit
+ * and the fast path (http1_fast.h: fd-tied streams of sockets from accept/connect get
+ * one EVENT_EXCHANGE per exchange, source SOURCE_OPENSSL) and before its data path, which calls tls_syscall_hook() at every data syscall exit
  * on a socket. user space (otel_ebpf/capture/tls.py) attaches these programs to every
  * libssl.so.* and every executable exporting the symbols, once per inode:
  *   SSL_read     tls_enter_read     / tls_exit_read       bytes = ret when ret > 0
@@ -179,6 +180,14 @@ static __always_inline int tls_exit(struct pt_regs *ctx, __u8 dir, int ex)
         struct conn_key_t ck = {.tgid = tgid, .fd = t->fd};
         struct conn_t *c = conn_get_or_create(tgid, t->fd);
         if (c) {
+            /* The fast path serves the plaintext of sockets it may serve; once it hands
+             * over, the stream is HTTP and the gate below must not re-infer it. */
+            int fp = fast_chunk(&ck, c, tid, d, SOURCE_OPENSSL, (const void *)a.buf, size,
+                                size);
+            if (fp == FP_DONE)
+                return 0;
+            if (fp == FP_FELL)
+                t->proto = PROTO_HTTP;
             __u64 pos = c->tls_pos[d];
             c->tls_pos[d] = pos + size; /* every plaintext byte counts, emitted or not */
             if (!tls_gate(t, (const void *)a.buf, size))
@@ -207,7 +216,7 @@ static __always_inline int tls_exit(struct pt_regs *ctx, __u8 dir, int ex)
         ev.fd = sfd;
         ev.generation = t->generation;
         ev.timestamp_ns = bpf_ktime_get_ns();
-        if (events.ringbuf_output(&ev, sizeof(ev), 0) != 0)
+        if (events.ringbuf_output(&ev, sizeof(ev), rb_flags()) != 0)
             counter_add(CNT_RINGBUF_FULL, 1);
     }
     emit_data(ctx, tgid, tid, sfd, t->generation, ROLE_UNKNOWN, d, SOURCE_OPENSSL,
@@ -254,7 +263,7 @@ int tls_enter_free(struct pt_regs *ctx)
         ev.timestamp_ns = bpf_ktime_get_ns();
         ev.bytes_sent = t->pos[DIR_EGRESS];
         ev.bytes_received = t->pos[DIR_INGRESS];
-        if (events.ringbuf_output(&ev, sizeof(ev), 0) != 0)
+        if (events.ringbuf_output(&ev, sizeof(ev), rb_flags()) != 0)
             counter_add(CNT_RINGBUF_FULL, 1);
     }
     tls_conns.delete(&k);

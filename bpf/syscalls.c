@@ -86,15 +86,32 @@ static __always_inline int traced_tgid(__u32 tgid)
 
 /* ---- emission: shared with openssl.h ---------------------------------------------- */
 
-/* Emit one DATA record: header + up to MAX_CAPTURE_BYTES of ubuf (NULL: nothing
- * captured, e.g. sendfile), through the per-CPU scratch buffer and one
- * bpf_ringbuf_output of exactly header + captured bytes. Counts truncation and ring
- * buffer loss. Returns captured bytes, or -1 when the record was lost.
- * For the OpenSSL uprobes: pass source = SOURCE_OPENSSL and conn->tls_pos[dir]. */
-static __always_inline int emit_data(void *ctx, __u32 tgid, __u32 tid, __s32 fd,
-                                     __u64 generation, __u8 role, __u8 direction,
-                                     __u8 source, const void *ubuf, __u64 size,
-                                     __u64 position)
+/* Ring-buffer output flags: no wake-up while less than WAKEUP_BYTES are queued (user
+ * space drains on its poll timeout anyway), a forced one beyond. One epoll wake-up per
+ * record costs the consumer more than decoding the record. */
+#ifndef WAKEUP_BYTES
+#define WAKEUP_BYTES (256 * 1024)
+#endif
+/* BCC 0.26 rewrites map methods it knows only; bpf_ringbuf_query(&events) would pass a
+ * NULL map. Borrow the rewrite of ringbuf_reserve and turn it into the query. */
+#define bpf_ringbuf_reserve(map, what, flags) ((void *)bpf_ringbuf_query(map, what))
+static __always_inline __u64 rb_flags(void)
+{
+    __u64 queued = (__u64)events.ringbuf_reserve(BPF_RB_AVAIL_DATA);
+    return queued < WAKEUP_BYTES ? BPF_RB_NO_WAKEUP : BPF_RB_FORCE_WAKEUP;
+}
+#undef bpf_ringbuf_reserve
+
+/* Emit one DATA record: header + up to MAX_CAPTURE_BYTES of buf, through the per-CPU
+ * scratch buffer and one bpf_ringbuf_output of exactly header + captured bytes.
+ * buf is user memory holding `size` bytes when kcap == 0 (NULL: nothing captured,
+ * e.g. sendfile), else kernel memory holding kcap bytes (the fast path's replay of
+ * stored heads). Counts truncation and ring buffer loss. Returns captured bytes, or
+ * -1 when the record was lost. */
+static __always_inline int emit_data_core(__u32 tgid, __u32 tid, __s32 fd,
+                                          __u64 generation, __u8 role, __u8 direction,
+                                          __u8 source, const void *buf, __u32 kcap,
+                                          __u64 size, __u64 position, __u64 ts)
 {
     __u32 zero = 0;
     struct data_event *ev = scratch.lookup(&zero);
@@ -108,23 +125,29 @@ static __always_inline int emit_data(void *ctx, __u32 tgid, __u32 tid, __s32 fd,
     ev->hdr.tid = tid;
     ev->hdr.fd = fd;
     ev->hdr.generation = generation;
-    ev->hdr.timestamp_ns = bpf_ktime_get_ns();
+    ev->hdr.timestamp_ns = ts;
     ev->hdr.position = position;
     ev->hdr.size = size;
     ev->hdr._pad0 = 0;
 
     __u32 len = 0;
-    if (ubuf) {
+    if (buf) {
         /* Re-read the size from map memory: the verifier then tracks `len` from this
          * load only and does not mark the caller's loop variables precise, which would
          * stop state pruning and blow its budget on the iovec loop. */
         __u64 sz = *(volatile __u64 *)&ev->hdr.size;
+        if (kcap && kcap < sz)
+            sz = kcap;
         len = sz < MAX_CAPTURE_BYTES ? (__u32)sz : MAX_CAPTURE_BYTES;
         /* keep the verifier's bound even if clang reorders the min() above */
         len &= (MAX_CAPTURE_BYTES << 1) - 1;
         if (len > MAX_CAPTURE_BYTES)
             len = MAX_CAPTURE_BYTES;
-        if (len && bpf_probe_read_user(ev->data, len, ubuf) != 0) {
+        long err = 0;
+        if (len)
+            err = kcap ? bpf_probe_read_kernel(ev->data, len, buf)
+                       : bpf_probe_read_user(ev->data, len, buf);
+        if (err != 0) {
             counter_add(CNT_READ_FAULT, 1);
             len = 0;
         }
@@ -136,18 +159,66 @@ static __always_inline int emit_data(void *ctx, __u32 tgid, __u32 tid, __s32 fd,
     __u64 total = sizeof(struct data_event_hdr) + len;
     if (total > sizeof(struct data_event))
         return -1;
-    if (events.ringbuf_output(ev, total, 0) != 0) {
+    if (events.ringbuf_output(ev, total, rb_flags()) != 0) {
         counter_add(CNT_RINGBUF_FULL, 1);
         return -1;
     }
     return len;
 }
 
-/* Emit the connection's CONN_OPEN once, with the best addresses known now: the
- * struct sock's 4-tuple when a tracepoint gave it to us, else what accept/connect
- * saw (remote only). Shared with openssl.h. */
-static __always_inline void conn_ensure_open(void *ctx, struct conn_key_t *key,
-                                             struct conn_t *conn, __u32 tid, __u8 source)
+/* A chunk as it moves: user buffer, timestamp now. Shared with openssl.h, which passes
+ * source = SOURCE_OPENSSL and conn->tls_pos[dir]. */
+static __always_inline int emit_data(void *ctx, __u32 tgid, __u32 tid, __s32 fd,
+                                     __u64 generation, __u8 role, __u8 direction,
+                                     __u8 source, const void *ubuf, __u64 size,
+                                     __u64 position)
+{
+    return emit_data_core(tgid, tid, fd, generation, role, direction, source, ubuf, 0,
+                          size, position, bpf_ktime_get_ns());
+}
+
+/* A chunk replayed later from kernel memory (kcap > 0 bytes at kbuf), with the
+ * timestamp it really had. */
+static __always_inline int emit_data_at(__u32 tgid, __u32 tid, __s32 fd, __u64 generation,
+                                        __u8 role, __u8 direction, __u8 source,
+                                        const void *kbuf, __u32 kcap, __u64 size,
+                                        __u64 position, __u64 ts)
+{
+    return emit_data_core(tgid, tid, fd, generation, role, direction, source,
+                          kcap ? kbuf : 0, kcap, size, position, ts);
+}
+
+/* The best addresses known for a connection: the struct sock's 4-tuple when a
+ * tracepoint gave it to us, else what accept/connect saw (remote only). */
+static __always_inline void conn_addrs(struct conn_t *conn, __u16 *family, __u16 *lport,
+                                       __u16 *rport, __u8 *laddr, __u8 *raddr)
+{
+    struct sk_addr_t *a = 0;
+    if (conn->sk) {
+        __u64 sk = conn->sk;
+        a = sk_addrs.lookup(&sk);
+    }
+    if (a && a->family) {
+        *family = a->family;
+        *lport = a->local_port;
+        *rport = a->remote_port;
+        __builtin_memcpy(laddr, a->local_addr, 16);
+        __builtin_memcpy(raddr, a->remote_addr, 16);
+    } else {
+        *family = conn->family;
+        *lport = conn->local_port;
+        *rport = conn->remote_port;
+        __builtin_memcpy(laddr, conn->local_addr, 16);
+        __builtin_memcpy(raddr, conn->remote_addr, 16);
+    }
+}
+
+/* Emit the connection's CONN_OPEN once, with the best addresses known now and where
+ * its emitted streams begin (stream_start, by DIR_*: 0 unless the fast path served the
+ * connection first). Shared with openssl.h. */
+static __always_inline void conn_ensure_open_at(struct conn_key_t *key, struct conn_t *conn,
+                                                __u32 tid, __u8 source, __u64 start_in,
+                                                __u64 start_out)
 {
     if (conn->flags & CONN_OPEN_SENT)
         return;
@@ -162,26 +233,18 @@ static __always_inline void conn_ensure_open(void *ctx, struct conn_key_t *key,
     ev.generation = conn->generation;
     ev.timestamp_ns = conn->open_ts;
     bpf_get_current_comm(&ev.comm, sizeof(ev.comm));
-    struct sk_addr_t *a = 0;
-    if (conn->sk) {
-        __u64 sk = conn->sk;
-        a = sk_addrs.lookup(&sk);
-    }
-    if (a && a->family) {
-        ev.family = a->family;
-        ev.local_port = a->local_port;
-        ev.remote_port = a->remote_port;
-        __builtin_memcpy(ev.local_addr, a->local_addr, 16);
-        __builtin_memcpy(ev.remote_addr, a->remote_addr, 16);
-    } else {
-        ev.family = conn->family;
-        ev.local_port = conn->local_port;
-        ev.remote_port = conn->remote_port;
-        __builtin_memcpy(ev.local_addr, conn->local_addr, 16);
-        __builtin_memcpy(ev.remote_addr, conn->remote_addr, 16);
-    }
-    if (events.ringbuf_output(&ev, sizeof(ev), 0) != 0)
+    conn_addrs(conn, &ev.family, &ev.local_port, &ev.remote_port, ev.local_addr,
+               ev.remote_addr);
+    ev.stream_start[DIR_INGRESS] = start_in;
+    ev.stream_start[DIR_EGRESS] = start_out;
+    if (events.ringbuf_output(&ev, sizeof(ev), rb_flags()) != 0)
         counter_add(CNT_RINGBUF_FULL, 1);
+}
+
+static __always_inline void conn_ensure_open(void *ctx, struct conn_key_t *key,
+                                             struct conn_t *conn, __u32 tid, __u8 source)
+{
+    conn_ensure_open_at(key, conn, tid, source, 0, 0);
 }
 
 /* Look up (tgid, fd); NULL when untracked. Shared with openssl.h. */
@@ -201,6 +264,14 @@ static __always_inline struct conn_t *conn_create(__u32 tgid, __s32 fd, __u8 rol
     c.generation = now;
     c.open_ts = now;
     c.role = role;
+    /* Sockets older than us may be mid-message: only accept/connect start at a
+     * boundary, so only they may take the fast path. */
+    if (role != ROLE_UNKNOWN) {
+        __u32 k = CFG_FAST_PATH;
+        __u64 *fast = config.lookup(&k);
+        if (fast && *fast)
+            c.fast = FAST_IDLE;
+    }
     if (conns.update(&key, &c) != 0) {
         counter_add(CNT_CONN_TABLE_FULL, 1);
         return 0;
@@ -217,9 +288,16 @@ static __always_inline struct conn_t *conn_get_or_create(__u32 tgid, __s32 fd)
     return conn_create(tgid, fd, ROLE_UNKNOWN);
 }
 
-/* Emit CONN_CLOSE (when the open was emitted) and forget the entry. */
+/* ---- the kernel fast path ------------------------------------------------------------ */
+#include "http1_fast.h"
+
+/* Emit CONN_CLOSE (when the open was emitted) and forget the entry. An exchange the
+ * fast path had in flight is replayed first, so user space sees the close mid-exchange
+ * as it would have on the chunk stream. */
 static __always_inline void conn_close(struct conn_key_t *key, struct conn_t *c, __u32 tid)
 {
+    if (c->fast == FAST_REQ || c->fast == FAST_RESP)
+        fast_fallback(key, c, tid, c->fast_src, CNT_FB_CLOSED);
     if (c->flags & CONN_OPEN_SENT) {
         struct conn_close_event ev = {};
         ev.kind = EVENT_CONN_CLOSE;
@@ -231,7 +309,7 @@ static __always_inline void conn_close(struct conn_key_t *key, struct conn_t *c,
         ev.timestamp_ns = bpf_ktime_get_ns();
         ev.bytes_sent = c->pos[DIR_EGRESS];
         ev.bytes_received = c->pos[DIR_INGRESS];
-        if (events.ringbuf_output(&ev, sizeof(ev), 0) != 0)
+        if (events.ringbuf_output(&ev, sizeof(ev), rb_flags()) != 0)
             counter_add(CNT_RINGBUF_FULL, 1);
     }
     conns.delete(key);
@@ -517,16 +595,59 @@ static __always_inline int data_exit(void *ctx, long ret, __u8 op, __u8 dir, int
         conn->pos[dir & 1] += ret; /* ciphertext: OpenSSL uprobes report the plaintext */
         return 0;
     }
+    /* the iovec array of vectored calls (msg_ok == 0: unreadable msghdr) */
+    __u64 iov = st.buf, iovcnt = st.count;
+    int msg_ok = 1;
+    if (op == OP_RECVMSG || op == OP_SENDMSG) {
+        struct otel_msghdr m = {};
+        msg_ok = bpf_probe_read_user(&m, sizeof(m), (void *)st.buf) == 0;
+        iov = m.iov;
+        iovcnt = m.iovlen;
+    }
+    if (conn->fast != FAST_OFF && conn->proto != PROTO_NOT_HTTP) {
+        int fp = FP_TODAY;
+        if (op == OP_READ || op == OP_WRITE) {
+            fp = fast_chunk(&key, conn, tid, dir, SOURCE_SYSCALL, (const void *)st.buf, ret,
+                            ret);
+        } else if (op == OP_SENDFILE) {
+            fp = fast_chunk(&key, conn, tid, dir, SOURCE_SYSCALL, 0, 0, ret);
+        } else if (op == OP_RECVMMSG || op == OP_SENDMMSG) {
+            /* ret counts messages, not bytes: nothing to count a body against */
+            if (conn->fast == FAST_IDLE || conn->fast_src == SOURCE_SYSCALL)
+                fast_fallback(&key, conn, tid, SOURCE_SYSCALL, CNT_FB_OTHER);
+        } else {
+            /* The whole call is one chunk of ret bytes; a head must lie in the first
+             * non-empty segment. No parsing inside the iovec walk: the verifier walks
+             * that loop per segment and its budget is spent there. */
+            struct otel_iovec seg = {};
+            if (msg_ok) {
+#pragma unroll
+                for (int k = 0; k < 4; k++) {
+                    if (k >= iovcnt || bpf_probe_read_user(&seg, sizeof(seg),
+                                                           (void *)(iov + k * sizeof(seg))) != 0) {
+                        seg.len = 0;
+                        break;
+                    }
+                    if (seg.len)
+                        break;
+                }
+            }
+            __u64 cap = seg.len < (__u64)ret ? seg.len : (__u64)ret;
+            fp = fast_chunk(&key, conn, tid, dir, SOURCE_SYSCALL,
+                            cap ? (const void *)seg.base : 0, cap, ret);
+        }
+        if (fp == FP_DONE)
+            return 0;
+    }
     if (op == OP_READ || op == OP_WRITE) {
         handle_chunk(ctx, &key, conn, tid, dir, (const void *)st.buf, ret);
     } else if (op == OP_SENDFILE) {
         handle_chunk(ctx, &key, conn, tid, dir, 0, ret);
     } else if (op == OP_READV || op == OP_WRITEV) {
-        handle_iov(ctx, &key, conn, tid, dir, st.buf, st.count, ret);
+        handle_iov(ctx, &key, conn, tid, dir, iov, iovcnt, ret);
     } else if (op == OP_RECVMSG || op == OP_SENDMSG) {
-        struct otel_msghdr m = {};
-        if (bpf_probe_read_user(&m, sizeof(m), (void *)st.buf) == 0)
-            handle_iov(ctx, &key, conn, tid, dir, m.iov, m.iovlen, ret);
+        if (msg_ok)
+            handle_iov(ctx, &key, conn, tid, dir, iov, iovcnt, ret);
         else
             handle_chunk(ctx, &key, conn, tid, dir, 0, ret);
     } else if (op == OP_RECVMMSG || op == OP_SENDMMSG) {

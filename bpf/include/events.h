@@ -173,6 +173,16 @@ struct exchange_event {
 #define CNT_CONN_RESET 7        /* ECONNRESET/EPIPE returned on a tracked connection */
 #define CNT_NOT_HTTP 8          /* connections given up by protocol inference */
 #define CNT_READ_FAULT 9        /* bpf_probe_read_user failed on a data buffer */
-#define CNT_MAX 10
+#define CNT_FAST_EXCHANGES 10   /* EVENT_EXCHANGE records emitted by the fast path */
+#define CNT_FAST_FALLBACKS 11   /* connections handed from the fast path to the chunk stream */
+#define CNT_PENDING_FULL 12     /* request heads not taken: the `pending` table was full */
+/* Why the fast path handed over (each fallback counts one of these too): */
+#define CNT_FB_REQUEST 13       /* request head refused (malformed, too long, CONNECT, ...) */
+#define CNT_FB_RESPONSE 14      /* response head refused (1xx, chunked, no length, ...) */
+#define CNT_FB_OVERRUN 15       /* more bytes than the message: pipelining, framing error */
+#define CNT_FB_ORDER 16         /* bytes in an unexpected direction (early response, ...) */
+#define CNT_FB_CLOSED 17        /* closed mid-exchange */
+#define CNT_FB_OTHER 18         /* sendfile/recvmmsg/sendmmsg at a head, pending lost */
+#define CNT_MAX 19
 
 #endif /* OTEL_EBPF_EVENTS_H */

@@ -32,6 +32,14 @@
 /* conn_t.flags */
 #define CONN_OPEN_SENT 1 /* the open event was emitted: close must be emitted too */
 
+/* conn_t.fast: the kernel fast path (http1_fast.h). Only connections created by
+ * accept/connect while config[CFG_FAST_PATH] is set start FAST_IDLE; the rest, and
+ * every connection the fast path gave up on, are FAST_OFF (the chunk stream). */
+#define FAST_OFF 0  /* chunk stream */
+#define FAST_IDLE 1 /* between exchanges: at a message boundary in both directions */
+#define FAST_REQ 2  /* request head seen; fast_left request body bytes to come */
+#define FAST_RESP 3 /* response head seen; fast_left response body bytes to come */
+
 struct conn_key_t {
     __u32 tgid;
     __s32 fd;
@@ -53,9 +61,12 @@ struct conn_t {
     __u16 local_port;
     __u16 remote_port;
     __u16 _pad0;
-    __u8 _pad1[2];
+    __u8 fast;          /* FAST_* */
+    __u8 fast_src;      /* SOURCE_* that drives the fast state (set at a request head) */
     __u8 local_addr[16];
     __u8 remote_addr[16];
+    __u64 fast_left;    /* FAST_REQ/FAST_RESP: body bytes still to come */
+    __u64 fast_ts;      /* FAST_RESP: when the last response bytes moved */
 };
 
 /* Arguments stashed at sys_enter_*, keyed by pid_tgid, consumed at sys_exit_*. */
@@ -113,6 +124,10 @@ BPF_PERCPU_ARRAY(counters, __u64, CNT_MAX);
 #define CFG_SELECT 0
 #define SELECT_ENABLED 1
 #define SELECT_PID_FILTER 2
+/* config[CFG_FAST_PATH] != 0: connections accepted/connected from now on may be served
+ * by the kernel fast path (http1_fast.h); 0 (default) keeps every one on the chunk
+ * stream. Read at accept/connect only. */
+#define CFG_FAST_PATH 1
 #define CFG_MAX 4
 BPF_ARRAY(config, __u64, CFG_MAX);
 BPF_HASH(pid_filter, __u32, __u8, 4096);

@@ -59,6 +59,8 @@ MAIN_SOURCE = "syscalls.c"
 LOSS_COUNTERS: tuple[str, ...] = (
     "ringbuf_full", "truncated_events", "truncated_bytes", "conn_table_full",
     "iovec_skipped", "mmsg_skipped", "stash_full", "conn_reset", "not_http", "read_fault",
+    "fast_exchanges", "fast_fallbacks", "pending_full", "fast_fb_request", "fast_fb_response",
+    "fast_fb_overrun", "fast_fb_order", "fast_fb_closed", "fast_fb_other",
 )
 # Stats names of the kernel counters: real losses under `capture.lost.` (summed into
 # the stats line's lost_total), by-design truncation and information beside them.
@@ -73,6 +75,15 @@ STATS_NAMES: dict[str, str] = {
     "truncated_bytes": "capture.truncated_bytes",
     "conn_reset": "capture.conn_reset",
     "not_http": "capture.not_http_connections",
+    "fast_exchanges": "capture.fast.exchanges",
+    "fast_fallbacks": "capture.fast.fallbacks",
+    "pending_full": "capture.fast.pending_full",
+    "fast_fb_request": "capture.fast.fallback.request_head",
+    "fast_fb_response": "capture.fast.fallback.response_head",
+    "fast_fb_overrun": "capture.fast.fallback.overrun",
+    "fast_fb_order": "capture.fast.fallback.order",
+    "fast_fb_closed": "capture.fast.fallback.closed",
+    "fast_fb_other": "capture.fast.fallback.other",
 }
 CFG_SELECT = 0  # config[] index and bits, as in bpf/include/maps.h
 CFG_FAST_PATH = 1
@@ -218,6 +229,9 @@ class Capture:
             "-DMAX_CONNS=%d" % o.max_kernel_connections,
             "-DMAX_IOVECS=%d" % o.max_iovecs,
             "-DREQ_HEAD_MAX=%d" % o.request_head_bytes,
+            # Wake the reader once 1/16 of the ring (at most 256 KiB) is queued; below,
+            # it drains on its poll timeout.
+            "-DWAKEUP_BYTES=%d" % min(o.ringbuf_kib * 1024 // 16, 256 * 1024),
             "-DSELF_TGID=%d" % self.self_tgid,
             "-I%s" % bpf_source_dir(),
             "-Wno-unused-function",
