@@ -91,6 +91,10 @@ def drain(cap: Capture, quiet_s: float = 0.4, limit_s: float = 15.0):
     return out
 
 
+def summary(exchanges: list) -> list:
+    return [(e["tgid"], e["role"], e.method, e.target, e["status"]) for e in exchanges]
+
+
 def of_pid(items: list, pid: int) -> list:
     return [e for e in items if (e["tgid"] if isinstance(e, dict) else e.tgid) == pid]
 
@@ -163,16 +167,18 @@ def test_exact_body_sizes_big_download_and_upload(fast, py_server, tmp_path):
     assert out.split() == ["1048576"]
     upload = tmp_path / "upload.bin"
     upload.write_bytes(os.urandom(3_000_000))
-    pid2, out2 = curl(["-w", "\\n", "--data-binary", "@%s" % upload, base + "/upload"])
+    # no "Expect: 100-continue" (curl adds it above 1 MiB): a 1xx response falls back
+    pid2, out2 = curl(["-w", "\\n", "-H", "Expect:", "--data-binary", "@%s" % upload,
+                       base + "/upload"])
     assert out2.split()[0:2] == ["got", "3000000"]
     events, exchanges = drain(fast)
     for who in (pid, server.pid):
         got = [e for e in of_pid(exchanges, who) if e.target == b"/bytes/1048576"]
-        assert len(got) == 1, (who, exchanges)
+        assert len(got) == 1, (who, summary(exchanges))
         assert got[0]["response_body_size"] == 1048576 and got[0]["request_body_size"] == 0
     for who in (pid2, server.pid):
         got = [e for e in of_pid(exchanges, who) if e.target == b"/upload"]
-        assert len(got) == 1, (who, exchanges)
+        assert len(got) == 1, (who, summary(exchanges))
         assert got[0].method == b"POST" and got[0]["status"] == 201
         assert got[0]["request_body_size"] == 3_000_000
         assert got[0]["response_body_size"] == len(b"got 3000000")
@@ -193,6 +199,31 @@ def test_head_204_304_bodiless(fast, py_server):
         assert got == [(b"GET", b"/status/204", 204, 0), (b"GET", b"/status/304", 304, 0),
                        (b"HEAD", b"/x", 200, 0)], who
     assert data(of_pid(events, pid) + of_pid(events, server.pid)) == []
+
+
+RAW_CLIENT = """
+import socket, sys, time
+port, pause, expect = int(sys.argv[1]), float(sys.argv[2]), int(sys.argv[3])
+sock = socket.create_connection(("127.0.0.1", port))
+for chunk in sys.argv[4:]:
+    sock.sendall(chunk.encode().decode("unicode_escape").encode("latin-1"))
+    time.sleep(pause)
+got = b""
+deadline = time.monotonic() + 10
+while got.count(b"HTTP/1.1 200") < expect and time.monotonic() < deadline:
+    got += sock.recv(65536)
+sock.close()
+"""
+
+
+def raw_client(port: int, chunks: list[bytes], expect: int, pause: float = 0.0) -> int:
+    """A separate process (ours is never traced) that sends each chunk with one send()
+    and reads until `expect` 200 responses came; returns its pid."""
+    args = [c.decode("latin-1").encode("unicode_escape").decode() for c in chunks]
+    proc = subprocess.Popen([sys.executable, "-c", RAW_CLIENT, str(port), str(pause),
+                             str(expect), *args])
+    assert proc.wait(30) == 0
+    return proc.pid
 
 
 def streams(events: list, pid: int) -> dict:
@@ -226,8 +257,8 @@ def test_chunked_response_falls_back_with_stream_start(fast, tmp_path):
     with node_server(tmp_path, port) as proc:
         drain(fast, quiet_s=0.1)
         base = "http://127.0.0.1:%d" % port
-        pid, out = curl(["-o", "/dev/null", "-w", "%{size_download}\\n", base + "/plain",
-                         base + "/chunked/100000"])
+        pid, out = curl(["-w", "%{size_download}\\n", "-o", "/dev/null", "-o", "/dev/null",
+                         base + "/plain", base + "/chunked/100000"])
         assert out.split() == [str(len("received 0")), "100000"]
         events, exchanges = drain(fast)
         for who in (pid, proc.pid):
@@ -253,25 +284,19 @@ def test_chunked_response_falls_back_with_stream_start(fast, tmp_path):
 
 
 def test_pipelined_requests_fall_back_and_replay(fast, py_server):
+    """Two requests in one write: the fast path refuses the first head (bytes beyond
+    it), so both sides are today's chunk stream from position 0."""
     server, port = py_server
     two = (b"GET /bytes/10 HTTP/1.1\r\nHost: x\r\n\r\n"
            b"GET /bytes/20 HTTP/1.1\r\nHost: x\r\n\r\n")
-    with socket.create_connection(("127.0.0.1", port)) as sock:
-        sock.sendall(two)
-        got = b""
-        deadline = time.monotonic() + 10
-        while got.count(b"HTTP/1.1 200") < 2 and time.monotonic() < deadline:
-            got += sock.recv(65536)
+    pid = raw_client(port, [two], expect=2)
     events, exchanges = drain(fast)
-    me = os.getpid()
-    assert of_pid(exchanges, me) == [] and of_pid(exchanges, server.pid) == []
-    # the client (us): one write of both requests -> today's stream from position 0
-    st = streams(events, me)
-    sent = [c for k, v in st.items() if k[2] == Direction.EGRESS for c in v]
-    assert len(sent) == 1 and sent[0].data == two and sent[0].position == 0
-    (key, open_ev), = opens(events, me).items()
+    assert of_pid(exchanges, pid) == [] and of_pid(exchanges, server.pid) == []
+    (key, open_ev), = opens(events, pid).items()
     assert tuple(open_ev.stream_start) == (0, 0)
-    # the server read both at once: same, with its responses on the stream
+    st = streams(events, pid)
+    sent = st[key + (Direction.EGRESS,)]
+    assert len(sent) == 1 and sent[0].data == two and sent[0].position == 0
     srv = streams(events, server.pid)
     recv = [c for k, v in srv.items() if k[2] == Direction.INGRESS for c in v]
     assert b"".join(c.data for c in recv) == two
@@ -280,45 +305,38 @@ def test_pipelined_requests_fall_back_and_replay(fast, py_server):
 
 
 def test_pipelined_after_fast_exchange_replays_request_in_flight(fast, py_server):
-    """A request the fast path took, then the next request before its response ended
-    (the server's response arrives after we sent the second one): replay of the first."""
+    """The fast path took a request; the next one came before its response (/never
+    answers): the first is replayed as DATA at position 0 with its real timestamp,
+    then the second takes today's stream."""
     server, port = py_server
-    with socket.create_connection(("127.0.0.1", port)) as sock:
-        sock.sendall(b"GET /bytes/5 HTTP/1.1\r\nHost: x\r\n\r\n")
-        sock.sendall(b"GET /bytes/7 HTTP/1.1\r\nHost: x\r\n\r\n")
-        got = b""
-        deadline = time.monotonic() + 10
-        while got.count(b"HTTP/1.1 200") < 2 and time.monotonic() < deadline:
-            got += sock.recv(65536)
+    first, second = (b"GET /never HTTP/1.1\r\nHost: x\r\n\r\n",
+                     b"GET /bytes/7 HTTP/1.1\r\nHost: x\r\n\r\n")
+    pid = raw_client(port, [first, second], expect=0, pause=0.2)
     events, exchanges = drain(fast)
-    me = os.getpid()
-    st = streams(events, me)
-    (key, open_ev), = opens(events, me).items()
-    sent = st[key + (Direction.EGRESS,)]
-    # the first request is replayed at 0 with its real timestamp, then the second chunk
-    assert stream_start(open_ev, Direction.EGRESS) == 0
+    assert of_pid(exchanges, pid) == []
+    (key, open_ev), = opens(events, pid).items()
+    assert tuple(open_ev.stream_start) == (0, 0)
+    sent = streams(events, pid)[key + (Direction.EGRESS,)]
     assert_contiguous(sent, 0)
-    assert b"".join(c.data for c in sent) == (b"GET /bytes/5 HTTP/1.1\r\nHost: x\r\n\r\n"
-                                              b"GET /bytes/7 HTTP/1.1\r\nHost: x\r\n\r\n")
-    assert sent[0].timestamp_ns < sent[1].timestamp_ns
-    recv = st[key + (Direction.INGRESS,)]
-    assert_contiguous(recv, 0)
-    assert b"".join(c.data for c in recv).count(b"HTTP/1.1 200") == 2
-    assert of_pid(exchanges, me) == []
+    assert [c.data for c in sent] == [first, second]
+    assert sent[1].timestamp_ns - sent[0].timestamp_ns > 150_000_000  # the replay's own time
+    for e in sent:
+        assert e.tid == pid  # the single-threaded client wrote both
 
 
 def test_close_mid_exchange_replays(fast, py_server):
     server, port = py_server
-    with socket.create_connection(("127.0.0.1", port)) as sock:
-        sock.sendall(b"GET /never HTTP/1.1\r\nHost: x\r\n\r\n")
-        time.sleep(0.3)
+    request = b"GET /never HTTP/1.1\r\nHost: x\r\n\r\n"
+    pid = raw_client(port, [request], expect=0, pause=0.3)
     events, exchanges = drain(fast)
-    me = os.getpid()
-    (key, open_ev), = opens(events, me).items()
-    sent = streams(events, me)[key + (Direction.EGRESS,)]
-    assert [c.data for c in sent] == [b"GET /never HTTP/1.1\r\nHost: x\r\n\r\n"]
-    assert any(getattr(e, "fd", None) == key[0] and type(e).__name__ == "ConnCloseEvent"
-               for e in of_pid(events, me))
+    (key, open_ev), = opens(events, pid).items()
+    assert tuple(open_ev.stream_start) == (0, 0)
+    sent = streams(events, pid)[key + (Direction.EGRESS,)]
+    assert [(c.position, c.size, c.data) for c in sent] == [(0, len(request), request)]
+    closes = [e for e in of_pid(events, pid) if type(e).__name__ == "ConnCloseEvent"]
+    assert [(e.fd, e.generation) for e in closes] == [key]
+    counters = fast.loss_counters()
+    assert counters["fast_fb_closed"] >= 1
 
 
 def test_disabled_is_todays_chunk_stream(fast, tmp_path):
