@@ -50,7 +50,7 @@ class Exchange(dict):
         return self.field("target")
 
 
-def _capture(fast: bool):
+def _capture(fast: bool, tls: bool = False):
     events: list = []
     exchanges: list[Exchange] = []
 
@@ -61,7 +61,7 @@ def _capture(fast: bool):
         assert len(ex["head"]) == ex["head_len"] == size - EXCHANGE_HDR.size
         exchanges.append(ex)
 
-    cap = Capture(CaptureOptions(tls=False, fast_path=fast), Stats())
+    cap = Capture(CaptureOptions(tls=tls, fast_path=fast), Stats())
     cap.start(events.append, handlers={EVENT_EXCHANGE: on_exchange})
     cap._set_config(1, int(fast))  # CFG_FAST_PATH, whatever the options default to
     cap.events = events  # type: ignore[attr-defined]
@@ -363,3 +363,44 @@ def test_disabled_is_todays_chunk_stream(fast, tmp_path):
         assert counters["fast_exchanges"] == 0 and counters["fast_fallbacks"] == 0
     finally:
         off.close()
+
+
+def test_https_through_openssl_one_record_each_side(tmp_path, bpf_available):
+    """nginx and curl over TLS: the plaintext at SSL_read/SSL_write (source OPENSSL) of
+    sockets from accept/connect takes the fast path too."""
+    from otel_ebpf.capture.tls import TlsAttacher
+
+    d = tmp_path / "certs"
+    d.mkdir()
+    cert, key = d / "cert.pem", d / "key.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt",
+                    "ec_paramgen_curve:prime256v1", "-nodes", "-keyout", str(key), "-out",
+                    str(cert), "-days", "2", "-subj", "/CN=localhost"],
+                   check=True, capture_output=True, timeout=60)
+    cap = _capture(True, tls=True)
+    try:
+        tls = TlsAttacher(cap, Stats())
+        tls.scan()
+        port = free_port()
+        with Nginx(tmp_path, port, certs=(cert, key)) as server:
+            tls.scan()
+            drain(cap, quiet_s=0.1)
+            url = "https://127.0.0.1:%d/big.bin" % port
+            pid, out = curl(["-k", "-w", "%{http_code}\\n"] + ["-o", "/dev/null"] * N
+                            + [url] * N)
+            assert out.split() == ["200"] * N
+            events, exchanges = drain(cap)
+            workers = {int(p) for p in subprocess.run(
+                ["pgrep", "-P", str(server.proc.pid)], capture_output=True,
+                text=True).stdout.split()}
+        srv = [e for e in exchanges if e["tgid"] in workers]
+        cli = of_pid(exchanges, pid)
+        assert len(srv) == N and len(cli) == N, summary(exchanges)
+        for ex in srv + cli:
+            assert ex["source"] == 1  # SOURCE_OPENSSL
+            assert ex.target == b"/big.bin" and ex["status"] == 200
+            assert ex["response_body_size"] == 1 << 20
+        plain = [e for e in data(of_pid(events, pid)) if e.source.name == "OPENSSL"]
+        assert plain == []
+    finally:
+        cap.close()
