@@ -36,42 +36,14 @@
 #ifndef OTEL_EBPF_HTTP1_FAST_H
 #define OTEL_EBPF_HTTP1_FAST_H
 
-#ifndef RESP_HEAD_MAX
-#define RESP_HEAD_MAX 512 /* response heads longer than this take the chunk stream */
-#endif
-#if (RESP_HEAD_MAX & (RESP_HEAD_MAX - 1)) != 0 || RESP_HEAD_MAX < 64 || RESP_HEAD_MAX > REQ_HEAD_MAX
-#error "RESP_HEAD_MAX must be a power of two between 64 and REQ_HEAD_MAX"
-#endif
 #ifndef MAX_PENDING
 #define MAX_PENDING 8192 /* exchanges in flight at once; beyond, the chunk stream */
 #endif
 /* Lines per head (request/status line + headers + the empty line); more: hand over. */
 #define HEAD_LINES_MAX 64
 
-/* An exchange in flight, keyed like conns. */
-struct pending_t {
-    __u8 req[REQ_HEAD_MAX];   /* captured bytes of the request's first chunk */
-    __u8 resp[RESP_HEAD_MAX]; /* captured bytes of the response's first chunk; also
-                                 the slack the 24-byte name loads may run into */
-    __u64 generation;         /* conn_t.generation: an entry of a reused fd is stale */
-    __u64 start_ns;
-    __u64 req_pos;            /* stream position of the request's first byte */
-    __u64 resp_pos;           /* ... of the response's first byte (resp_cap > 0) */
-    __u64 req_body;
-    __u64 resp_body;
-    __u32 tid;
-    __u16 req_cap;            /* bytes in req[] */
-    __u16 resp_cap;           /* bytes in resp[]; 0: no response yet */
-    __u16 head_len;
-    __u16 method_len;
-    __u16 target_off;
-    __u16 target_len;
-    __u16 hv_off[4];          /* H_HOST.. H_TRACESTATE: trimmed value offsets */
-    __u16 hv_len[4];
-    __u16 status;
-    __u8 version_minor;
-    __u8 is_head;             /* HEAD request: the response has no body */
-};
+/* struct pending_t (an exchange in flight) is in include/events.h: user space reads it
+ * to report requests that never got an answer. */
 
 /* Header names the parser knows (indexes of fast_scratch_t.vo/ve). */
 #define H_HOST 0
@@ -621,6 +593,8 @@ static __always_inline int fast_chunk(struct conn_key_t *key, struct conn_t *con
         fs->p.head_len = hl;
         fs->p.status = 0;
         fs->p.version_minor = fs->minor;
+        fs->p.role = conn->role;
+        fs->p.source = source;
         if (pending.update(key, &fs->p) != 0) {
             reason = CNT_PENDING_FULL;
             goto fall;

@@ -30,7 +30,7 @@ from collections.abc import Callable
 from otel_ebpf.capture.events import ConnOpenEvent, EventKind
 from otel_ebpf.capture.loader import Capture
 from otel_ebpf.config import Config
-from otel_ebpf.conntrack import ConnectionTable
+from otel_ebpf.conntrack import ConnectionTable, procfs
 from otel_ebpf.exchange import HttpExchange
 from otel_ebpf.process import ProcessResolver
 from otel_ebpf.protocols.http1.kernel_exchange import KernelExchangeDecoder
@@ -168,14 +168,23 @@ class Daemon:
 
         conntrack = config.conntrack
         fast = KernelExchangeDecoder(emit_fast, stats, table.clock_offset_ns, conntrack.ports,
-                                     conntrack.capture_request_headers, note_process)
-        self._flushers.append(lambda: stats.set_total("http.exchanges.fast_path", fast.exchanges))
-        self._flushers.append(lambda: stats.set_total("conntrack.filtered_exchanges", fast.filtered))
+                                     conntrack.capture_request_headers, note_process,
+                                     procfs.resolve)
+
+        def push_fast_stats() -> None:  # plain ints on the hot path, pushed here
+            stats.set_total("http.exchanges.fast_path", fast.exchanges)
+            stats.set_total("conntrack.filtered_exchanges", fast.filtered)
+
+        self._flushers.append(push_fast_stats)
+        self._closers.append(push_fast_stats)
 
         self._emit = emit
         health = self._start_health()
 
-        capture = Capture(self._capture_options(), stats)
+        capture_options = self._capture_options()
+        fast_path = capture_options.fast_path
+        timeout_ns = int(conntrack.request_timeout_s * 1e9)
+        capture = Capture(capture_options, stats)
         self._capture = capture
         capture.start(on_event, {EventKind.EXCHANGE: fast.on_record})
         tls = self._start_tls(capture)
@@ -200,6 +209,11 @@ class Daemon:
             if now >= next_expire:
                 next_expire = now + EXPIRE_INTERVAL_S
                 self._deliver(table.expire(time.monotonic_ns()))
+                if fast_path:
+                    for tgid, fd in fast.expire(capture.pending_exchanges(), time.monotonic_ns(),
+                                                timeout_ns):
+                        capture.forget_pending(tgid, fd)
+                    push_fast_stats()
                 if health is not None:
                     health.mark_alive()
             if tls is not None:

@@ -119,8 +119,8 @@ struct conn_close_event {
 #ifndef REQ_HEAD_MAX
 #define REQ_HEAD_MAX 1024 /* request heads longer than this take the chunk stream */
 #endif
-#if (REQ_HEAD_MAX & (REQ_HEAD_MAX - 1)) != 0 || REQ_HEAD_MAX < 64 || REQ_HEAD_MAX > 4096
-#error "REQ_HEAD_MAX must be a power of two between 64 and 4096"
+#if (REQ_HEAD_MAX & (REQ_HEAD_MAX - 1)) != 0 || REQ_HEAD_MAX < 64 || REQ_HEAD_MAX > 1024
+#error "REQ_HEAD_MAX must be a power of two between 64 and 1024 (the verifier's budget)"
 #endif
 struct exchange_event_hdr {
     __u8 kind;          /* EVENT_EXCHANGE */
@@ -159,6 +159,44 @@ struct exchange_event_hdr {
 struct exchange_event {
     struct exchange_event_hdr hdr;
     __u8 head[REQ_HEAD_MAX];
+};
+
+#ifndef RESP_HEAD_MAX
+#define RESP_HEAD_MAX 512 /* response heads longer than this take the chunk stream */
+#endif
+#if (RESP_HEAD_MAX & (RESP_HEAD_MAX - 1)) != 0 || RESP_HEAD_MAX < 64 || RESP_HEAD_MAX > REQ_HEAD_MAX
+#error "RESP_HEAD_MAX must be a power of two between 64 and REQ_HEAD_MAX"
+#endif
+
+/* An exchange in flight in the kernel fast path (bpf/http1_fast.h), in the map
+ * `pending` keyed like conns (tgid, fd). User space reads it once a second to report a
+ * request that got no answer within conntrack.request_timeout_s (and deletes the entry:
+ * the kernel then hands the connection to the chunk stream at its next bytes). */
+struct pending_t {
+    __u8 req[REQ_HEAD_MAX];   /* captured bytes of the request's first chunk */
+    __u8 resp[RESP_HEAD_MAX]; /* captured bytes of the response's first chunk; also
+                                 the slack the 24-byte name loads may run into */
+    __u64 generation;         /* conn_t.generation: an entry of a reused fd is stale */
+    __u64 start_ns;
+    __u64 req_pos;            /* stream position of the request's first byte */
+    __u64 resp_pos;           /* ... of the response's first byte (resp_cap > 0) */
+    __u64 req_body;
+    __u64 resp_body;
+    __u32 tid;
+    __u16 req_cap;            /* bytes in req[] */
+    __u16 resp_cap;           /* bytes in resp[]; 0: no response yet */
+    __u16 head_len;
+    __u16 method_len;
+    __u16 target_off;
+    __u16 target_len;
+    __u16 hv_off[4];          /* H_HOST.. H_TRACESTATE: trimmed value offsets */
+    __u16 hv_len[4];
+    __u16 status;
+    __u8 version_minor;
+    __u8 is_head;             /* HEAD request: the response has no body */
+    __u8 role;                /* ROLE_* of the connection */
+    __u8 source;              /* SOURCE_* that carries the exchange */
+    __u8 _pad[2];
 };
 
 /* Loss and health counters: indexes into the per-CPU array `counters`. User space

@@ -123,7 +123,7 @@ class CaptureOptions:
     # sends every connection through the chunk stream (debugging, parity checks).
     fast_path: bool = True
     # Longest request head (request line + headers) the fast path takes, in bytes
-    # (power of two, 64..4096); longer heads take the chunk stream.
+    # (power of two, 64..1024); longer heads take the chunk stream.
     request_head_bytes: int = 1024
 
 
@@ -184,9 +184,12 @@ def validate(options: CaptureOptions) -> None:
                            % options.ringbuf_kib)
     if options.max_kernel_connections < 1:
         raise CaptureError("capture.max_kernel_connections must be >= 1 (e.g. 65536)")
-    if not _power_of_two(options.request_head_bytes) or not 64 <= options.request_head_bytes <= 4096:
+    # 1024 max: the head parser's loops are walked by the verifier once per word, and
+    # 2048 takes the read/write programs past its 1M-instruction budget.
+    if not _power_of_two(options.request_head_bytes) or not 64 <= options.request_head_bytes <= 1024:
         raise CaptureError("capture.request_head_bytes=%d must be a power of two between 64 and "
-                           "4096 (e.g. 1024)" % options.request_head_bytes)
+                           "1024 (the BPF verifier's budget), e.g. 1024"
+                           % options.request_head_bytes)
     if not 1 <= options.max_iovecs <= 16:
         raise CaptureError("capture.max_iovecs=%d must be between 1 and 16 (the BPF verifier "
                            "rejects longer loops)" % options.max_iovecs)
@@ -452,19 +455,40 @@ class Capture:
         """(tgid, fd) of every connection the kernel tracks."""
         return [_CONN_KEY.unpack(key) for key in self._map("conns").keys()]
 
+    def pending_exchanges(self) -> list[tuple[int, int, bytes]]:
+        """(tgid, fd, struct pending_t bytes) of every exchange in flight in the kernel
+        fast path (few: only those between request and response end)."""
+        table = self._map("pending")
+        out = []
+        for key in table.keys():
+            value = table.lookup(key)
+            if value is not None:  # finished between keys() and lookup()
+                out.append((*_CONN_KEY.unpack(key), value))
+        return out
+
+    def forget_pending(self, tgid: int, fd: int) -> bool:
+        """Drop a fast-path exchange in flight (reported as timed out by user space);
+        the kernel hands its connection to the chunk stream at its next bytes."""
+        return self._map("pending").delete(_CONN_KEY.pack(tgid, fd))
+
     def tracked_connections(self) -> int:
         return len(self._map("conns"))
 
     def prune_connections(self) -> int:
-        """Forget kernel entries of exited processes (their fds closed without close(2))."""
-        table = self._map("conns")
-        keys = table.keys()
+        """Forget kernel entries of exited processes (their fds closed without close(2)):
+        connections, and exchanges the fast path held in flight for them."""
+        conns, pending = self._map("conns"), self._map("pending")
+        keys = conns.keys()
+        pending_keys = pending.keys()
         # One /proc lookup per process, not per connection (a server holds thousands).
-        tgids = {_CONN_KEY.unpack(key)[0] for key in keys}
+        tgids = {_CONN_KEY.unpack(key)[0] for key in keys + pending_keys}
         gone = {tgid for tgid in tgids if not os.path.exists("/proc/%d" % tgid)}
         dead = [key for key in keys if _CONN_KEY.unpack(key)[0] in gone]
         for key in dead:
-            table.delete(key)
+            conns.delete(key)
+        for key in pending_keys:
+            if _CONN_KEY.unpack(key)[0] in gone:
+                pending.delete(key)
         if dead:
             self.stats.add("capture.kernel_conns_pruned", len(dead))
         return len(dead)

@@ -56,6 +56,11 @@ CONN_CLOSE = struct.Struct("<BB2xIIiQQQQ")
 # host (off, len), user_agent (off, len), traceparent (off, len), tracestate (off, len);
 # followed by head_len bytes of request head.
 EXCHANGE_HDR = struct.Struct("<BBBBIIiQQQQQHHHH16s16s16s12H")
+# struct pending_t (an exchange in flight in the fast path) after its two head buffers
+# (req[REQ_HEAD_MAX], resp[RESP_HEAD_MAX]): generation, start_ns, req_pos, resp_pos,
+# req_body, resp_body, tid, req_cap, resp_cap, head_len, method_len, target_off,
+# target_len, hv_off[4], hv_len[4], status, version_minor, is_head, role, source, pad.
+PENDING_TAIL = struct.Struct("<QQQQQQIHHHHHH4H4HHBBBB2x")
 
 AF_INET = 2
 AF_INET6 = 10

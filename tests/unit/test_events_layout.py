@@ -50,6 +50,13 @@ FIELDS = {
         "user_agent_len", "traceparent_off", "traceparent_len", "tracestate_off",
         "tracestate_len"]),
 }
+# struct pending_t after its two head buffers (REQ_HEAD_MAX 1024 + RESP_HEAD_MAX 512).
+PENDING_TAIL_FIELDS = [
+    "generation", "start_ns", "req_pos", "resp_pos", "req_body", "resp_body", "tid", "req_cap",
+    "resp_cap", "head_len", "method_len", "target_off", "target_len", "hv_off[0]", "hv_off[1]",
+    "hv_off[2]", "hv_off[3]", "hv_len[0]", "hv_len[1]", "hv_len[2]", "hv_len[3]", "status",
+    "version_minor", "is_head", "role", "source"]
+PENDING_HEADS = 1024 + 512
 CONSTANTS = {
     "EVENT_CONN_OPEN": EventKind.CONN_OPEN, "EVENT_DATA": EventKind.DATA,
     "EVENT_CONN_CLOSE": EventKind.CONN_CLOSE, "EVENT_EXCHANGE": EventKind.EXCHANGE,
@@ -97,6 +104,10 @@ def c_layout(tmp_path_factory) -> dict[str, int]:
                          % (struct_name, name, struct_name, name, struct_name, name))
     lines.append('printf("data_event.data %zu\\n", offsetof(struct data_event, data));')
     lines.append('printf("exchange_event.head %zu\\n", offsetof(struct exchange_event, head));')
+    lines.append('printf("pending_t.sizeof %zu\\n", sizeof(struct pending_t));')
+    for name in PENDING_TAIL_FIELDS:
+        lines.append('printf("pending_t.%s %%zu %%zu\\n", offsetof(struct pending_t, %s), '
+                     'sizeof(((struct pending_t *)0)->%s));' % (name, name, name))
     for const in CONSTANTS:
         lines.append('printf("%s %%lld\\n", (long long)(%s));' % (const, const))
     lines.append("return 0; }")
@@ -124,6 +135,14 @@ def test_struct_layout_matches_decoder(c_layout, struct_name):
 def test_data_follows_header(c_layout):
     assert c_layout["data_event.data"] == reader.DATA_HDR.size == 56
     assert c_layout["exchange_event.head"] == reader.EXCHANGE_HDR.size == 136
+
+
+def test_pending_tail_matches_user_space(c_layout):
+    """User space reads struct pending_t from its end (the head buffers' sizes are -D
+    knobs): the tail layout must be the same whatever they are."""
+    assert c_layout["pending_t.sizeof"] == PENDING_HEADS + reader.PENDING_TAIL.size
+    for name, (offset, size) in python_offsets(reader.PENDING_TAIL, PENDING_TAIL_FIELDS).items():
+        assert c_layout["pending_t.%s" % name] == (PENDING_HEADS + offset, size), name
 
 
 def test_constants_match_enums(c_layout):

@@ -13,6 +13,13 @@ stream. Decoding is slicing: the request head's fields are cut at the offsets th
 kernel found. Allow-listed request headers (conntrack.capture_request_headers) are
 read from the same head bytes, since the whole head is in the record.
 
+Requests the kernel holds with no answer: `expire()` gets the fast path's exchanges in
+flight (struct pending_t, read from the kernel once a second) and reports those older
+than the request timeout as TIMEOUT exchanges, as the chunk stream's stitcher does; the
+caller then deletes them from the kernel (which hands the connection to the chunk
+stream at its next bytes: a late answer is counted there as unpaired, not paired with
+the next request).
+
 Dropped and counted: records that contradict their own lengths raise DecodeError (the
 reader counts them as `capture.decode_errors`); exchanges of connections outside the
 port selection are counted as `conntrack.filtered_exchanges`.
@@ -23,7 +30,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from otel_ebpf.capture.events import Role
-from otel_ebpf.capture.reader import EXCHANGE_HDR, DecodeError, format_address
+from otel_ebpf.capture.reader import EXCHANGE_HDR, PENDING_TAIL, DecodeError, format_address
 from otel_ebpf.exchange import HttpExchange, Outcome
 from otel_ebpf.protocols.http1.parse import captured_headers
 from otel_ebpf.protocols.http1.stitch import build_exchange
@@ -35,6 +42,8 @@ _ROLES = (None, Role.SERVER, Role.CLIENT)
 _SCHEMES = ("http", "https")
 _VERSIONS = ("1.0", "1.1")
 _OK = Outcome.OK
+_TIMEOUT = Outcome.TIMEOUT
+_unpack_pending = PENDING_TAIL.unpack_from
 # Formatted addresses by (family, raw 16 bytes): a server sees the same few peers again
 # and again, and inet_ntop costs more than a dict hit. Bounded: cleared when full.
 _MAX_CACHED_ADDRESSES = 4096
@@ -46,7 +55,7 @@ class KernelExchangeDecoder:
     """Turns EVENT_EXCHANGE records into HttpExchange records (see the module doc)."""
 
     __slots__ = ("_emit", "_stats", "_offset", "_ports", "_capture", "_note_process",
-                 "_addresses", "_seen_pids", "exchanges", "filtered")
+                 "_addresses", "_seen_pids", "_resolve", "exchanges", "filtered")
 
     def __init__(
         self,
@@ -56,6 +65,7 @@ class KernelExchangeDecoder:
         ports: frozenset[int] | None = None,
         capture_request_headers: tuple[str, ...] = (),
         note_process: Callable[[int, str | None], object] | None = None,
+        resolve_addresses: Resolver | None = None,
     ) -> None:
         self._emit = emit
         self._stats = stats
@@ -67,6 +77,8 @@ class KernelExchangeDecoder:
         self._note_process = note_process
         self._addresses: dict[tuple[int, bytes], str | None] = {}
         self._seen_pids: set[int] = set()
+        # (pid, fd) -> addresses, for timed-out requests (their records were never made)
+        self._resolve = resolve_addresses
         self.exchanges = 0  # emitted (pushed into Stats by the daemon)
         self.filtered = 0
 
@@ -143,3 +155,49 @@ class KernelExchangeDecoder:
         seen.add(tgid)
         if self._note_process is not None:
             self._note_process(tgid, comm.split(b"\0", 1)[0].decode("utf-8", "replace") or None)
+
+    def expire(self, pending: list[tuple[int, int, bytes]], now_monotonic_ns: int,
+               timeout_ns: int) -> list[tuple[int, int]]:
+        """Report the exchanges in flight older than timeout_ns as TIMEOUT; returns their
+        (tgid, fd) for the caller to delete from the kernel."""
+        expired = []
+        tail = PENDING_TAIL.size
+        for tgid, fd, value in pending:
+            if len(value) < tail:
+                continue
+            (_gen, start, _rq_pos, _rs_pos, req_body, _rs_body, tid, req_cap, resp_cap,
+             head_len, method_len, target_off, target_len, host_off, ua_off, tp_off, ts_off,
+             host_len, ua_len, tp_len, ts_len, status, minor, _is_head, role, source
+             ) = _unpack_pending(value, len(value) - tail)
+            if now_monotonic_ns - start < timeout_ns:
+                continue
+            expired.append((tgid, fd))
+            head = value[:min(head_len, req_cap)]
+            if (not 0 < role <= 2 or source > 1 or minor > 1 or not method_len
+                    or target_off + target_len > len(head)):
+                continue  # not a head the kernel took: nothing sensible to report
+            ports = self._ports
+            addresses = self._resolve(tgid, fd) if self._resolve is not None else None
+            local, lport, remote, rport = addresses or (None, None, None, None)
+            if ports is not None and lport not in ports and rport not in ports:
+                self.filtered += 1
+                continue
+            offset_ns = self._offset
+            self.exchanges += 1
+            self._stats.add("http.outcome.timeout")
+            self._emit(build_exchange(
+                tgid, tid, _ROLES[role], local, lport, remote, rport, _SCHEMES[source],
+                _VERSIONS[minor],
+                head[:method_len].decode("latin-1"),
+                head[target_off:target_off + target_len].decode("latin-1"),
+                head[host_off:host_off + host_len].decode("latin-1") if host_len else None,
+                head[ua_off:ua_off + ua_len].decode("latin-1") if ua_len else None,
+                head[tp_off:tp_off + tp_len].decode("latin-1") if tp_len else None,
+                head[ts_off:ts_off + ts_len].decode("latin-1") if ts_len else None,
+                req_body, None, status if resp_cap else None, start + offset_ns,
+                now_monotonic_ns + offset_ns,
+                _TIMEOUT, "timeout",
+                captured_headers(head, head.find(b"\r\n"), self._capture) if self._capture else (),
+                (), None, None,
+            ))
+        return expired
