@@ -220,6 +220,7 @@ class Capture:
         self.self_tgid = os.getpid()
         self._next_stats = 0.0
         self._next_prune = 0.0
+        self.wakeups = 0  # polls whose drain found at least one record
 
     # -- start-up -----------------------------------------------------------------
 
@@ -426,7 +427,8 @@ class Capture:
         if timeout_ms > 0 and not ring.pending():
             ring.wait(timeout_ms)
         reader.deadline = time.monotonic() + POLL_BUDGET_S
-        ring.drain(reader.on_record)
+        if ring.drain(reader.on_record):
+            self.wakeups += 1  # drains that found records: records per wake-up = events / this
         now = time.monotonic()
         if now >= self._next_stats:
             self._next_stats = now + STATS_INTERVAL_S
@@ -447,6 +449,7 @@ class Capture:
     def flush_stats(self) -> None:
         if self._reader is not None:
             self._reader.flush_stats()
+            self.stats.set_total("capture.wakeups", self.wakeups)
         if self.started:
             for name, value in self.loss_counters().items():
                 self.stats.set_total(STATS_NAMES[name], value)
