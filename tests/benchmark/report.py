@@ -83,11 +83,18 @@ def rows(results: dict) -> list[tuple[str, str, str, str]]:
                     _fmt(n["traced_vs_untraced"]["throughput"]), "(info)", ""))
         out.append(("1a nginx empty-probes / untraced throughput",
                     _fmt(n["empty_probes_vs_untraced"]["throughput"]), "(floor)", ""))
+        def with_rounds(cmp: dict) -> str:
+            # Median of rounds, then each round's own ratio: the spread is the noise.
+            rounds = cmp.get("throughput_rounds") or []
+            return _fmt(cmp["throughput"]) + ("" if len(rounds) < 2 else " (rounds %s)"
+                                              % ", ".join(_fmt(r) for r in rounds))
         kf = n["traced_none_vs_empty_probes"]["throughput"]
-        out.append(("1a nginx traced-none / empty-probes throughput (kernel cost)", _fmt(kf),
+        out.append(("1a nginx traced-none / empty-probes throughput (kernel cost)",
+                    with_rounds(n["traced_none_vs_empty_probes"]),
                     ">= %.2f" % KERNEL_VS_FLOOR_MIN, _verdict(kf >= KERNEL_VS_FLOOR_MIN)))
         tf = n["traced_vs_empty_probes"]["throughput"]
-        out.append(("1a nginx traced / empty-probes throughput", _fmt(tf),
+        out.append(("1a nginx traced / empty-probes throughput",
+                    with_rounds(n["traced_vs_empty_probes"]),
                     ">= %.2f" % NGINX_VS_FLOOR_MIN, _verdict(tf >= NGINX_VS_FLOOR_MIN)))
         for arm, label in (("traced_none", "traced-none"), ("traced", "traced")):
             t = n["%s_totals" % arm]
@@ -157,8 +164,13 @@ def rows(results: dict) -> list[tuple[str, str, str, str]]:
         kernel = [(k.rsplit(".", 1)[-1], stats.get(k)) for k in
                   ("capture.fast.exchanges", "capture.fast.fallbacks",
                    "capture.fast.pending_full")]
+        # capture.fast.fallback.<reason>, when the daemon breaks fallbacks down.
+        reasons = ", ".join("%s=%d" % (k[len("capture.fast.fallback."):], v)
+                            for k, v in sorted(stats.items())
+                            if k.startswith("capture.fast.fallback.") and v)
         out.append(("2 kernel fast path: exchanges / fallbacks / pending_full (run)",
-                    " / ".join("n/a" if v is None else "%d" % v for _, v in kernel),
+                    " / ".join("n/a" if v is None else "%d" % v for _, v in kernel)
+                    + (" (%s)" % reasons if reasons else ""),
                     "(info)", ""))
         lost = {k: v for k, v in stats.items() if k.startswith("capture.lost.")}
         out.append(("2 kernel capture.lost.* (run, incl. the stall)",
