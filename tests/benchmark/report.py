@@ -132,8 +132,15 @@ def rows(results: dict) -> list[tuple[str, str, str, str]]:
         bound = c.get("bound", "daemon-bound" if c.get("loss_begins_at") else "load-bound")
         busiest = c.get("busiest_step") or {}
         util = busiest.get("daemon_cpu_util")
-        note = " (%s%s)" % (bound, "" if util is None else
-                            ", daemon %.0f %% of its core at the top" % (100 * util))
+        lb = c.get("loss_begins_at") or {}
+        if lb.get("daemon_cpu_util") is not None and lb["daemon_cpu_util"] < 0.9:
+            # Loss while the daemon had CPU to spare: the drain (wake-up latency, ring
+            # size), not its CPU per exchange, is what lost records.
+            note = " (%s: loss at %.0f req/s with the daemon at %.0f %% of its core)" % (
+                bound, lb["offered_rps"], 100 * lb["daemon_cpu_util"])
+        else:
+            note = " (%s%s)" % (bound, "" if util is None else
+                                ", daemon %.0f %% of its core at the top" % (100 * util))
         if best >= CAPACITY_MIN and exported:
             verdict = "meets"
         elif bound == "load-bound" and exported and best > 0:
