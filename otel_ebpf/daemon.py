@@ -45,6 +45,49 @@ TLS_RESCAN_INTERVAL_S = 2.0
 PROCESS_SWEEP_INTERVAL_S = 10.0
 
 
+class LoopWatch:
+    """Where the capture loop's time goes between two drains of the ring buffer.
+
+    The kernel keeps writing while the loop does its periodic work after a drain; work
+    that takes longer than the ring buffer's slack loses records (counted in the kernel,
+    but lost). Each pass's work is timed per job (a few clock reads per pass, not per
+    exchange); the longest is published as `daemon.loop_max_ms`, and one over STALL_S
+    is logged with the job that took the time.
+    """
+
+    STALL_S = 0.25
+
+    __slots__ = ("_stats", "_t0", "_last", "_slowest", "_max_s", "_warned")
+
+    def __init__(self, stats: Stats) -> None:
+        self._stats = stats
+        self._t0 = self._last = time.monotonic()
+        self._slowest = ("", 0.0)
+        self._max_s = 0.0
+        self._warned = 0.0
+        stats.gauge("daemon.loop_max_ms", lambda: round(self._max_s * 1000, 1))
+
+    def start(self) -> None:
+        self._t0 = self._last = time.monotonic()
+        self._slowest = ("", 0.0)
+
+    def lap(self, job: str) -> None:
+        now = time.monotonic()
+        if now - self._last > self._slowest[1]:
+            self._slowest = (job, now - self._last)
+        self._last = now
+
+    def end(self) -> None:
+        took = time.monotonic() - self._t0
+        if took > self._max_s:
+            self._max_s = took
+        if took > self.STALL_S and self._t0 - self._warned > 10.0:
+            self._warned = self._t0
+            log.warning("capture loop pass took %.0f ms (%s: %.0f ms); records wait in the "
+                        "ring buffer meanwhile", took * 1000, self._slowest[0],
+                        self._slowest[1] * 1000)
+
+
 class Daemon:
     def __init__(self, config: Config, stats: Stats | None = None) -> None:
         self.config = config
@@ -201,10 +244,15 @@ class Daemon:
         telemetry = self._telemetry
 
         flushers = self._flushers
+        watch = LoopWatch(stats)
+        lap = watch.lap
         while not self._stop.is_set():
-            if capture.poll(POLL_TIMEOUT_MS):
+            drained = capture.poll(POLL_TIMEOUT_MS)  # waits, then drains for <= 50 ms
+            watch.start()
+            if drained:
                 for flush in flushers:
                     flush()
+                lap("flush")
             now = time.monotonic()
             if now >= next_expire:
                 next_expire = now + EXPIRE_INTERVAL_S
@@ -216,21 +264,27 @@ class Daemon:
                     push_fast_stats()
                 if health is not None:
                     health.mark_alive()
+                lap("expire")
             if tls is not None:
                 tls.tick()  # probes programs exec'd since the last pass (cheap: ~4 us idle)
+                lap("tls_tick")
                 if now >= next_tls:
                     next_tls = now + TLS_RESCAN_INTERVAL_S
                     tls.scan()
+                    lap("tls_scan")
             if now >= next_sweep:
                 next_sweep = now + PROCESS_SWEEP_INTERVAL_S
                 for pid in processes.sweep():
                     if telemetry is not None:
                         telemetry.forget(pid)
+                lap("process_sweep")
             if telemetry is not None:
                 telemetry.tick(time.time())
+                lap("telemetry")
             if now >= next_stats:
                 next_stats = now + stats_interval
                 self._report_stats()
+            watch.end()
 
     def _capture_options(self):
         """The capture settings, with the fast path off where it cannot serve."""
