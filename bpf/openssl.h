@@ -180,6 +180,8 @@ static __always_inline int tls_exit(struct pt_regs *ctx, __u8 dir, int ex)
         struct conn_key_t ck = {.tgid = tgid, .fd = t->fd};
         struct conn_t *c = conn_get_or_create(tgid, t->fd);
         if (c) {
+            if (c->flags & CONN_IGNORED)
+                return 0; /* deselected by port (conn_select, at its syscalls) */
             /* The fast path serves the plaintext of sockets it may serve; once it hands
              * over, the stream is HTTP and the gate below must not re-infer it. */
             int fp = fast_chunk(&ck, c, tid, d, SOURCE_OPENSSL, (const void *)a.buf, size,

@@ -19,11 +19,13 @@
  *      sockets older than us) they are ignored for good. Non-TCP and non-socket fds
  *      never create connection entries (when sock_*_length exist). Nothing is traced
  *      until user space sets SELECT_ENABLED (after the pid filter is in place).
+ *      With a port filter, connections the kernel can tell are outside it emit
+ *      nothing at all (conn_select), counted in CNT_SELECT_DROPPED.
  * Attach-time gaps closed: a syscall already blocked when we attached (recv, accept)
  *      gets its arguments from the saved user registers at its exit (x86_64).
  *
  * Compile-time flags (loader.py): MAX_CAPTURE_BYTES, MAX_CONNS, RINGBUF_PAGES,
- * MAX_IOVECS, SELF_TGID (the daemon, never traced), HAVE_SOCK_LENGTH,
+ * MAX_IOVECS, MAX_PORT_FILTER, SELF_TGID (the daemon, never traced), HAVE_SOCK_LENGTH,
  * HAVE_TCP_RCV_SPACE_ADJUST, HAVE_INET_SOCK_SET_STATE, OTEL_REGS_FALLBACK, WITH_OPENSSL.
  */
 #include <uapi/linux/ptrace.h>
@@ -287,6 +289,44 @@ static __always_inline struct conn_t *conn_get_or_create(__u32 tgid, __s32 fd)
         return c;
     return conn_create(tgid, fd, ROLE_UNKNOWN);
 }
+
+#ifdef HAVE_SOCK_LENGTH
+/* Selection by port (SELECT_PORT_FILTER), decided in sock_*_length (note_sock), cached
+ * in conn->flags: the read/write exits (whose verifier budget the fast path's parser
+ * spends) pay one bit test per chunk. Ports come from this struct sock's 4-tuple
+ * (both) when known, else from accept/connect (remote only). One selected port keeps
+ * the connection; dropping needs both ports known, so while one is unknown the next
+ * syscall asks again, and user space filters what went out meanwhile as before. A
+ * connection user space has already heard of (a socket older than us: its entry is
+ * made at its first data exit, after this ran) may still be dropped: user space
+ * drops it too, and its CONN_CLOSE still comes. Not in the middle of a fast-path
+ * exchange, whose pending entry would be left behind: at a later syscall. */
+static __always_inline void conn_select(__u32 tgid, __s32 fd, __u64 sk)
+{
+    struct conn_key_t key = {.tgid = tgid, .fd = fd};
+    struct conn_t *conn = conns.lookup(&key);
+    if (!conn || (conn->flags & CONN_SELECT_DONE) || (conn->sk && conn->sk != sk))
+        return; /* a different sk: a reused fd, replaced at its data exit */
+    __u8 flags = conn->flags | CONN_SELECT_DONE;
+    __u16 lport = 0, rport = conn->remote_port;
+    struct sk_addr_t *a = sk_addrs.lookup(&sk);
+    if (a && a->family) {
+        lport = a->local_port;
+        rport = a->remote_port;
+    }
+    if ((!lport || !port_filter.lookup(&lport)) && (!rport || !port_filter.lookup(&rport))) {
+        if (!lport || !rport || conn->fast > FAST_IDLE) {
+            if (conn->proto == PROTO_NOT_HTTP)
+                conn->flags = flags; /* emits nothing anyway: stop asking */
+            return;
+        }
+        flags |= CONN_IGNORED;
+        conn->fast = FAST_OFF;
+        counter_add(CNT_SELECT_DROPPED, 1);
+    }
+    conn->flags = flags;
+}
+#endif
 
 /* ---- the kernel fast path ------------------------------------------------------------ */
 #include "http1_fast.h"
@@ -591,6 +631,12 @@ static __always_inline int data_exit(void *ctx, long ret, __u8 op, __u8 dir, int
     }
     if (!conn->sk && st.sk)
         conn->sk = st.sk;
+    if (conn->flags & CONN_IGNORED) { /* deselected by port (conn_select) */
+        /* still tie the fd of an SSL call: its plaintext must meet this (ignored)
+         * connection, not go out on a synthetic fd-less stream */
+        tls_syscall_hook(id, st.fd);
+        return 0;
+    }
     if (tls_syscall_hook(id, st.fd)) {
         conn->pos[dir & 1] += ret; /* ciphertext: OpenSSL uprobes report the plaintext */
         return 0;
@@ -839,6 +885,10 @@ static __always_inline void note_sock(__u64 sk, __u16 family, __u16 protocol)
     sp->sk = sk;
     sp->sk_family = family;
     sp->sk_protocol = protocol;
+    __u32 k = CFG_SELECT;
+    __u64 *select = config.lookup(&k);
+    if (select && (*select & SELECT_PORT_FILTER))
+        conn_select(id >> 32, sp->fd, sk);
 }
 TRACEPOINT_PROBE(sock, sock_send_length) { note_sock((__u64)args->sk, args->family, args->protocol); return 0; }
 TRACEPOINT_PROBE(sock, sock_recv_length) { note_sock((__u64)args->sk, args->family, args->protocol); return 0; }

@@ -411,9 +411,9 @@ _MINIMUMS: dict[str, float] = {
     "metric_export_interval_s": 0.001, "metric_cardinality_limit": 1,
     "exponential_max_size": 1,
     "max_capture_bytes": 16, "ringbuf_kib": 64, "max_kernel_connections": 1, "max_iovecs": 1,
-    "pids": 1,
+    "pids": 1, "ports": 1,
 }
-_MAXIMUMS: dict[str, float] = {"max_capture_bytes": 16384, "max_iovecs": 16}
+_MAXIMUMS: dict[str, float] = {"max_capture_bytes": 16384, "max_iovecs": 16, "ports": 65535}
 
 
 def _foreign_settings(section: str, cls: type, exclude: frozenset[str] = frozenset(),

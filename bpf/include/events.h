@@ -221,6 +221,7 @@ struct pending_t {
 #define CNT_FB_ORDER 16         /* bytes in an unexpected direction (early response, ...) */
 #define CNT_FB_CLOSED 17        /* closed mid-exchange */
 #define CNT_FB_OTHER 18         /* sendfile/recvmmsg/sendmmsg at a head, pending lost */
-#define CNT_MAX 19
+#define CNT_SELECT_DROPPED 19   /* connections dropped in the kernel by port selection */
+#define CNT_MAX 20
 
 #endif /* OTEL_EBPF_EVENTS_H */

@@ -31,6 +31,8 @@
 
 /* conn_t.flags */
 #define CONN_OPEN_SENT 1 /* the open event was emitted: close must be emitted too */
+#define CONN_SELECT_DONE 2 /* the port selection's verdict is made (conn_select) */
+#define CONN_IGNORED 4 /* deselected by port in the kernel: nothing of it is emitted */
 
 /* conn_t.fast: the kernel fast path (http1_fast.h). Only connections created by
  * accept/connect while config[CFG_FAST_PATH] is set start FAST_IDLE; the rest, and
@@ -120,10 +122,13 @@ BPF_PERCPU_ARRAY(counters, __u64, CNT_MAX);
  * SELECT_ENABLED (after filling pid_filter): BCC attaches the programs while loading,
  * before the filter could be written, and that window must not leak other processes.
  * With SELECT_PID_FILTER only tgids present in pid_filter are traced. SELF_TGID (the
- * daemon) is always excluded at compile time. */
+ * daemon) is always excluded at compile time. With SELECT_PORT_FILTER a connection
+ * whose local and remote ports are both known and both absent from port_filter emits
+ * nothing (conn_select in syscalls.c; its verdict is cached in conn_t.flags). */
 #define CFG_SELECT 0
 #define SELECT_ENABLED 1
 #define SELECT_PID_FILTER 2
+#define SELECT_PORT_FILTER 4
 /* config[CFG_FAST_PATH] != 0: connections accepted/connected from now on may be served
  * by the kernel fast path (http1_fast.h); 0 (default) keeps every one on the chunk
  * stream. Read at accept/connect only. */
@@ -131,6 +136,10 @@ BPF_PERCPU_ARRAY(counters, __u64, CNT_MAX);
 #define CFG_MAX 4
 BPF_ARRAY(config, __u64, CFG_MAX);
 BPF_HASH(pid_filter, __u32, __u8, 4096);
+#ifndef MAX_PORT_FILTER
+#define MAX_PORT_FILTER 1024
+#endif
+BPF_HASH(port_filter, __u16, __u8, MAX_PORT_FILTER);
 
 static __always_inline void counter_add(__u32 idx, __u64 n)
 {

@@ -50,14 +50,17 @@ PR_SET_PDEATHSIG = 1
 
 
 def options_to_json(options) -> dict:
-    return dataclasses.asdict(options)
+    # JSON has no sets (capture.ports): sorted lists, made sets again on the other side
+    return {k: sorted(v) if isinstance(v, (set, frozenset)) else v
+            for k, v in dataclasses.asdict(options).items()}
 
 
 def options_from_json(data: dict):
     from otel_ebpf.capture.loader import CaptureOptions
 
-    known = {f.name for f in dataclasses.fields(CaptureOptions)}
-    values = {k: tuple(v) if isinstance(v, list) else v for k, v in data.items() if k in known}
+    fields = {f.name: str(f.type) for f in dataclasses.fields(CaptureOptions)}
+    values = {k: (frozenset(v) if fields[k].startswith("frozenset") else tuple(v))
+              if isinstance(v, list) else v for k, v in data.items() if k in fields}
     return CaptureOptions(**values)
 
 

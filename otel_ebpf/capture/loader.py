@@ -7,6 +7,7 @@ Contract:
     capture.poll(timeout_ms)     # drain: on_event(ConnOpenEvent|DataEvent|ConnCloseEvent)
     capture.loss_counters()      # {"ringbuf_full": n, "truncated_bytes": n, ...}
     capture.set_pid_filter(pids) # None/empty = every process (the daemon never)
+    capture.set_port_filter(ports) # None/empty = every port
     capture.tracked_connections(), connection_keys(), prune_connections()
     capture.attach_uprobe(path, offset, program, retprobe) -> fd; detach_probes(fds)
                                  # the OpenSSL uprobes (capture/tls.py)
@@ -29,8 +30,11 @@ with a one-line diagnosis and fix. Probes that the kernel lacks are feature-dete
 required syscall tracepoints missing -> CaptureError; optional ones (sock_*_length,
 tcp_rcv_space_adjust, inet_sock_set_state) only cost precision, logged once.
 
-Port selection is not done in the kernel: ports are not known for sockets older than
-us at syscall time, so conntrack filters on ports in user space.
+Port selection is done in the kernel where it can be (bpf/syscalls.c conn_select: a
+connection whose two ports are known and unselected emits nothing, counted as
+capture.select.dropped_connections); what goes out before the kernel knows both ports
+(the first chunk of a socket older than us) still reaches user space, where conntrack
+filters it.
 """
 
 from __future__ import annotations
@@ -60,7 +64,7 @@ LOSS_COUNTERS: tuple[str, ...] = (
     "ringbuf_full", "truncated_events", "truncated_bytes", "conn_table_full",
     "iovec_skipped", "mmsg_skipped", "stash_full", "conn_reset", "not_http", "read_fault",
     "fast_exchanges", "fast_fallbacks", "pending_full", "fast_fb_request", "fast_fb_response",
-    "fast_fb_overrun", "fast_fb_order", "fast_fb_closed", "fast_fb_other",
+    "fast_fb_overrun", "fast_fb_order", "fast_fb_closed", "fast_fb_other", "select_dropped",
 )
 # Stats names of the kernel counters: real losses under `capture.lost.` (summed into
 # the stats line's lost_total), by-design truncation and information beside them.
@@ -84,17 +88,21 @@ STATS_NAMES: dict[str, str] = {
     "fast_fb_order": "capture.fast.fallback.order",
     "fast_fb_closed": "capture.fast.fallback.closed",
     "fast_fb_other": "capture.fast.fallback.other",
+    "select_dropped": "capture.select.dropped_connections",
 }
 CFG_SELECT = 0  # config[] index and bits, as in bpf/include/maps.h
 CFG_FAST_PATH = 1
 SELECT_ENABLED = 1
 SELECT_PID_FILTER = 2
+SELECT_PORT_FILTER = 4
+MAX_PORT_FILTER = 1024  # port_filter entries (bpf/include/maps.h)
 STATS_INTERVAL_S = 1.0
 # Longest one poll() keeps draining a busy ring buffer before it returns to the loop.
 POLL_BUDGET_S = 0.05
 PRUNE_INTERVAL_S = 30.0
 # The compile step takes ~7 s on an idle 2-CPU machine; much longer means it is stuck.
 COMPILE_TIMEOUT_S = 300.0
+_U16 = struct.Struct("<H")
 _U32 = struct.Struct("<I")
 _U64 = struct.Struct("<Q")
 _CONN_KEY = struct.Struct("<Ii")  # struct conn_key_t {u32 tgid; s32 fd}
@@ -117,6 +125,9 @@ class CaptureOptions:
     max_iovecs: int = 16
     # Trace only these processes (tgids); None = every process except the daemon.
     pids: tuple[int, ...] | None = None
+    # Trace only connections with a local or remote port in this set; None = all. The
+    # kernel drops what it can tell is outside it; conntrack filters the rest.
+    ports: frozenset[int] | None = None
     # Attach OpenSSL uprobes (capture/tls.py) and compile bpf/openssl.h in.
     tls: bool = True
     # Settle common HTTP/1.x exchanges in the kernel (one record per exchange); false
@@ -190,6 +201,10 @@ def validate(options: CaptureOptions) -> None:
         raise CaptureError("capture.request_head_bytes=%d must be a power of two between 64 and "
                            "1024 (the BPF verifier's budget), e.g. 1024"
                            % options.request_head_bytes)
+    if options.ports and (len(options.ports) > MAX_PORT_FILTER
+                          or not all(1 <= p <= 65535 for p in options.ports)):
+        raise CaptureError("capture.ports: at most %d ports, each 1..65535 (the kernel "
+                           "filter's size)" % MAX_PORT_FILTER)
     if not 1 <= options.max_iovecs <= 16:
         raise CaptureError("capture.max_iovecs=%d must be between 1 and 16 (the BPF verifier "
                            "rejects longer loops)" % options.max_iovecs)
@@ -232,6 +247,7 @@ class Capture:
             "-DRINGBUF_PAGES=%d" % max(pages, 1),
             "-DMAX_CONNS=%d" % o.max_kernel_connections,
             "-DMAX_IOVECS=%d" % o.max_iovecs,
+            "-DMAX_PORT_FILTER=%d" % MAX_PORT_FILTER,
             "-DREQ_HEAD_MAX=%d" % o.request_head_bytes,
             # Wake the reader once 1/16 of the ring (at most 256 KiB) is queued; below,
             # it drains on its poll timeout.
@@ -287,7 +303,8 @@ class Capture:
         try:
             # Before tracing starts: a connection's path is chosen when it opens.
             self._set_config(CFG_FAST_PATH, int(self.options.fast_path))
-            self.set_pid_filter(self.options.pids)
+            self.set_port_filter(self.options.ports)
+            self.set_pid_filter(self.options.pids)  # switches tracing on: last
             from otel_ebpf.capture.ringbuf import RingBuffer
 
             events = self.maps["events"]
@@ -409,8 +426,32 @@ class Capture:
         for key in keep:
             table.update(key, b"\x01")
         # Also switches tracing on: the kernel side traces nothing until this first call.
-        self._select = SELECT_ENABLED | (SELECT_PID_FILTER if wanted else 0)
+        self._select = (SELECT_ENABLED | (self._select & SELECT_PORT_FILTER)
+                        | (SELECT_PID_FILTER if wanted else 0))
         self._set_config(CFG_SELECT, self._select)
+
+    def set_port_filter(self, ports: Iterable[int] | None) -> None:
+        """Trace only connections with a local or remote port in `ports` (None or empty:
+        all). A connection keeps a verdict the kernel already made (at its first
+        syscalls, mostly); the kernel drops only where it knows both ports, so user
+        space keeps filtering too. Does not switch tracing on (set_pid_filter does)."""
+        table = self._map("port_filter")
+        wanted = sorted(set(ports or ()))
+        if len(wanted) > table.max_entries:
+            raise CaptureError("%d ports selected; the kernel filter holds at most %d"
+                               % (len(wanted), table.max_entries))
+        keep = {_U16.pack(port) for port in wanted}
+        if not wanted:  # bit off first: an emptied map with the bit on drops everything
+            self._select &= ~SELECT_PORT_FILTER
+            self._set_config(CFG_SELECT, self._select)
+        for key in keep:  # new ports in before the bit (or stale ports out) ...
+            table.update(key, b"\x01")
+        if wanted:
+            self._select |= SELECT_PORT_FILTER
+            self._set_config(CFG_SELECT, self._select)
+        for key in table.keys():  # ... so nothing selected is dropped meanwhile
+            if key not in keep:
+                table.delete(key)
 
     def poll(self, timeout_ms: int) -> int:
         """Wait up to timeout_ms for the ring buffer, then drain it; returns events handled.
