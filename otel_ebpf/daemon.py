@@ -201,20 +201,20 @@ class Daemon:
                 stats.add("http.exchanges.slow_path")
                 emit(exchange)
 
-        def emit_fast(exchange: HttpExchange) -> None:
-            stats.add("http.exchanges")
-            emit(exchange)
-
         def note_process(pid: int, comm: str | None) -> None:
             note_name(pid, comm)
             warm_process(pid)
 
         conntrack = config.conntrack
-        fast = KernelExchangeDecoder(emit_fast, stats, table.clock_offset_ns, conntrack.ports,
+        fast = KernelExchangeDecoder(emit, stats, table.clock_offset_ns, conntrack.ports,
                                      conntrack.capture_request_headers, note_process,
                                      procfs.resolve)
 
+        pushed = [0]
+
         def push_fast_stats() -> None:  # plain ints on the hot path, pushed here
+            stats.add("http.exchanges", fast.exchanges - pushed[0])
+            pushed[0] = fast.exchanges
             stats.set_total("http.exchanges.fast_path", fast.exchanges)
             stats.set_total("conntrack.filtered_exchanges", fast.filtered)
 

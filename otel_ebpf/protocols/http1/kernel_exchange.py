@@ -27,6 +27,7 @@ port selection are counted as `conntrack.filtered_exchanges`.
 
 from __future__ import annotations
 
+import struct
 from collections.abc import Callable
 
 from otel_ebpf.capture.events import Role
@@ -38,6 +39,11 @@ from otel_ebpf.stats import Stats
 
 _HDR_SIZE = EXCHANGE_HDR.size
 _unpack = EXCHANGE_HDR.unpack_from
+# The same layout without the addresses and task name (no bytes objects made per record:
+# those are read once per connection, see _connection).
+_unpack_lean = struct.Struct(EXCHANGE_HDR.format.replace("16s16s16s", "48x")).unpack_from
+_FILTERED = ()  # a connection outside the port selection
+_MAX_CACHED_CONNECTIONS = 16384
 _ROLES = (None, Role.SERVER, Role.CLIENT)
 _SCHEMES = ("http", "https")
 _VERSIONS = ("1.0", "1.1")
@@ -55,7 +61,7 @@ class KernelExchangeDecoder:
     """Turns EVENT_EXCHANGE records into HttpExchange records (see the module doc)."""
 
     __slots__ = ("_emit", "_stats", "_offset", "_ports", "_capture", "_note_process",
-                 "_addresses", "_seen_pids", "_resolve", "exchanges", "filtered")
+                 "_addresses", "_conns", "_seen_pids", "_resolve", "exchanges", "filtered")
 
     def __init__(
         self,
@@ -76,6 +82,9 @@ class KernelExchangeDecoder:
         # resolver reads /proc while the process most likely still exists.
         self._note_process = note_process
         self._addresses: dict[tuple[int, bytes], str | None] = {}
+        # (tgid, fd, generation, local port, remote port) -> addresses or _FILTERED.
+        # Bounded: cleared when full (a connection then costs one more lookup).
+        self._conns: dict[tuple[int, int, int, int, int], tuple] = {}
         self._seen_pids: set[int] = set()
         # (pid, fd) -> addresses, for timed-out requests (their records were never made)
         self._resolve = resolve_addresses
@@ -85,41 +94,35 @@ class KernelExchangeDecoder:
     def on_record(self, buf, offset: int, size: int) -> None:
         if size < _HDR_SIZE:
             raise DecodeError("exchange record of %d bytes is shorter than its header" % size)
-        (_, role, source, minor, tgid, tid, _fd, _gen, start, end, req_size, resp_size,
-         status, family, lport, rport, laddr, raddr, comm, head_len, method_len,
-         target_off, target_len, host_off, host_len, ua_off, ua_len, tp_off, tp_len,
-         ts_off, ts_len) = _unpack(buf, offset)
+        (_, role, source, minor, tgid, tid, fd, gen, start, end, req_size, resp_size,
+         status, _family, lport, rport, head_len, method_len, target_off, target_len,
+         host_off, host_len, ua_off, ua_len, tp_off, tp_len, ts_off, ts_len
+         ) = _unpack_lean(buf, offset)
         if (head_len > size - _HDR_SIZE or not method_len or not target_len or role > 2
                 or not role or source > 1 or minor > 1
                 or max(target_off + target_len, host_off + host_len, ua_off + ua_len,
                        tp_off + tp_len, ts_off + ts_len) > head_len):
             raise DecodeError("exchange record with inconsistent lengths (head %d of %d bytes)"
                               % (head_len, size - _HDR_SIZE))
-        ports = self._ports
-        if ports is not None and lport not in ports and rport not in ports:
+        # What is the same for every exchange of a connection, worked out once for it.
+        conn = self._conns.get((tgid, fd, gen, lport, rport))
+        if conn is None:
+            conn = self._connection(buf, offset)
+        if conn is _FILTERED:
             self.filtered += 1
             return
-        if tgid not in self._seen_pids:
-            self._first_sight(tgid, comm)
         base = offset + _HDR_SIZE
         head = buf[base:base + head_len]
-        addresses = self._addresses
-        local = addresses.get((family, laddr), False) if lport else None
-        if local is False:
-            local = self._address(family, laddr)
-        remote = addresses.get((family, raddr), False) if rport else None
-        if remote is False:
-            remote = self._address(family, raddr)
         offset_ns = self._offset
         self.exchanges += 1
         self._emit(build_exchange(
             tgid,
             tid,
             _ROLES[role],
-            local,
-            lport if local is not None else None,
-            remote,
-            rport if remote is not None else None,
+            conn[0],
+            conn[1],
+            conn[2],
+            conn[3],
             _SCHEMES[source],
             _VERSIONS[minor],
             head[:method_len].decode("latin-1"),
@@ -141,11 +144,34 @@ class KernelExchangeDecoder:
             None,
         ))
 
+    def _connection(self, buf, offset: int):
+        """(local address, local port, remote address, remote port) of a record's
+        connection, or _FILTERED; noted in the bounded per-connection cache."""
+        (_, _role, _source, _minor, tgid, _tid, fd, gen, _s, _e, _rq, _rs, _status, family,
+         lport, rport, laddr, raddr, comm) = _unpack(buf, offset)[:19]
+        conns = self._conns
+        if len(conns) >= _MAX_CACHED_CONNECTIONS:
+            conns.clear()
+        ports = self._ports
+        if ports is not None and lport not in ports and rport not in ports:
+            conns[(tgid, fd, gen, lport, rport)] = _FILTERED
+            return _FILTERED
+        if tgid not in self._seen_pids:
+            self._first_sight(tgid, comm)
+        local = self._address(family, laddr) if lport else None
+        remote = self._address(family, raddr) if rport else None
+        conn = conns[(tgid, fd, gen, lport, rport)] = (
+            local, lport if local is not None else None,
+            remote, rport if remote is not None else None)
+        return conn
+
     def _address(self, family: int, raw: bytes) -> str | None:
         addresses = self._addresses
-        if len(addresses) >= _MAX_CACHED_ADDRESSES:
-            addresses.clear()
-        text = addresses[(family, raw)] = format_address(family, raw)
+        text = addresses.get((family, raw), False)
+        if text is False:
+            if len(addresses) >= _MAX_CACHED_ADDRESSES:
+                addresses.clear()
+            text = addresses[(family, raw)] = format_address(family, raw)
         return text
 
     def _first_sight(self, tgid: int, comm: bytes) -> None:
