@@ -103,6 +103,19 @@ class Daemon:
         return [json.loads(line) for line in self.output.read_text().splitlines() if line]
 
 
+def self_signed_certificate(directory: Path) -> tuple[Path, Path]:
+    """(certificate, key) for localhost and 127.0.0.1 in `directory`, made with the
+    openssl CLI (a P-256 key, valid two days)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    cert, key = directory / "cert.pem", directory / "key.pem"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
+         "-nodes", "-keyout", str(key), "-out", str(cert), "-days", "2", "-subj", "/CN=localhost",
+         "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1"],
+        check=True, capture_output=True, timeout=60)
+    return cert, key
+
+
 def settle(seconds: float = 1.5) -> None:
     """Let the ring buffer drain and the daemon's loop emit before it is stopped."""
     time.sleep(seconds)

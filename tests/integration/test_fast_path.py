@@ -22,7 +22,7 @@ from otel_ebpf.capture.loader import Capture, CaptureOptions
 from otel_ebpf.capture.reader import EXCHANGE_HDR
 from otel_ebpf.stats import Stats
 
-from .peers import Nginx, free_port, python_keepalive_server, wait_for_port
+from .peers import Nginx, free_port, python_keepalive_server, self_signed_certificate, wait_for_port
 
 N = 23  # prime: off-by-one and duplicates show
 EVENT_EXCHANGE = 4
@@ -370,13 +370,7 @@ def test_https_through_openssl_one_record_each_side(tmp_path, bpf_available):
     sockets from accept/connect takes the fast path too."""
     from otel_ebpf.capture.tls import TlsAttacher
 
-    d = tmp_path / "certs"
-    d.mkdir()
-    cert, key = d / "cert.pem", d / "key.pem"
-    subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt",
-                    "ec_paramgen_curve:prime256v1", "-nodes", "-keyout", str(key), "-out",
-                    str(cert), "-days", "2", "-subj", "/CN=localhost"],
-                   check=True, capture_output=True, timeout=60)
+    cert, key = self_signed_certificate(tmp_path / "certs")
     cap = _capture(True, tls=True)
     try:
         tls = TlsAttacher(cap, Stats())

@@ -34,7 +34,7 @@ import pytest
 
 from tests.conftest import require_or_fail
 
-from .peers import Daemon, Nginx, free_port
+from .peers import Daemon, Nginx, free_port, self_signed_certificate
 
 pytestmark = pytest.mark.usefixtures("bpf_available")
 
@@ -85,14 +85,7 @@ def _tool(name: str) -> str:
 def certs(tmp_path_factory) -> tuple[Path, Path]:
     """A self-signed certificate for 127.0.0.1/localhost, made with the openssl CLI."""
     _tool("openssl")
-    d = tmp_path_factory.mktemp("certs")
-    cert, key = d / "cert.pem", d / "key.pem"
-    subprocess.run(
-        ["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
-         "-nodes", "-keyout", str(key), "-out", str(cert), "-days", "2", "-subj", "/CN=localhost",
-         "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1"],
-        check=True, capture_output=True, timeout=60)
-    return cert, key
+    return self_signed_certificate(tmp_path_factory.mktemp("certs"))
 
 
 def _stats(port: int) -> dict:

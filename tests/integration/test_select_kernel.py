@@ -16,7 +16,6 @@ import shutil
 import subprocess
 import time
 import urllib.request
-from pathlib import Path
 
 import pytest
 
@@ -24,7 +23,15 @@ from otel_ebpf.capture.events import ConnOpenEvent, DataEvent
 from otel_ebpf.capture.loader import Capture, CaptureOptions
 from otel_ebpf.stats import Stats
 from tests.conftest import require_or_fail
-from tests.integration.peers import Daemon, Nginx, curl, free_port, python_http_server, settle
+from tests.integration.peers import (
+    Daemon,
+    Nginx,
+    curl,
+    free_port,
+    python_http_server,
+    self_signed_certificate,
+    settle,
+)
 
 pytestmark = pytest.mark.usefixtures("bpf_available")
 
@@ -42,17 +49,6 @@ def _tool(name: str) -> str:
         require_or_fail("%s is not installed (scripts/bootstrap.sh --test-peers installs it)"
                         % name)
     return path
-
-
-def _certs(d: Path) -> tuple[Path, Path]:
-    d.mkdir()
-    cert, key = d / "cert.pem", d / "key.pem"
-    subprocess.run(
-        ["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
-         "-nodes", "-keyout", str(key), "-out", str(cert), "-days", "2", "-subj", "/CN=localhost",
-         "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1"],
-        check=True, capture_output=True, timeout=60)
-    return cert, key
 
 
 def _stats(port: int) -> dict:
@@ -82,7 +78,7 @@ def test_port_selection_drops_other_ports_in_the_kernel(tmp_path):
     port_a, port_b, health = free_port(), free_port(), free_port()
     (tmp_path / "www").mkdir()
     (tmp_path / "www" / "a").write_text("selected\n")
-    nginx = Nginx(tmp_path, port_b, certs=_certs(tmp_path / "certs"))
+    nginx = Nginx(tmp_path, port_b, certs=self_signed_certificate(tmp_path / "certs"))
     url_b = "https://127.0.0.1:%d/" % port_b
     with python_http_server(tmp_path / "www", port_a), nginx, \
             Daemon(tmp_path, "--port", str(port_a), "--health-listen",

@@ -31,7 +31,7 @@ import pytest
 from otel_ebpf.capture.events import ConnOpenEvent, DataEvent, Direction, Role, Source
 from otel_ebpf.stats import Stats
 
-from .peers import Nginx, free_port, process
+from .peers import Nginx, free_port, process, self_signed_certificate
 
 N = 23  # counting tests send a prime number of requests
 
@@ -43,15 +43,7 @@ N = 23  # counting tests send a prime number of requests
 @pytest.fixture(scope="module")
 def certs(tmp_path_factory) -> tuple[Path, Path]:
     """A self-signed certificate for 127.0.0.1/localhost, made with the openssl CLI."""
-    d = tmp_path_factory.mktemp("certs")
-    cert, key = d / "cert.pem", d / "key.pem"
-    subprocess.run(
-        ["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
-         "-nodes", "-keyout", str(key), "-out", str(cert), "-days", "2", "-subj", "/CN=localhost",
-         "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1"],
-        check=True, capture_output=True, timeout=60,
-    )
-    return cert, key
+    return self_signed_certificate(tmp_path_factory.mktemp("certs"))
 
 
 INDEX = b"<html>hello from nginx over TLS</html>\n"
