@@ -181,3 +181,37 @@ def test_decode_cost_is_printed():
     best = min(timeit.repeat(lambda: decoder.on_record(raw, 0, len(raw)), number=n, repeat=3)) / n
     print("exchange record -> HttpExchange: %.2f us" % (best * 1e6))
     assert len(out) == decoder.exchanges == 3 * n
+
+
+def pack_pending(head: bytes, start: int, role: Role = Role.SERVER, resp_cap: int = 0,
+                 status: int = 0) -> bytes:
+    """struct pending_t as the kernel keeps it: head buffers, then the tail."""
+    fields = []
+    for name in (b"host", b"user-agent", b"traceparent", b"tracestate"):
+        fields.append(_field(head, name))
+    method_len = head.index(b" ")
+    target_len = head.index(b" ", method_len + 1) - method_len - 1
+    tail = reader.PENDING_TAIL.pack(
+        1, start, 0, 0, 3, 0, 4242, len(head), resp_cap, len(head), method_len,
+        method_len + 1, target_len, *(f[0] for f in fields), *(f[1] for f in fields), status,
+        1, 0, role, Source.SYSCALL)
+    return head.ljust(1024, b"\0") + bytes(512) + tail
+
+
+def test_requests_held_past_the_timeout_are_reported_as_timeouts():
+    out = []
+    decoder = KernelExchangeDecoder(out.append, Stats(), clock_offset_ns=0,
+                                    resolve_addresses=lambda pid, fd: ("10.0.0.1", 8080,
+                                                                       "10.0.0.2", 40000))
+    pending = [(100, 7, pack_pending(HEAD, start=1_000)),
+               (100, 8, pack_pending(HEAD, start=9_000_000_000))]
+    expired = decoder.expire(pending, now_monotonic_ns=10_000_000_000, timeout_ns=5_000_000_000)
+    assert expired == [(100, 7)]  # the younger one is still waiting
+    (ex,) = out
+    assert (ex.outcome, ex.error_reason, ex.status_code, ex.response_body_size) == (
+        Outcome.TIMEOUT, "timeout", None, None)
+    assert (ex.method, ex.target, ex.host, ex.tid, ex.request_body_size) == (
+        "POST", "/api/items?id=7", "shop.example:8080", 4242, 3)
+    assert (ex.start_time_unix_nano, ex.end_time_unix_nano) == (1_000, 10_000_000_000)
+    assert (ex.local_port, ex.remote_address) == (8080, "10.0.0.2")
+    assert decoder.exchanges == 1

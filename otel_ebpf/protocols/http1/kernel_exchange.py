@@ -57,6 +57,21 @@ _MAX_CACHED_ADDRESSES = 4096
 Resolver = Callable[[int, int], "tuple[str, int, str, int] | None"]
 
 
+def _head_fields(head: bytes, method_len: int, target_off: int, target_len: int,
+                 host_off: int, host_len: int, ua_off: int, ua_len: int, tp_off: int,
+                 tp_len: int, ts_off: int, ts_len: int) -> tuple:
+    """(method, target, host, user agent, traceparent, tracestate) cut from a request
+    head at the offsets the kernel found; None for a header that was absent."""
+    return (
+        head[:method_len].decode("latin-1"),
+        head[target_off:target_off + target_len].decode("latin-1"),
+        head[host_off:host_off + host_len].decode("latin-1") if host_len else None,
+        head[ua_off:ua_off + ua_len].decode("latin-1") if ua_len else None,
+        head[tp_off:tp_off + tp_len].decode("latin-1") if tp_len else None,
+        head[ts_off:ts_off + ts_len].decode("latin-1") if ts_len else None,
+    )
+
+
 class KernelExchangeDecoder:
     """Turns EVENT_EXCHANGE records into HttpExchange records (see the module doc)."""
 
@@ -125,6 +140,7 @@ class KernelExchangeDecoder:
             conn[3],
             _SCHEMES[source],
             _VERSIONS[minor],
+            # _head_fields(), inlined: the call costs ~0.3 us, an eighth of this decode.
             head[:method_len].decode("latin-1"),
             head[target_off:target_off + target_len].decode("latin-1"),
             head[host_off:host_off + host_len].decode("latin-1") if host_len else None,
@@ -214,12 +230,8 @@ class KernelExchangeDecoder:
             self._emit(build_exchange(
                 tgid, tid, _ROLES[role], local, lport, remote, rport, _SCHEMES[source],
                 _VERSIONS[minor],
-                head[:method_len].decode("latin-1"),
-                head[target_off:target_off + target_len].decode("latin-1"),
-                head[host_off:host_off + host_len].decode("latin-1") if host_len else None,
-                head[ua_off:ua_off + ua_len].decode("latin-1") if ua_len else None,
-                head[tp_off:tp_off + tp_len].decode("latin-1") if tp_len else None,
-                head[ts_off:ts_off + ts_len].decode("latin-1") if ts_len else None,
+                *_head_fields(head, method_len, target_off, target_len, host_off, host_len,
+                              ua_off, ua_len, tp_off, tp_len, ts_off, ts_len),
                 req_body, None, status if resp_cap else None, start + offset_ns,
                 now_monotonic_ns + offset_ns,
                 _TIMEOUT, "timeout",
