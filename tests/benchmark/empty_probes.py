@@ -28,7 +28,7 @@ TEMPLATE = Path(__file__).resolve().parent / "empty_probes.c"
 C_PROBE = re.compile(r"TRACEPOINT_PROBE\s*\(\s*(\w+)\s*,\s*(\w+)\s*\)")
 PY_TP = re.compile(r"""["']((?:syscalls|sock|tcp|net|sched):\w+)["']""")
 # Used only when the daemon's sources name no tracepoint yet (the stage is in flux);
-# it is DESIGN.md's list, and the run says so in its output.
+# it is the README's list of socket syscalls, and the run says so in its output.
 DESIGN_SYSCALLS = ("accept", "accept4", "connect", "close", "read", "readv", "recvfrom",
                    "recvmsg", "recvmmsg", "write", "writev", "sendto", "sendmsg", "sendmmsg",
                    "sendfile64")
@@ -51,7 +51,7 @@ def daemon_tracepoints(repo: Path = REPO) -> tuple[list[tuple[str, str]], str]:
         return sorted(found), "bpf/ and otel_ebpf/capture/ sources"
     pairs = [("syscalls", "sys_%s_%s" % (kind, s)) for s in DESIGN_SYSCALLS
              for kind in ("enter", "exit")]
-    return pairs, "DESIGN.md fallback (no tracepoint found in the daemon's sources)"
+    return pairs, "fallback list (no tracepoint found in the daemon's sources)"
 
 
 def build_source(pairs: list[tuple[str, str]]) -> tuple[str, list[str]]:
