@@ -10,10 +10,17 @@ add the daemon's own attributes) and encoded by otel_ebpf/telemetry:
   service.instance.id  the target's own, else uuid5(host.id, pid, start time): stable
                        for the life of the process, new when the pid is reused
   (other keys of the target's OTEL_RESOURCE_ATTRIBUTES, e.g. deployment.environment)
-  process.pid / parent_pid / executable.name / executable.path / command_line / owner /
-  creation.time (ISO 8601, UTC), host.name, host.id (/etc/machine-id), os.type,
+  process.pid / parent_pid / executable.name / executable.path / command_args /
+  command_line / owner / creation.time (ISO 8601, UTC), host.name, host.id (/etc/machine-id), os.type,
   container.id (from /proc/PID/cgroup, v1 and v2 layouts), telemetry.sdk.* and
   telemetry.distro.* naming this daemon.
+
+process.command_args is argv as /proc/PID/cmdline holds it (what the semantic
+conventions define for Linux), process.command_line the same arguments as one string
+(kept for the readers that expect it); both are redacted by default with the shared
+rules of telemetry/redact.py (the redacted_query_params list: `--password X`,
+`TOKEN=...`, URL credentials, ...), lose the trailing empty arguments a rewritten argv
+leaves (`nginx: worker process`), and are bounded to _MAX_COMMAND_LINE characters.
 
 A process that vanished yields None; one that denies access (environ, exe of another
 user's process without root) yields the attributes that could be read. Neither raises;
@@ -27,7 +34,6 @@ from __future__ import annotations
 import logging
 import os
 import re
-import shlex
 import socket
 import time
 import uuid
@@ -39,10 +45,13 @@ from urllib.parse import unquote
 import psutil
 
 from otel_ebpf import __version__
+from otel_ebpf.telemetry.redact import QueryRedactor
 
 log = logging.getLogger(__name__)
 
 AttributeValue = str | int | list[str]
+
+_default_redactor = QueryRedactor()
 
 DISTRO_NAME = "otel-ebpf"
 # A fixed namespace so that service.instance.id is reproducible from (host, pid, start).
@@ -127,8 +136,13 @@ class ProcessResolver:
     """pid -> ProcessInfo, cached; see the module docstring."""
 
     def __init__(self, stats, max_entries: int = 4096, proc_root: str = "/proc",
-                 container_attributes: Callable[[str], Mapping[str, str]] | None = None) -> None:
+                 container_attributes: Callable[[str], Mapping[str, str]] | None = None,
+                 redact: QueryRedactor | None = None,
+                 redact_command_line: bool = True) -> None:
         self._stats = stats
+        # The same redactor (same sensitive names) as the exchange outputs use.
+        self._redact = redact or _default_redactor
+        self._redact_command_line = redact_command_line
         # container.id -> extra resource attributes (k8s.* from kubernetes_metadata).
         self._container_attributes = container_attributes
         self._max_entries = max_entries
@@ -242,6 +256,24 @@ class ProcessResolver:
         except (IndexError, ValueError):
             return None
 
+    def _command_args(self, argv: list[str]) -> list[str]:
+        """argv redacted (unless configured off), trailing empties dropped, bounded."""
+        if self._redact_command_line:
+            args = self._redact.command_args(argv)
+        else:
+            end = len(argv)
+            while end and not argv[end - 1]:
+                end -= 1
+            args = list(argv[:end])
+        budget = _MAX_COMMAND_LINE
+        for i, arg in enumerate(args):
+            if len(arg) >= budget:
+                del args[i + 1:]
+                args[i] = arg[:budget]
+                break
+            budget -= len(arg) + 1  # + the separator a joined line would have
+        return args
+
     def _read_environ(self, pid: int) -> dict[str, str] | None:
         try:
             with open("%s/%d/environ" % (self._proc, pid), "rb") as f:
@@ -310,7 +342,11 @@ class ProcessResolver:
             if exe:
                 attrs["process.executable.path"] = exe
             if cmdline:
-                attrs["process.command_line"] = shlex.join(cmdline)[:_MAX_COMMAND_LINE]
+                args = self._command_args(cmdline)
+                if args:
+                    attrs["process.command_args"] = args
+                    attrs["process.command_line"] = (
+                        self._redact.command_line(args)[:_MAX_COMMAND_LINE])
             if owner is None:
                 uids = read(proc.uids)
                 if uids is not None:

@@ -7,6 +7,11 @@
   names (the format is documented in the README), flushed as produced so that a
   `tail -f` or a pipe sees each exchange at once.
 
+Both redact exactly as the OTLP export does: the sensitive query parameters of the
+target (`token=...`) become `REDACTED` through the one `QueryRedactor` (pass the
+configured one; the default list otherwise), so that no output, not even a console
+line in the journal, carries a secret the others hide.
+
 Both take `HttpExchange` records and never raise on the hot path: a broken pipe or a
 full disk is logged once and the sink stops writing (counted as output.write_errors).
 Lines are buffered and flushed once per ring-buffer poll (`flush()`, at most 100 ms
@@ -27,11 +32,14 @@ import orjson
 from otel_ebpf.exchange import HttpExchange, Outcome
 from otel_ebpf.stats import Stats
 from otel_ebpf.telemetry.attributes import http_attributes
+from otel_ebpf.telemetry.redact import QueryRedactor
 
 log = logging.getLogger(__name__)
 
 # pid -> executable name (None when the process is gone or unreadable).
 ProcessNamer = Callable[[int], str | None]
+
+_default_redactor = QueryRedactor()
 
 
 def _open_output(path: str) -> IO[str]:
@@ -85,18 +93,20 @@ class JsonlSink(_LineSink):
     cost of this sink at nginx saturation, where it decided whether the daemon kept up
     with the kernel."""
 
-    def __init__(self, path: str, process_name: ProcessNamer, stats: Stats) -> None:
+    def __init__(self, path: str, process_name: ProcessNamer, stats: Stats,
+                 redact: QueryRedactor | None = None) -> None:
         stream = _open_output(path)
         super().__init__(stream, stats)
         self._buffer = stream.buffer  # orjson makes bytes: write them as they are
         self._process_name = process_name
+        self._redact = redact or _default_redactor
 
     def handle(self, exchange: HttpExchange) -> None:
         if self._broken:
             return
         try:
             self._buffer.write(orjson.dumps(
-                exchange_record(exchange, self._process_name(exchange.pid)),
+                exchange_record(exchange, self._process_name(exchange.pid), self._redact),
                 option=orjson.OPT_APPEND_NEWLINE))
         except (OSError, ValueError) as exc:  # EPIPE, ENOSPC, closed stream
             self._fail(exc)
@@ -110,14 +120,15 @@ class JsonlSink(_LineSink):
             self._fail(exc)
 
 
-def exchange_record(exchange: HttpExchange, executable_name: str | None) -> dict:
+def exchange_record(exchange: HttpExchange, executable_name: str | None,
+                    redact: QueryRedactor | None = None) -> dict:
     """The jsonl object for one exchange (the README documents every key)."""
     record: dict = {
         "kind": exchange.role.name,
         "start_time_unix_nano": exchange.start_time_unix_nano,
         "end_time_unix_nano": exchange.end_time_unix_nano,
     }
-    record.update(http_attributes(exchange, None))
+    record.update(http_attributes(exchange, None, redact or _default_redactor))
     record["process.pid"] = exchange.pid
     record["process.executable.name"] = executable_name
     if exchange.outcome is not Outcome.OK:
@@ -128,18 +139,25 @@ def exchange_record(exchange: HttpExchange, executable_name: str | None) -> dict
 class ConsoleSink(_LineSink):
     """Human-readable lines; the default when no OTLP endpoint is configured."""
 
-    def __init__(self, process_name: ProcessNamer, stats: Stats, stream: IO[str] | None = None):
+    def __init__(self, process_name: ProcessNamer, stats: Stats, stream: IO[str] | None = None,
+                 redact: QueryRedactor | None = None):
         super().__init__(stream or sys.stdout, stats)
         self._process_name = process_name
+        self._redact = redact or _default_redactor
 
     def handle(self, exchange: HttpExchange) -> None:
-        self._write(format_exchange(exchange, self._process_name(exchange.pid)))
+        self._write(format_exchange(exchange, self._process_name(exchange.pid), self._redact))
 
     def stats_line(self, snapshot: dict[str, int | float]) -> None:
         self._write(format_stats(snapshot))
 
 
-def format_exchange(exchange: HttpExchange, executable_name: str | None) -> str:
+def format_exchange(exchange: HttpExchange, executable_name: str | None,
+                    redact: QueryRedactor | None = None) -> str:
+    target = exchange.target
+    if "?" in target:  # the query as url.query shows it (same redactor, same rules)
+        path, _, query = target.partition("?")
+        target = path + "?" + (redact or _default_redactor)(query)
     seconds, nanos = divmod(exchange.end_time_unix_nano, 1_000_000_000)
     when = time.strftime("%H:%M:%S", time.localtime(seconds)) + f".{nanos // 1_000_000:03d}"
     status = str(exchange.status_code) if exchange.status_code is not None else "---"
@@ -148,7 +166,7 @@ def format_exchange(exchange: HttpExchange, executable_name: str | None) -> str:
     response_size = exchange.response_body_size if exchange.response_body_size is not None else 0
     return (
         f"{when} {exchange.pid:>7} {executable_name or '?':<15.15} {exchange.role.name:<6} "
-        f"{exchange.method} {exchange.scheme}://{exchange.host or '-'}{exchange.target} {status} "
+        f"{exchange.method} {exchange.scheme}://{exchange.host or '-'}{target} {status} "
         f"{exchange.duration_ns / 1e6:.3f}ms req={exchange.request_body_size}B "
         f"resp={response_size}B"
     )

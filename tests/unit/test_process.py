@@ -279,3 +279,51 @@ def test_a_process_gone_before_lookup_is_named_by_the_kernel_comm():
     assert attrs["host.name"]
     assert stats.get("process.identified_by_comm") == 1
     assert child.pid in resolver.sweep()  # forgotten at the next sweep
+
+
+def _wait_argv(p: subprocess.Popen) -> None:
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:
+        try:
+            if psutil.Process(p.pid).cmdline()[:1] == ["sh"]:
+                return
+        except psutil.Error:
+            pass
+        time.sleep(0.01)
+
+
+def test_command_line_is_redacted_and_loses_trailing_empty_arguments():
+    # A process whose argv carries secrets and ends with empty strings (as a rewritten
+    # nginx worker's does).
+    p = subprocess.Popen(["sh", "-c", "sleep 30; :", "sh", "--password", "hunter2",
+                          "--token=abc", "https://u:pw@h/?q=1&token=t", "", "", ""])
+    try:
+        _wait_argv(p)
+        a = ProcessResolver(Stats()).get(p.pid).resource_attributes
+        assert a["process.command_args"] == [
+            "sh", "-c", "sleep 30; :", "sh", "--password", "REDACTED", "--token=REDACTED",
+            "https://u:REDACTED@h/?q=1&token=REDACTED"]
+        assert a["process.command_line"] == shlex.join(a["process.command_args"])
+        for value in (a["process.command_line"], *a["process.command_args"]):
+            assert "hunter2" not in value and "abc" not in value and "pw@" not in value
+
+        # the configured list is the query redactor's; opting out exports argv as is
+        from otel_ebpf.telemetry.redact import QueryRedactor
+        a = ProcessResolver(Stats(), redact=QueryRedactor(("password",))) \
+            .get(p.pid).resource_attributes
+        assert a["process.command_args"][4:7] == ["--password", "REDACTED", "--token=abc"]
+        a = ProcessResolver(Stats(), redact_command_line=False).get(p.pid).resource_attributes
+        assert a["process.command_args"][4:] == [
+            "--password", "hunter2", "--token=abc", "https://u:pw@h/?q=1&token=t"]
+    finally:
+        p.kill()
+        p.wait()
+
+
+def test_command_args_are_bounded():
+    from otel_ebpf.process import _MAX_COMMAND_LINE
+
+    resolver = ProcessResolver(Stats())
+    args = resolver._command_args(["x" * 600, "y" * 600, "z" * 10])
+    assert args == ["x" * 600, "y" * (_MAX_COMMAND_LINE - 601)]
+    assert len(" ".join(args)) <= _MAX_COMMAND_LINE
