@@ -36,6 +36,7 @@ from otel_ebpf.process import ProcessResolver
 from otel_ebpf.protocols.http1.kernel_exchange import KernelExchangeDecoder
 from otel_ebpf.sinks import ConsoleSink, JsonlSink
 from otel_ebpf.stats import Stats
+from otel_ebpf.telemetry.redact import QueryRedactor
 
 log = logging.getLogger(__name__)
 
@@ -133,12 +134,12 @@ class Daemon:
             return info.executable_name if info else None
 
         if output.exporter == "console":
-            self._console = ConsoleSink(process_name, stats)
+            self._console = ConsoleSink(process_name, stats, redact=self._redact)
             self._closers.append(self._console.close)
             self._flushers.append(self._console.flush)
             return [self._console.handle]
         if output.exporter == "jsonl":
-            sink = JsonlSink(output.path, process_name, stats)
+            sink = JsonlSink(output.path, process_name, stats, redact=self._redact)
             self._closers.append(sink.close)
             self._flushers.append(sink.flush)
             return [sink.handle]
@@ -173,7 +174,11 @@ class Daemon:
         self._console: ConsoleSink | None = None
         self._telemetry = None
 
-        processes = ProcessResolver(stats, container_attributes=self._start_kubernetes())
+        # One redactor, the configured sensitive names, for every output and for command
+        # lines in process attributes.
+        self._redact = QueryRedactor(config.telemetry.redacted_query_params)
+        processes = ProcessResolver(stats, container_attributes=self._start_kubernetes(),
+                                    redact=self._redact)
         self._processes = processes
         self._table = ConnectionTable(config.conntrack, stats)
         stats.gauge("conntrack.connections", self._table.__len__)  # the stats line's conns=
