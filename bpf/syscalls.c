@@ -37,6 +37,9 @@
 #define OTEL_EINPROGRESS 115
 #define OTEL_ECONNRESET 104
 #define OTEL_EPIPE 32
+/* conn_t.flags bit (next to CONN_* in include/maps.h): a read or write on the
+ * connection returned ECONNRESET or EPIPE; its CONN_CLOSE carries reset = 1. */
+#define CONN_RESET 8
 #define OTEL_IPPROTO_TCP 6
 #define OTEL_TCP_ESTABLISHED 1
 #define OTEL_MSG_PEEK 2
@@ -349,6 +352,7 @@ static __always_inline void conn_close(struct conn_key_t *key, struct conn_t *c,
         ev.timestamp_ns = bpf_ktime_get_ns();
         ev.bytes_sent = c->pos[DIR_EGRESS];
         ev.bytes_received = c->pos[DIR_INGRESS];
+        ev.reset = (c->flags & CONN_RESET) != 0;
         if (events.ringbuf_output(&ev, sizeof(ev), rb_flags()) != 0)
             counter_add(CNT_RINGBUF_FULL, 1);
     }
@@ -603,8 +607,10 @@ static __always_inline int data_exit(void *ctx, long ret, __u8 op, __u8 dir, int
     struct conn_key_t key = {.tgid = tgid, .fd = st.fd};
     struct conn_t *conn = conns.lookup(&key);
     if (ret <= 0) {
-        if (conn && (ret == -OTEL_ECONNRESET || ret == -OTEL_EPIPE))
+        if (conn && (ret == -OTEL_ECONNRESET || ret == -OTEL_EPIPE)) {
+            conn->flags |= CONN_RESET; /* its CONN_CLOSE says reset */
             counter_add(CNT_CONN_RESET, 1);
+        }
         return 0;
     }
 #ifdef HAVE_SOCK_LENGTH

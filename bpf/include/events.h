@@ -99,7 +99,8 @@ struct data_event {
 struct conn_close_event {
     __u8 kind;   /* EVENT_CONN_CLOSE */
     __u8 source; /* SOURCE_* */
-    __u8 _pad0[2];
+    __u8 reset;  /* 1: a read/write on it returned ECONNRESET or EPIPE (SOURCE_SYSCALL) */
+    __u8 _pad0;
     __u32 tgid;
     __u32 tid;
     __s32 fd;

@@ -106,6 +106,9 @@ class ConnCloseEvent:
     fd: int
     generation: int
     source: Source = Source.SYSCALL
+    # A read or write on the connection returned ECONNRESET or EPIPE before the close:
+    # what is in flight ends CONNECTION_RESET, not CONNECTION_CLOSED.
+    reset: bool = False
 
     @property
     def key(self) -> ConnKey:

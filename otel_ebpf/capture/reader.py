@@ -48,8 +48,8 @@ CONN_OPEN = struct.Struct("<BBBxIIiQQHHH2x16s16s16sQQ")
 # kind, direction, source, role, tgid, tid, fd, generation, timestamp, position, size,
 # captured_len, pad
 DATA_HDR = struct.Struct("<BBBBIIiQQQQI4x")
-# kind, source, pad[2], tgid, tid, fd, generation, timestamp, bytes_sent, bytes_received
-CONN_CLOSE = struct.Struct("<BB2xIIiQQQQ")
+# kind, source, reset, pad, tgid, tid, fd, generation, timestamp, bytes_sent, bytes_received
+CONN_CLOSE = struct.Struct("<BBBxIIiQQQQ")
 # kind, role, source, version_minor, tgid, tid, fd, generation, start_ns, end_ns,
 # request_body_size, response_body_size, status, family, local_port, remote_port,
 # local_addr[16], remote_addr[16], comm[16], head_len, method_len, target (off, len),
@@ -136,8 +136,10 @@ def decode(raw: bytes) -> Event:
     if kind == _EVENT_CLOSE:
         if len(raw) < CONN_CLOSE.size:
             raise DecodeError("close record of %d bytes, expected %d" % (len(raw), CONN_CLOSE.size))
-        (_, source, tgid, tid, fd, generation, ts, _sent, _received) = CONN_CLOSE.unpack_from(raw)
-        return ConnCloseEvent(ts, tgid, tid, fd, generation, _enum(_SOURCES, source, "source"))
+        (_, source, reset, tgid, tid, fd, generation, ts, _sent,
+         _received) = CONN_CLOSE.unpack_from(raw)
+        return ConnCloseEvent(ts, tgid, tid, fd, generation, _enum(_SOURCES, source, "source"),
+                              reset != 0)
     raise DecodeError("unknown record kind %d" % kind)
 
 

@@ -264,11 +264,10 @@ class ConnectionTable:
             closed.popitem(last=False)
         self.stats.add("conntrack.connections.closed")
         if conn.session is not None:
-            # The capture contract has no reset flag yet; a capture stage that can tell
-            # (close after ECONNRESET/EPIPE) may add `reset: bool` to ConnCloseEvent.
-            # The reason is the outcome's value ("connection_reset"/"connection_closed").
-            outcome = (Outcome.CONNECTION_RESET if getattr(ev, "reset", False)
-                       else Outcome.CONNECTION_CLOSED)
+            # ev.reset: a read/write on it returned ECONNRESET/EPIPE (the kernel remembers
+            # it on the connection). The reason is the outcome's value
+            # ("connection_reset"/"connection_closed").
+            outcome = Outcome.CONNECTION_RESET if ev.reset else Outcome.CONNECTION_CLOSED
             conn.session.close(ev.timestamp_ns, outcome, outcome.value)
 
     # -- internals --------------------------------------------------------------------------

@@ -40,8 +40,8 @@ FIELDS = {
         "kind", "direction", "source", "role", "tgid", "tid", "fd", "generation",
         "timestamp_ns", "position", "size", "captured_len"]),
     "conn_close_event": (reader.CONN_CLOSE, [
-        "kind", "source", "tgid", "tid", "fd", "generation", "timestamp_ns", "bytes_sent",
-        "bytes_received"]),
+        "kind", "source", "reset", "tgid", "tid", "fd", "generation", "timestamp_ns",
+        "bytes_sent", "bytes_received"]),
     "exchange_event_hdr": (reader.EXCHANGE_HDR, [
         "kind", "role", "source", "version_minor", "tgid", "tid", "fd", "generation",
         "start_ns", "end_ns", "request_body_size", "response_body_size", "status", "family",
@@ -199,9 +199,13 @@ def test_decode_open_ipv4_and_v4_mapped_and_unknown():
 
 
 def test_decode_close():
-    raw = reader.CONN_CLOSE.pack(EventKind.CONN_CLOSE, 1, 9, 10, 4, 77, 5, 100, 200)
+    raw = reader.CONN_CLOSE.pack(EventKind.CONN_CLOSE, 1, 0, 9, 10, 4, 77, 5, 100, 200)
     ev = reader.decode(raw)
     assert isinstance(ev, ConnCloseEvent) and ev.key == (9, 4, 77) and ev.source is Source.OPENSSL
+    assert ev.reset is False
+    raw = reader.CONN_CLOSE.pack(EventKind.CONN_CLOSE, 0, 1, 9, 10, 4, 77, 5, 100, 200)
+    ev = reader.decode(raw)
+    assert ev.reset is True and ev.source is Source.SYSCALL and ev.timestamp_ns == 5
 
 
 @pytest.mark.parametrize("raw", [

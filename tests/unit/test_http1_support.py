@@ -100,23 +100,11 @@ class FakeConn:
         return self.send(d, data, **kw)
 
     def close(self, *, ts: int | None = None, reset: bool = False) -> list[HttpExchange]:
-        if reset:
-            ev = ResetCloseEvent(self.next_ts(ts), self.tgid, self.tgid, self.fd, self.generation)
-        else:
-            ev = ConnCloseEvent(self.next_ts(ts), self.tgid, self.tgid, self.fd, self.generation)
+        ev = ConnCloseEvent(self.next_ts(ts), self.tgid, self.tgid, self.fd, self.generation,
+                            reset=reset)
         got = self.table.handle(ev)
         self.out += got
         return got
-
-
-class ResetCloseEvent(ConnCloseEvent):
-    """A close event from a capture stage that can tell a reset (optional `reset` field)."""
-
-    __slots__ = ()
-
-    @property
-    def reset(self) -> bool:
-        return True
 
 
 def get_request(path: str = "/", extra: bytes = b"") -> bytes:
