@@ -37,9 +37,6 @@
 #define OTEL_EINPROGRESS 115
 #define OTEL_ECONNRESET 104
 #define OTEL_EPIPE 32
-/* conn_t.flags bit (next to CONN_* in include/maps.h): a read or write on the
- * connection returned ECONNRESET or EPIPE; its CONN_CLOSE carries reset = 1. */
-#define CONN_RESET 8
 #define OTEL_IPPROTO_TCP 6
 #define OTEL_TCP_ESTABLISHED 1
 #define OTEL_MSG_PEEK 2

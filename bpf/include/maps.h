@@ -33,6 +33,7 @@
 #define CONN_OPEN_SENT 1 /* the open event was emitted: close must be emitted too */
 #define CONN_SELECT_DONE 2 /* the port selection's verdict is made (conn_select) */
 #define CONN_IGNORED 4 /* deselected by port in the kernel: nothing of it is emitted */
+#define CONN_RESET 8   /* a read/write returned ECONNRESET/EPIPE: its CONN_CLOSE says reset */
 
 /* conn_t.fast: the kernel fast path (http1_fast.h). Only connections created by
  * accept/connect while config[CFG_FAST_PATH] is set start FAST_IDLE; the rest, and
