@@ -95,6 +95,7 @@ class Telemetry:
             exponential_max_scale=options.exponential_max_scale,
             active_server_requests=active_server_requests,
         )
+        self._series_get = self._metrics.series_get
         self._client_address = options.client_metrics_server_address
         self._batch_limit = min(options.span_batch_size, options.span_queue_size)
         # pid -> encoded Resource body; pids whose resource is the fallback are retried.
@@ -170,18 +171,21 @@ class Telemetry:
             else:
                 self._n_unknown += 1
                 return
-            duration = (exchange.end_time_unix_nano - exchange.start_time_unix_nano) / 1e9
+            start = exchange.start_time_unix_nano
+            duration = (exchange.end_time_unix_nano - start) / 1e9
+            if duration < 0.0:
+                duration = 0.0
             # request = (..., error.type, normalized method): see SpanEncoder.request_info
-            self._metrics.record(
-                pid,
-                is_client,
-                (request[4], exchange.status_code, route, exchange.scheme,
-                 exchange.protocol_version, port, request[3], address),
-                duration if duration > 0.0 else 0.0,
-                exchange.request_body_size,
-                exchange.response_body_size,
-                exchange.start_time_unix_nano,
-            )
+            attrs = (request[4], exchange.status_code, route, exchange.scheme,
+                     exchange.protocol_version, port, request[3], address)
+            series = self._series_get((pid, is_client, attrs))
+            if series is not None:  # MetricsAggregator.record, minus one call
+                series.record(duration, exchange.request_body_size,
+                              exchange.response_body_size)
+            else:
+                self._metrics.record(pid, is_client, attrs, duration,
+                                     exchange.request_body_size,
+                                     exchange.response_body_size, start)
 
     # ------------------------------------------------------------------ resources
 

@@ -292,6 +292,10 @@ class MetricsAggregator:
         self._last_collect_ns = self._start_ns
         # (pid, is_client, attrs) -> Series; (pid, is_client) -> number of series.
         self._series: dict[tuple[int, bool, tuple], Series] = {}
+        # The hot path's shortcut past record(): (pid, is_client, attrs) -> the Series
+        # to record into, or None (then call record()). _series is never rebound
+        # (only cleared or trimmed in place), so this bound method stays valid.
+        self.series_get = self._series.get
         self._per_role: dict[tuple[int, bool], int] = {}
         self._pid_start: dict[int, int] = {}
         self._last_self: dict[str, int | float] = {}

@@ -118,6 +118,11 @@ class QueryRedactor:
         names = self._names
         if not names or "=" not in query:
             return query
+        if "&" not in query:  # one parameter (the common case): no split/join
+            name, _, value = query.partition("=")
+            if value and name.lower() in names:
+                return name + "=" + REDACTED
+            return query
         parts = query.split("&")
         changed = False
         for i, part in enumerate(parts):

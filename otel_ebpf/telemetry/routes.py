@@ -67,10 +67,12 @@ def template_path(path: str) -> str:
     segments = path.split("/")
     changed = False
     for i, segment in enumerate(segments):
-        # is_identifier's short-word fast path inlined: most segments are words.
-        if len(segment) < 8 and not segment.isdigit() and "@" not in segment:
-            continue
-        if is_identifier(segment):
+        # is_identifier's short-segment rule inlined: most segments are short.
+        if len(segment) < 8:
+            if segment.isdigit() or "@" in segment:
+                segments[i] = PLACEHOLDER
+                changed = True
+        elif is_identifier(segment):
             segments[i] = PLACEHOLDER
             changed = True
     return "/".join(segments) if changed else path

@@ -49,6 +49,32 @@ _SERVER = Role.SERVER
 _CLIENT = Role.CLIENT
 _OK = Outcome.OK
 
+# Pieces of enc.field_span, precomputed for the inlined span encoding in encode().
+_SMALL_VARINTS = enc._SMALL_VARINTS
+_pack_times = enc._pack_times
+_KIND_SERVER = enc._KIND_FIELDS[enc.SPAN_KIND_SERVER]
+_KIND_CLIENT = enc._KIND_FIELDS[enc.SPAN_KIND_CLIENT]
+_KIND_INTERNAL = enc._KIND_FIELDS[enc.SPAN_KIND_INTERNAL]
+_FLAGS_FIELD_LOCAL_ROOT = enc._FLAGS_FIELDS[_FLAGS_LOCAL_ROOT]
+_FLAGS_FIELD_REMOTE_PARENT = enc._FLAGS_FIELDS[_FLAGS_REMOTE_PARENT]
+# url.query field = tag(9) len (key field "url.query") 0x12 len 0x0a len value: for a
+# value of n bytes, everything before the value, when every length fits one byte.
+_QUERY_KEY = enc._key_field("url.query")
+_QUERY_INLINE_MAX = 128 - 4 - len(_QUERY_KEY)
+_QUERY_HEAD = [
+    b"".join((b"\x4a", _SMALL_VARINTS[len(_QUERY_KEY) + 4 + n], _QUERY_KEY, b"\x12",
+              _SMALL_VARINTS[n + 2], b"\x0a", _SMALL_VARINTS[n]))
+    for n in range(_QUERY_INLINE_MAX)
+]
+# Bounded caches of encode(): whole url.path fields (paths up to _MAX_CACHED_PATH
+# characters), body-size field pairs and per-connection attribute blocks (up to
+# _MAX_CONNECTION_BLOCK bytes); each is cleared when full.
+_MAX_PATHS = 4096
+_MAX_CACHED_PATH = 256
+_MAX_SIZES = 4096
+_MAX_CONNECTIONS = 16384
+_MAX_CONNECTION_BLOCK = 512  # bytes: the memory bound is 16384 x 512 (~8 MiB)
+
 
 def parse_traceparent(header: str) -> tuple[bytes, bytes, bool] | None:
     """-> (trace_id, parent_span_id, sampled) or None when the header is not valid."""
@@ -107,16 +133,18 @@ class IdGenerator:
 
 
 class SpanEncoder:
-    __slots__ = ("_redact", "_ids", "_attr", "_mid", "_names", "_status", "_max_names",
-                 "_requests", "_endpoints", "_peers")
+    __slots__ = ("_redact", "_ids", "_attr", "_names", "_status", "_max_names",
+                 "_requests", "_endpoints", "_peers", "_connections", "_paths", "_sizes")
 
     def __init__(self, redact: QueryRedactor, ids: IdGenerator | None = None) -> None:
         self._redact = redact
         self._ids = ids or IdGenerator()
-        # Two caches so that a flood of mid-cardinality values (addresses, user agents,
-        # body sizes) can only clear its own cache, never the method/route/status one.
+        # Low-cardinality (key, value) fields; mid-cardinality values (addresses, user
+        # agents, body sizes, paths) live in their own bounded caches so that a flood of
+        # them can only clear those, never the method/route/status one.
         self._attr = enc.AttributeFieldCache(9)
-        self._mid = enc.AttributeFieldCache(9, max_entries=4096)
+        self._paths: dict[str, bytes] = {}
+        self._sizes: dict[tuple[int, int | None], bytes] = {}
         self._names: dict[tuple[str, str | None], bytes] = {}
         self._max_names = 8192
         self._status: dict[tuple[bool, str | None], bytes] = {}
@@ -125,6 +153,7 @@ class SpanEncoder:
         self._requests: dict[tuple, tuple[bytes, bytes, bytes, str | None, str]] = {}
         self._endpoints: dict[tuple, bytes] = {}
         self._peers: dict[tuple, bytes] = {}
+        self._connections: dict[tuple, bytes] = {}  # endpoint + peer, per connection
 
     def _name_field(self, method: str, route: str | None) -> bytes:
         key = (method, route)
@@ -255,10 +284,8 @@ class SpanEncoder:
                     trace_state = ts
         if parent is None:
             trace_id, span_id = self._ids.ids()
-            flags = _FLAGS_LOCAL_ROOT
         else:
             span_id = self._ids.span_id()
-            flags = _FLAGS_REMOTE_PARENT
 
         role = ex.role
         is_client = role is _CLIENT
@@ -269,8 +296,67 @@ class SpanEncoder:
         if outcome is not _OK and ex.error_reason:
             status = self._status_field(True, ex.error_reason)
 
-        # Two blocks of connection-level attributes: one per origin (few), one per
-        # peer socket (one per keep-alive connection; a miss costs ~1 us).
+        # Connection-level attributes (origin: scheme, version, server.*, user agent;
+        # peer: client.*, network.peer.*), one bytes per keep-alive connection. The key
+        # holds everything either block is computed from.
+        ckey = (is_client, ex.scheme, ex.protocol_version, ex.host, ex.user_agent,
+                ex.local_address, ex.local_port, ex.remote_address, ex.remote_port)
+        connection = self._connections.get(ckey)
+        if connection is None:
+            connection = self._connection_block(ex, is_client, ckey)
+
+        if path is None:
+            path = url_path(ex)
+            query = ex.query
+        path_field = self._paths.get(path)
+        if path_field is None:
+            if path == route:  # nothing templated away: a low-cardinality path
+                path_field = self._path_field(path)
+            else:  # an id in the path: unique per request, not worth a cache entry
+                path_field = self._attr.fresh_str("url.path", path)
+        if query is None:
+            query_field = b""
+        else:  # unique per request in practice: encoded inline, never cached
+            vb = self._redact(query).encode("utf-8", "replace")
+            n = len(vb)
+            if n < _QUERY_INLINE_MAX:
+                query_field = b"".join((_QUERY_HEAD[n], vb))
+            else:
+                query_field = enc._ld(9, _QUERY_KEY + enc._ld(2, enc._ld(1, vb)))
+        sizes = self._sizes.get((ex.request_body_size, ex.response_body_size))
+        if sizes is None:
+            sizes = self._size_fields(ex.request_body_size, ex.response_body_size)
+
+        # enc.field_span, inlined: one join for the whole Span body.
+        if parent is None:
+            head = b"".join((b"\x0a\x10", trace_id, b"\x12\x08", span_id))
+        else:
+            head = b"".join((b"\x0a\x10", trace_id, b"\x12\x08", span_id,
+                             enc._str(3, trace_state) if trace_state else b"",
+                             b"\x22\x08", parent))  # trace_state(3), parent_span_id(4)
+        payload = b"".join((
+            head,
+            name_field,  # name(5)
+            _KIND_CLIENT if is_client else _KIND_SERVER if role is _SERVER else _KIND_INTERNAL,
+            _pack_times(0x39, ex.start_time_unix_nano, 0x41, ex.end_time_unix_nano),
+            attrs,  # attributes(9) from here to sizes
+            connection,
+            path_field,
+            query_field,
+            sizes,
+            status,  # status(15)
+            _FLAGS_FIELD_LOCAL_ROOT if parent is None else _FLAGS_FIELD_REMOTE_PARENT,
+        ))
+        n = len(payload)
+        if n < 128:
+            return b"\x12" + _SMALL_VARINTS[n] + payload
+        if n < 16384:
+            return b"".join((b"\x12", bytes(((n & 0x7F) | 0x80, n >> 7)), payload))
+        return b"".join((b"\x12", enc.varint(n), payload))
+
+    def _connection_block(self, ex: HttpExchange, is_client: bool, ckey: tuple) -> bytes:
+        """Origin and peer attribute blocks of one connection, each from its own
+        bounded cache (a new connection to a known origin reuses the origin block)."""
         host = ex.host
         if not is_client:
             ekey = (False, ex.scheme, ex.protocol_version, host, ex.user_agent,
@@ -293,32 +379,33 @@ class SpanEncoder:
             if len(self._peers) >= 16384:
                 self._peers.clear()
             self._peers[pkey] = peer
+        block = endpoint + peer
+        if len(block) <= _MAX_CONNECTION_BLOCK:  # long user agents/hosts: not kept twice
+            connections = self._connections
+            if len(connections) >= _MAX_CONNECTIONS:
+                connections.clear()
+            connections[ckey] = block
+        return block
 
-        if path is None:
-            path = url_path(ex)
-            query = ex.query
-        sized = self._mid.get
-        response_size = ex.response_body_size
-        attributes = b"".join((
-            attrs,
-            endpoint,
-            peer,
-            self._attr.fresh_str("url.path", path),
-            b"" if query is None else self._attr.fresh_str("url.query", self._redact(query)),
-            sized("http.request.body.size", ex.request_body_size),
-            b"" if response_size is None else sized("http.response.body.size", response_size),
-        ))
-        return enc.field_span(
-            trace_id,
-            span_id,
-            parent,
-            trace_state,
-            name_field,
-            enc.SPAN_KIND_CLIENT if is_client
-            else enc.SPAN_KIND_SERVER if role is _SERVER else enc.SPAN_KIND_INTERNAL,
-            ex.start_time_unix_nano,
-            ex.end_time_unix_nano,
-            attributes,
-            status,
-            flags,
-        )
+    def _path_field(self, path: str) -> bytes:
+        """url.path as a whole attribute field, kept for paths that are their own
+        route (they repeat) and short; bounded, cleared when full."""
+        field = self._attr.fresh_str("url.path", path)
+        if len(path) <= _MAX_CACHED_PATH:
+            paths = self._paths
+            if len(paths) >= _MAX_PATHS:
+                paths.clear()
+            paths[path] = field
+        return field
+
+    def _size_fields(self, request_size: int, response_size: int | None) -> bytes:
+        """http.request.body.size and http.response.body.size fields (bounded cache)."""
+        sized = self._attr.fresh_int
+        field = sized("http.request.body.size", request_size)
+        if response_size is not None:
+            field += sized("http.response.body.size", response_size)
+        sizes = self._sizes
+        if len(sizes) >= _MAX_SIZES:
+            sizes.clear()
+        sizes[(request_size, response_size)] = field
+        return field

@@ -670,3 +670,80 @@ def test_stats_are_current_after_each_tick():
     assert stats.get("telemetry.exchanges") == 24
     assert stats.get("telemetry.spans_unsampled") == 1
     assert stats.get("telemetry.spans") == 0  # still pending in the batch
+
+
+# ---------------------------------------------------------------- hot-path caches
+
+def spans_of(exchanges, **opts):
+    sink = Sink()
+    t = telemetry(sink, **opts)
+    for ex in exchanges:
+        t.record(ex)
+    t.flush()
+    return t, [attrs_of(s.attributes) for _, s in sink.spans()]
+
+
+def test_unique_query_per_request_stays_unique_and_redacted():
+    targets = ["/index.html?rid=%d" % i for i in range(5)] + [
+        "/index.html?token=s3cret", "/index.html?TOKEN=x", "/index.html?token=",
+        "/index.html?token", "/index.html?rid=7&token=t&sig=", "/index.html?",
+        "/index.html?q=" + "é" * 120]
+    _, attrs = spans_of([make(target=t) for t in targets])
+    assert [a["url.query"] for a in attrs] == [
+        "rid=0", "rid=1", "rid=2", "rid=3", "rid=4", "token=REDACTED", "TOKEN=REDACTED",
+        "token=", "token", "rid=7&token=REDACTED&sig=", "", "q=" + "é" * 120]
+    assert all(a["url.path"] == "/index.html" for a in attrs)
+    _, attrs = spans_of([make(target="/index.html?rid=%d" % i) for i in range(2)],
+                        redacted_query_params=("rid",))
+    assert [a["url.query"] for a in attrs] == ["rid=REDACTED", "rid=REDACTED"]
+
+
+def test_path_field_cache_only_low_cardinality_paths_and_bounded(monkeypatch):
+    from otel_ebpf.telemetry import spans as spans_mod
+    monkeypatch.setattr(spans_mod, "_MAX_PATHS", 3)
+    paths = ["/a", "/b", "/users/42", "/c", "/d", "/a", "/" + "x" * 300, "/e"]
+    t, attrs = spans_of([make(target=p + "?q=1") for p in paths])
+    assert [a["url.path"] for a in attrs] == paths
+    cached = t._encoder._paths
+    assert len(cached) <= 3
+    assert "/users/42" not in cached and "/" + "x" * 300 not in cached  # id / too long
+    assert "/e" in cached
+
+
+def test_size_and_connection_caches_are_bounded_and_exact(monkeypatch):
+    from otel_ebpf.telemetry import spans as spans_mod
+    monkeypatch.setattr(spans_mod, "_MAX_SIZES", 2)
+    monkeypatch.setattr(spans_mod, "_MAX_CONNECTIONS", 2)
+    exchanges = [make(remote_port=50000 + i % 4, request_body_size=i % 3,
+                      response_body_size=None if i % 5 == 0 else 600 + i % 4)
+                 for i in range(20)]
+    t, attrs = spans_of(exchanges)
+    for ex, a in zip(exchanges, attrs):
+        assert a["client.port"] == a["network.peer.port"] == ex.remote_port
+        assert a["http.request.body.size"] == ex.request_body_size
+        assert a.get("http.response.body.size") == ex.response_body_size
+    assert len(t._encoder._sizes) <= 2 and len(t._encoder._connections) <= 2
+
+
+def test_connection_cache_keys_on_every_origin_attribute():
+    base = dict(role=Role.CLIENT, pid=777, host=None, remote_address="10.1.1.1",
+                remote_port=443, scheme="https")
+    exchanges = [make(**base), make(**{**base, "remote_port": 444}),
+                 make(**{**base, "host": "api.example:9000"}),
+                 make(**{**base, "user_agent": None}),
+                 make(**{**base, "protocol_version": "1.0"})]
+    _, attrs = spans_of(exchanges)
+    assert [(a["server.address"], a["server.port"]) for a in attrs] == [
+        ("10.1.1.1", 443), ("10.1.1.1", 444), ("api.example", 9000), ("10.1.1.1", 443),
+        ("10.1.1.1", 443)]
+    assert [a.get("user_agent.original") for a in attrs] == [
+        "curl/8.1.2", "curl/8.1.2", "curl/8.1.2", None, "curl/8.1.2"]
+    assert attrs[4]["network.protocol.version"] == "1.0"
+
+
+def test_connection_cache_skips_huge_blocks():
+    ua = "u" * 2000
+    t, attrs = spans_of([make(user_agent=ua), make(user_agent=ua, remote_port=1)])
+    assert [a["user_agent.original"] for a in attrs] == [ua, ua]
+    assert [a["client.port"] for a in attrs] == [51234, 1]
+    assert not t._encoder._connections
