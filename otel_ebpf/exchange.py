@@ -15,9 +15,17 @@ kernel monotonic time once, in conntrack.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from enum import Enum
+from enum import Enum, IntEnum
 
-from otel_ebpf.capture.events import Role
+
+
+class Role(IntEnum):
+    """Which side of the connection the process is on; numbered like ROLE_* in
+    bpf/include/events.h."""
+
+    UNKNOWN = 0  # opened before we attached: conntrack infers it from /proc or the bytes
+    SERVER = 1  # the socket came from accept/accept4
+    CLIENT = 2  # the socket came from connect
 
 
 class Outcome(str, Enum):

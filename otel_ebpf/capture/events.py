@@ -15,6 +15,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from enum import IntEnum
 
+# Role belongs to the record (a server or client exchange); the kernel numbers it the same
+# way (ROLE_* in bpf/include/events.h), and capture re-exports it for its decoders.
+from otel_ebpf.exchange import Role  # noqa: F401
+
 # The same numbers as the EVENT_* / ROLE_* / DIR_* / SOURCE_* macros in bpf/include/events.h.
 
 
@@ -23,12 +27,6 @@ class EventKind(IntEnum):
     DATA = 2
     CONN_CLOSE = 3
     EXCHANGE = 4  # a whole request/response pair settled by the kernel fast path
-
-
-class Role(IntEnum):
-    UNKNOWN = 0  # opened before we attached: conntrack infers it from /proc or the bytes
-    SERVER = 1  # the socket came from accept/accept4
-    CLIENT = 2  # the socket came from connect
 
 
 class Direction(IntEnum):

@@ -37,8 +37,7 @@ import os
 from collections.abc import Callable, Mapping
 from typing import Protocol
 
-from otel_ebpf.capture.events import Role
-from otel_ebpf.exchange import HttpExchange
+from otel_ebpf.exchange import HttpExchange, Role
 from otel_ebpf.telemetry import otlp_encode as enc
 from otel_ebpf.telemetry.attributes import AttrValue, server_endpoint, url_path
 from otel_ebpf.telemetry.metrics import MAX_SERIES, ActiveRequests, MetricsAggregator

@@ -24,8 +24,7 @@ Rules (https://opentelemetry.io/docs/specs/semconv/http/http-spans/):
 
 from __future__ import annotations
 
-from otel_ebpf.capture.events import Role
-from otel_ebpf.exchange import HttpExchange, Outcome
+from otel_ebpf.exchange import HttpExchange, Outcome, Role
 from otel_ebpf.telemetry.redact import QueryRedactor
 
 AttrValue = str | int | float | bool

@@ -22,8 +22,7 @@ from __future__ import annotations
 import os
 import re
 
-from otel_ebpf.capture.events import Role
-from otel_ebpf.exchange import HttpExchange, Outcome
+from otel_ebpf.exchange import HttpExchange, Outcome, Role
 from otel_ebpf.telemetry import otlp_encode as enc
 from otel_ebpf.telemetry.attributes import (
     DEFAULT_PORTS,

@@ -30,9 +30,8 @@ from __future__ import annotations
 import struct
 from collections.abc import Callable
 
-from otel_ebpf.capture.events import Role
 from otel_ebpf.capture.reader import EXCHANGE_HDR, PENDING_TAIL, DecodeError, format_address
-from otel_ebpf.exchange import HttpExchange, Outcome
+from otel_ebpf.exchange import HttpExchange, Outcome, Role
 from otel_ebpf.protocols.http1.parse import captured_headers
 from otel_ebpf.protocols.http1.stitch import build_exchange
 from otel_ebpf.stats import Stats

@@ -34,8 +34,7 @@ from collections.abc import Callable
 from dataclasses import fields
 from typing import TYPE_CHECKING
 
-from otel_ebpf.capture.events import Role
-from otel_ebpf.exchange import HttpExchange, Outcome
+from otel_ebpf.exchange import HttpExchange, Outcome, Role
 from otel_ebpf.protocols.base import HeadVerdict, MessageKind
 from otel_ebpf.protocols.http1.parse import (
     BODY_CLOSE,
