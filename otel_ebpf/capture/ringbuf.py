@@ -25,12 +25,20 @@ contiguous; we map it once. The mapping counts fully in the daemon's RSS (the ke
 inserts every page at mmap time), so the second copy would cost as much resident
 memory as the ring buffer itself, to spare a copy of the rare record that wraps.
 
+Positions are read and written whole: through a ctypes u64 over the consumer page and a
+u64 memoryview over the producer page, i.e. one 8-byte load or store. struct's "<Q"
+goes byte by byte, and the kernel, reading a consumer position half written, saw it far
+behind and refused reservations as if the buffer were full (measured: 18-37 of ~300k
+records lost at 60k records/s with struct, none with whole stores, none with libbpf's
+own consumer).
+
 Wake-ups: the kernel may submit with BPF_RB_NO_WAKEUP (no epoll wake-up below a fill
 threshold), so callers wait up to their timeout and then drain regardless.
 """
 
 from __future__ import annotations
 
+import ctypes
 import mmap
 import os
 import select
@@ -41,12 +49,12 @@ DISCARD = 1 << 30
 HDR_SIZE = 8
 PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
 
-_U64 = struct.Struct("<Q")
 _U32 = struct.Struct("<I")
 
 
 class RingBuffer:
-    __slots__ = ("_fd", "_size", "_mask", "_cons", "_data", "_end", "_epoll", "records")
+    __slots__ = ("_fd", "_size", "_mask", "_cons", "_data", "_end", "_epoll", "records",
+                 "_cons_pos", "_prod_pos")
 
     def __init__(self, map_fd: int, data_size: int) -> None:
         if data_size <= 0 or data_size & (data_size - 1) or data_size % PAGE_SIZE:
@@ -64,16 +72,22 @@ class RingBuffer:
             self._cons.close()
             raise
         self._end = PAGE_SIZE + data_size
+        self._view_positions()
         self._epoll = select.epoll()
         self._epoll.register(map_fd, select.EPOLLIN)
         self.records = 0  # handed to on_record since start
+
+    def _view_positions(self) -> None:
+        """Whole 8-byte loads and stores of the positions (see the module doc)."""
+        self._cons_pos = ctypes.c_uint64.from_buffer(self._cons, 0)
+        self._prod_pos = memoryview(self._data)[:8].cast("Q")
 
     def fileno(self) -> int:
         return self._epoll.fileno()
 
     def pending(self) -> int:
         """Bytes between the consumer and producer positions (headers included)."""
-        return _U64.unpack_from(self._data, 0)[0] - _U64.unpack_from(self._cons, 0)[0]
+        return self._prod_pos[0] - self._cons_pos.value
 
     def wait(self, timeout_ms: int) -> bool:
         """Block until the kernel signals data or timeout_ms passed (0: don't block)."""
@@ -84,11 +98,12 @@ class RingBuffer:
 
     def drain(self, on_record) -> int:
         """Hand every complete record to on_record(buf, offset, size); see the module doc."""
-        data, cons_map = self._data, self._cons
-        u64, u32 = _U64, _U32
+        data = self._data
+        cons_pos, prod_pos = self._cons_pos, self._prod_pos
+        u32 = _U32
         mask, end = self._mask, self._end
-        cons = u64.unpack_from(cons_map, 0)[0]
-        prod = u64.unpack_from(data, 0)[0]
+        cons = cons_pos.value
+        prod = prod_pos[0]
         handed = 0
         while cons < prod:
             while cons < prod:
@@ -100,7 +115,7 @@ class RingBuffer:
                 size = word & ~(BUSY | DISCARD)
                 cons += (size + HDR_SIZE + 7) & ~7
                 if word & DISCARD:
-                    u64.pack_into(cons_map, 0, cons)
+                    cons_pos.value = cons
                     continue
                 start = off + HDR_SIZE
                 if start + size <= end:
@@ -109,12 +124,12 @@ class RingBuffer:
                     first = end - start
                     keep = on_record(data[start:end] + data[PAGE_SIZE:PAGE_SIZE + size - first],
                                      0, size)
-                u64.pack_into(cons_map, 0, cons)
+                cons_pos.value = cons
                 handed += 1
                 if keep is False:
                     self.records += handed
                     return handed
-            prod = u64.unpack_from(data, 0)[0]
+            prod = prod_pos[0]
         self.records += handed
         return handed
 
@@ -123,5 +138,9 @@ class RingBuffer:
         if self._epoll is not None:
             self._epoll.close()
             self._epoll = None
+            # The position views export the mappings' buffers: release them first.
+            self._prod_pos.release()
+            self._prod_pos = None
+            self._cons_pos = None
             self._data.close()
             self._cons.close()

@@ -32,6 +32,7 @@ def fake_ring() -> RingBuffer:
     rb._cons = bytearray(PAGE_SIZE)
     rb._data = bytearray(PAGE_SIZE + SIZE)
     rb._end = PAGE_SIZE + SIZE
+    rb._view_positions()
     rb._epoll = None
     rb.records = 0
     return rb
