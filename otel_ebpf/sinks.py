@@ -97,7 +97,9 @@ class JsonlSink(_LineSink):
                  redact: QueryRedactor | None = None) -> None:
         stream = _open_output(path)
         super().__init__(stream, stats)
-        self._buffer = stream.buffer  # orjson makes bytes: write them as they are
+        # orjson makes bytes: written to the text stream's own buffer, which the
+        # inherited flush() (TextIOWrapper.flush) flushes too.
+        self._buffer = stream.buffer
         self._process_name = process_name
         self._redact = redact or _default_redactor
 
@@ -109,14 +111,6 @@ class JsonlSink(_LineSink):
                 exchange_record(exchange, self._process_name(exchange.pid), self._redact),
                 option=orjson.OPT_APPEND_NEWLINE))
         except (OSError, ValueError) as exc:  # EPIPE, ENOSPC, closed stream
-            self._fail(exc)
-
-    def flush(self) -> None:
-        if self._broken:
-            return
-        try:
-            self._buffer.flush()
-        except (OSError, ValueError) as exc:
             self._fail(exc)
 
 
