@@ -116,6 +116,17 @@ def self_signed_certificate(directory: Path) -> tuple[Path, Path]:
     return cert, key
 
 
+def poll_until_quiet(capture, quiet_s: float, limit_s: float) -> None:
+    """Poll a Capture until no record arrived for quiet_s (at most limit_s in all)."""
+    deadline = time.monotonic() + limit_s
+    last = time.monotonic()
+    while time.monotonic() < deadline:
+        if capture.poll(50):
+            last = time.monotonic()
+        elif time.monotonic() - last > quiet_s:
+            return
+
+
 def settle(seconds: float = 1.5) -> None:
     """Let the ring buffer drain and the daemon's loop emit before it is stopped."""
     time.sleep(seconds)

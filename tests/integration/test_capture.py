@@ -29,7 +29,7 @@ from otel_ebpf.capture.events import ConnCloseEvent, ConnOpenEvent, DataEvent, D
 from otel_ebpf.capture.loader import LOSS_COUNTERS, Capture, CaptureOptions
 from otel_ebpf.stats import Stats
 
-from .peers import free_port, wait_for_port
+from .peers import free_port, poll_until_quiet, wait_for_port
 
 N = 23  # prime: off-by-one and duplicates show
 
@@ -46,13 +46,7 @@ def capture(bpf_available):
 
 def drain(cap: Capture, quiet_s: float = 0.3, limit_s: float = 10.0) -> list:
     """Poll until no event arrived for quiet_s; return (and forget) what came."""
-    deadline = time.monotonic() + limit_s
-    last = time.monotonic()
-    while time.monotonic() < deadline:
-        if cap.poll(50):
-            last = time.monotonic()
-        elif time.monotonic() - last > quiet_s:
-            break
+    poll_until_quiet(cap, quiet_s, limit_s)
     out = list(cap.events)
     cap.events.clear()
     return out

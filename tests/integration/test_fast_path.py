@@ -22,7 +22,14 @@ from otel_ebpf.capture.loader import Capture, CaptureOptions
 from otel_ebpf.capture.reader import EXCHANGE_HDR
 from otel_ebpf.stats import Stats
 
-from .peers import Nginx, free_port, python_keepalive_server, self_signed_certificate, wait_for_port
+from .peers import (
+    Nginx,
+    free_port,
+    poll_until_quiet,
+    python_keepalive_server,
+    self_signed_certificate,
+    wait_for_port,
+)
 
 N = 23  # prime: off-by-one and duplicates show
 EVENT_EXCHANGE = 4
@@ -78,13 +85,7 @@ def fast(bpf_available):
 
 def drain(cap: Capture, quiet_s: float = 0.4, limit_s: float = 15.0):
     """Poll until nothing arrived for quiet_s; return (events, exchanges) and forget them."""
-    deadline = time.monotonic() + limit_s
-    last = time.monotonic()
-    while time.monotonic() < deadline:
-        if cap.poll(50):
-            last = time.monotonic()
-        elif time.monotonic() - last > quiet_s:
-            break
+    poll_until_quiet(cap, quiet_s, limit_s)
     out = list(cap.events), list(cap.exchanges)
     cap.events.clear()
     cap.exchanges.clear()

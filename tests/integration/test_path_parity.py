@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import os
 import subprocess
-import time
 
 import pytest
 
@@ -23,7 +22,7 @@ from otel_ebpf.conntrack import ConnectionTable, ConntrackOptions
 from otel_ebpf.protocols.http1.kernel_exchange import KernelExchangeDecoder
 from otel_ebpf.stats import Stats
 
-from .peers import free_port, python_keepalive_server
+from .peers import free_port, poll_until_quiet, python_keepalive_server
 
 pytestmark = pytest.mark.usefixtures("bpf_available")
 
@@ -49,13 +48,7 @@ class Pipeline:
                            {EventKind.EXCHANGE: self.decoder.on_record})
 
     def drain(self, quiet_s: float = 0.5, limit_s: float = 15.0) -> None:
-        deadline = time.monotonic() + limit_s
-        last = time.monotonic()
-        while time.monotonic() < deadline:
-            if self.capture.poll(50):
-                last = time.monotonic()
-            elif time.monotonic() - last > quiet_s:
-                return
+        poll_until_quiet(self.capture, quiet_s, limit_s)
 
     def close(self) -> None:
         self.capture.close()
