@@ -39,6 +39,16 @@ class Source(IntEnum):
     OPENSSL = 1  # plaintext seen at SSL_read/SSL_write (the stream is TLS on the wire)
 
 
+class Protocol(IntEnum):
+    """The application protocol the kernel inferred for a stream (PROTO_* in
+    bpf/include/events.h); conntrack picks the decoder by it (protocols/registry.py)."""
+
+    UNKNOWN = 0  # the first bytes were too short to say: user space sniffs them
+    HTTP1 = 1
+    NOT_HTTP = 2  # nothing we decode (never emitted)
+    HTTP2 = 3
+
+
 # A connection is (tgid, fd, generation): the generation changes whenever the fd number
 # is reused, so a reused fd is a new connection. For TLS streams with no fd tied to
 # them, capture uses a synthetic negative fd derived from the SSL* pointer.
@@ -68,6 +78,9 @@ class ConnOpenEvent:
     # (0, 0) from the connection's start; a message boundary further in when the kernel
     # fast path served the first exchanges and then handed the connection over.
     stream_start: tuple[int, int] = (0, 0)
+    # The protocol the kernel inferred for this source's stream when it emitted the open
+    # (Protocol); UNKNOWN when it could not tell yet.
+    protocol: int = 0
 
     @property
     def key(self) -> ConnKey:

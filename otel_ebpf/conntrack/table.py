@@ -55,7 +55,8 @@ from otel_ebpf.capture.events import (
 from otel_ebpf.conntrack import procfs
 from otel_ebpf.conntrack.options import ConntrackOptions
 from otel_ebpf.exchange import HttpExchange, Outcome
-from otel_ebpf.protocols.http1.stitch import ConnectionInfo, Http1Session, SessionContext
+from otel_ebpf.protocols.base import ConnectionInfo, SessionContext
+from otel_ebpf.protocols.http1.stitch import Http1Session
 from otel_ebpf.stats import Stats
 
 logger = logging.getLogger(__name__)

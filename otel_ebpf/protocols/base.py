@@ -1,6 +1,14 @@
-"""Shared vocabulary between a protocol's framer (parse) and its stitcher (stitch).
+"""The protocol seam: what conntrack hands a protocol, and what a protocol gives back.
 
-A framer turns one direction of one connection (bytes plus "N bytes you cannot see"
+Conntrack owns connections and byte positions; it knows no protocol. For each
+connection it creates one Session of the protocol the kernel inferred (registry.py)
+and feeds it each direction's bytes in stream order, plus "N bytes you cannot see"
+gaps. The session appends the exchanges it completes to `SessionContext.out`.
+Every protocol implements `Session`; `ConnectionInfo` is what it knows of its
+connection, `SessionContext` what all sessions of one connection table share.
+
+The rest of this module is HTTP/1's vocabulary between its framer (parse) and its
+stitcher (stitch). A framer turns one direction of one connection (bytes plus "N bytes you cannot see"
 gaps, from conntrack) into message events and reports them to a listener, the
 stitcher, which pairs requests with responses. Nothing here raises on bad traffic:
 a framer that cannot continue reports `on_invalid(reason)` and stops.
@@ -9,7 +17,99 @@ a framer that cannot continue reports `on_invalid(reason)` and stops.
 from __future__ import annotations
 
 from enum import IntEnum
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
+
+from otel_ebpf.exchange import HttpExchange, Outcome, Role
+
+if TYPE_CHECKING:
+    from otel_ebpf.conntrack.options import ConntrackOptions
+    from otel_ebpf.stats import Stats
+
+
+class ConnectionInfo:
+    """What a session knows about its connection (conntrack fills it in)."""
+
+    __slots__ = (
+        "tgid",
+        "role",
+        "local_address",
+        "local_port",
+        "remote_address",
+        "remote_port",
+        "scheme",
+    )
+
+    def __init__(self, tgid: int, role: Role) -> None:
+        self.tgid = tgid
+        self.role = role
+        self.local_address: str | None = None
+        self.local_port: int | None = None
+        self.remote_address: str | None = None
+        self.remote_port: int | None = None
+        self.scheme = "http"
+
+
+class Session(Protocol):
+    """One connection's decoder, for one protocol. Never raises on bad traffic: it
+    counts what it cannot decode and, when it cannot go on, sets `disabled`."""
+
+    disabled: str | None  # None while decoding; the reason once it gave up or closed
+
+    def feed(self, direction: int, data: bytes, ts: int, tid: int) -> None:
+        """The next captured bytes of one direction (Direction.INGRESS / EGRESS), in
+        stream order; ts: kernel monotonic ns when the syscall returned."""
+
+    def gap(self, direction: int, size: int, ts: int) -> None:
+        """`size` bytes of that direction moved but were not captured."""
+
+    def close(self, ts: int, outcome: Outcome, reason: str, finish_body: bool = True) -> None:
+        """The connection ended: report what is pending with that outcome."""
+
+    def discard(self) -> None:
+        """Forget the connection (evicted, idle, filtered): count what was pending."""
+
+    def expire(self, now: int, timeout_ns: int) -> bool:
+        """Report requests older than the timeout; True while some still wait."""
+
+    def buffered(self) -> int:
+        """Bytes held in this session's buffers."""
+
+
+class SessionContext:
+    """State shared by all sessions of one connection table."""
+
+    __slots__ = (
+        "options",
+        "stats",
+        "offset_ns",
+        "out",
+        "active",
+        "pending_sessions",
+        "capture_request",
+        "capture_response",
+        "max_pending",
+        "upgrades",
+    )
+
+    def __init__(self, options: ConntrackOptions, stats: Stats, offset_ns: int) -> None:
+        self.options = options
+        self.stats = stats
+        self.offset_ns = offset_ns  # kernel monotonic ns + offset = unix ns
+        self.out: list[HttpExchange] = []  # exchanges completed by the current call
+        # (pid, method, scheme, local_port) -> server requests in flight
+        self.active: dict[tuple[int, str, str, int | None], int] = {}
+        # sessions with requests waiting: conntrack calls their expire()
+        self.pending_sessions: set[Session] = set()
+        self.max_pending = options.max_pending_requests
+        self.capture_request = frozenset(
+            h.lower().encode("latin-1") for h in options.capture_request_headers
+        )
+        self.capture_response = frozenset(
+            h.lower().encode("latin-1") for h in options.capture_response_headers
+        )
+        # protocol switches asked for by sessions during the current call (an HTTP/1
+        # `101 Switching Protocols` to h2c): (session, protocol name, upgrade request)
+        self.upgrades: list[tuple[Session, str, object]] = []
 
 
 class MessageKind(IntEnum):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from otel_ebpf.capture.events import Direction, Role, Source
 from otel_ebpf.exchange import HttpExchange, Outcome
-from otel_ebpf.protocols.http1.stitch import build_exchange
+from otel_ebpf.exchange import build_exchange
 from tests.unit.test_http1_support import FakeConn, get_request, make_table, ok_response
 
 N = 23  # counting tests use a prime: off-by-one and duplicates show

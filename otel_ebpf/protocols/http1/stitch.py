@@ -30,22 +30,14 @@ in which direction carries requests.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
-from dataclasses import fields
-from typing import TYPE_CHECKING
-
-from otel_ebpf.exchange import HttpExchange, Outcome, Role
-from otel_ebpf.protocols.base import HeadVerdict, MessageKind
+from otel_ebpf.exchange import Outcome, Role, build_exchange
+from otel_ebpf.protocols.base import ConnectionInfo, HeadVerdict, MessageKind, SessionContext
 from otel_ebpf.protocols.http1.parse import (
     BODY_CLOSE,
     MessageFramer,
     RequestHead,
     ResponseHead,
 )
-
-if TYPE_CHECKING:
-    from otel_ebpf.conntrack.options import ConntrackOptions
-    from otel_ebpf.stats import Stats
 
 logger = logging.getLogger(__name__)
 
@@ -59,84 +51,6 @@ _STOP = HeadVerdict.STOP
 _OK = Outcome.OK
 _TRUNCATED = Outcome.TRUNCATED
 _TIMEOUT = Outcome.TIMEOUT
-
-
-def _compile_exchange_builder() -> Callable[..., HttpExchange]:
-    """A positional constructor for HttpExchange that skips the frozen-dataclass __init__.
-
-    The generated __init__ of a frozen dataclass stores each of the 26 fields through
-    object.__setattr__ (name lookup + descriptor call): ~4 us here, a fifth of the whole
-    per-exchange budget. Calling each slot's descriptor directly halves that. The
-    builder is generated from dataclasses.fields(), like dataclass's own __init__, so it
-    follows the contract's field order; a unit test checks it equals HttpExchange(...).
-    """
-    names = [f.name for f in fields(HttpExchange)]
-    namespace: dict[str, object] = {"_new": object.__new__, "_cls": HttpExchange}
-    lines = [f"def build({', '.join(names)}):", "    obj = _new(_cls)"]
-    for name in names:
-        namespace["_set_" + name] = getattr(HttpExchange, name).__set__
-        lines.append(f"    _set_{name}(obj, {name})")
-    lines.append("    return obj")
-    exec("\n".join(lines), namespace)  # noqa: S102 - code built from field names only
-    return namespace["build"]  # type: ignore[return-value]
-
-
-build_exchange = _compile_exchange_builder()
-
-
-class ConnectionInfo:
-    """What the stitcher needs to know about its connection (conntrack fills it in)."""
-
-    __slots__ = (
-        "tgid",
-        "role",
-        "local_address",
-        "local_port",
-        "remote_address",
-        "remote_port",
-        "scheme",
-    )
-
-    def __init__(self, tgid: int, role: Role) -> None:
-        self.tgid = tgid
-        self.role = role
-        self.local_address: str | None = None
-        self.local_port: int | None = None
-        self.remote_address: str | None = None
-        self.remote_port: int | None = None
-        self.scheme = "http"
-
-
-class SessionContext:
-    """State shared by all sessions of one connection table."""
-
-    __slots__ = (
-        "options",
-        "stats",
-        "offset_ns",
-        "out",
-        "active",
-        "pending_sessions",
-        "capture_request",
-        "capture_response",
-        "max_pending",
-    )
-
-    def __init__(self, options: ConntrackOptions, stats: Stats, offset_ns: int) -> None:
-        self.options = options
-        self.stats = stats
-        self.offset_ns = offset_ns  # kernel monotonic ns + offset = unix ns
-        self.out: list[HttpExchange] = []
-        # (pid, method, scheme, local_port) -> server requests in flight
-        self.active: dict[tuple[int, str, str, int | None], int] = {}
-        self.pending_sessions: set[Http1Session] = set()
-        self.max_pending = options.max_pending_requests
-        self.capture_request = frozenset(
-            h.lower().encode("latin-1") for h in options.capture_request_headers
-        )
-        self.capture_response = frozenset(
-            h.lower().encode("latin-1") for h in options.capture_response_headers
-        )
 
 
 class _Pending:
@@ -216,6 +130,9 @@ class Http1Session:
         self.disabled: str | None = None
 
     # -- from conntrack -----------------------------------------------------------------
+
+    def feed(self, direction: int, data: bytes, ts: int, tid: int) -> None:
+        self.framers[direction].feed(data, ts, tid)
 
     def gap(self, direction: int, size: int, ts: int) -> None:
         self.framers[direction].gap(size, ts)
