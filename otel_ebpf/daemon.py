@@ -3,7 +3,8 @@
 One thread does the per-exchange work, in pipeline order:
 
     capture (ring buffer poll) -> conntrack/http1 (ConnectionTable.handle)
-        -> sinks (console | jsonl | telemetry -> OTLP exporter)
+        -> sinks (console | jsonl | telemetry -> OTLP exporter | the caller's
+           ExchangeSink: the live table of `otel-ebpf top`)
     capture -> http1 KernelExchangeDecoder (one record per exchange: the kernel
         fast path) -> the same sinks
 
@@ -26,6 +27,7 @@ import signal
 import threading
 import time
 from collections.abc import Callable
+from typing import Protocol
 
 from otel_ebpf.capture.events import ConnOpenEvent, EventKind
 from otel_ebpf.capture.loader import Capture
@@ -91,10 +93,29 @@ class LoopWatch:
                         self._slowest[1] * 1000)
 
 
+class ExchangeSink(Protocol):
+    """An in-process consumer that takes the place of the configured exporter (the
+    table of `otel-ebpf top`). Called from the capture loop's thread only."""
+
+    def handle(self, exchange: HttpExchange) -> None: ...
+
+    def flush(self) -> None: ...  # after each ring-buffer poll that drained records
+
+    def tick(self, now: float) -> bool: ...  # every loop pass (<= 100 ms); False: stop
+
+    def close(self) -> None: ...  # at shutdown, after the last exchange
+
+
 class Daemon:
-    def __init__(self, config: Config, stats: Stats | None = None) -> None:
+    def __init__(self, config: Config, stats: Stats | None = None,
+                 sink_factory: Callable[[ProcessResolver], ExchangeSink] | None = None
+                 ) -> None:
+        """`sink_factory`, when given, builds the one output from the process resolver
+        instead of config.output.exporter (`otel-ebpf top` reuses the whole pipeline)."""
         self.config = config
         self.stats = stats or Stats()
+        self._sink_factory = sink_factory
+        self._sink: ExchangeSink | None = None
         self._stop = threading.Event()
         self._closers: list[Callable[[], None]] = []  # run in reverse order at shutdown
         self._flushers: list[Callable[[], None]] = []  # after every ring-buffer poll
@@ -133,6 +154,11 @@ class Daemon:
             info = processes.get(pid)
             return info.executable_name if info else None
 
+        if self._sink_factory is not None:
+            self._sink = self._sink_factory(processes)
+            self._closers.append(self._sink.close)
+            self._flushers.append(self._sink.flush)
+            return [self._sink.handle]
         if output.exporter == "console":
             self._console = ConsoleSink(process_name, stats, redact=self._redact)
             self._closers.append(self._console.close)
@@ -249,6 +275,7 @@ class Daemon:
         stats_interval = config.output.stats_interval_s
         next_stats = now + stats_interval if stats_interval > 0 else float("inf")
         telemetry = self._telemetry
+        sink = self._sink
 
         flushers = self._flushers
         watch = LoopWatch(stats)
@@ -291,6 +318,8 @@ class Daemon:
             if now >= next_stats:
                 next_stats = now + stats_interval
                 self._report_stats()
+            if sink is not None and not sink.tick(now):
+                self._stop.set()
             watch.end()
 
     def _capture_options(self):
