@@ -21,6 +21,8 @@ fi
 need=(bpfcc-tools python3-bpfcc linux-headers-amd64 python3-venv libssl3 openssl curl)
 if [ "$WITH_TEST_PEERS" = "--test-peers" ]; then
   need+=(nginx-light wrk nodejs golang-go apache2-utils iproute2)
+  # tests/integration/test_prometheus.py scrapes the daemon with a real Prometheus server.
+  need+=(prometheus)
 fi
 missing=()
 for p in "${need[@]}"; do
