@@ -1,6 +1,7 @@
 """The `otel-ebpf` command: argument parsing and exit codes only.
 
     otel-ebpf run      capture HTTP exchanges and export them (default: console)
+    otel-ebpf top      a live table of requests/s, errors and latency per service and route
     otel-ebpf check    what this kernel and machine allow, and what follows from it
     otel-ebpf version
 
@@ -46,6 +47,36 @@ def _pid(text: str) -> int:
     return value
 
 
+def _add_capture_options(parser: argparse.ArgumentParser) -> None:
+    """Options of every command that runs the capture pipeline (run, top): settings and
+    which processes and connections to capture. A selector added here reaches both."""
+    parser.add_argument("--config", metavar="PATH", help="YAML configuration file")
+    parser.add_argument("--pid", type=_pid, action="append", metavar="N",
+                        help="trace only this process (repeatable)")
+    parser.add_argument("--port", type=_port, action="append", metavar="N",
+                        help="trace only connections whose local or remote port is N "
+                        "(repeatable)")
+    parser.add_argument("--no-tls", action="store_true",
+                        help="do not attach OpenSSL uprobes (plaintext capture only)")
+    parser.add_argument("--no-fast-path", action="store_true",
+                        help="send every connection through the chunk stream instead of "
+                        "pairing requests and responses in the kernel (debugging; costs "
+                        "more CPU)")
+    parser.add_argument("--log-level", choices=("debug", "info", "warning", "error"))
+
+
+def capture_overrides(args: argparse.Namespace) -> dict[str, object]:
+    """The options of _add_capture_options as dotted YAML keys (highest precedence)."""
+    pairs = {
+        "capture.pids": tuple(args.pid) if args.pid else None,
+        "capture.ports": tuple(args.port) if args.port else None,
+        "capture.tls": False if args.no_tls else None,
+        "capture.fast_path": False if args.no_fast_path else None,
+        "log_level": args.log_level,
+    }
+    return {key: value for key, value in pairs.items() if value is not None}
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="otel-ebpf",
@@ -60,7 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Capture every HTTP/1.x exchange on this host and export it. Settings "
         "come from defaults < YAML (--config) < environment (OTEL_*) < these options.",
     )
-    run.add_argument("--config", metavar="PATH", help="YAML configuration file")
+    _add_capture_options(run)
     run.add_argument(
         "--exporter",
         choices=("console", "jsonl", "otlp", "none"),
@@ -68,24 +99,14 @@ def build_parser() -> argparse.ArgumentParser:
         "else console)",
     )
     run.add_argument("--output", metavar="PATH", help="jsonl output file ('-' = stdout)")
-    run.add_argument("--pid", type=_pid, action="append", metavar="N",
-                     help="trace only this process (repeatable)")
-    run.add_argument("--port", type=_port, action="append", metavar="N",
-                     help="trace only connections whose local or remote port is N (repeatable)")
     run.add_argument("--otlp-endpoint", metavar="URL",
                      help="OTLP endpoint (same as OTEL_EXPORTER_OTLP_ENDPOINT)")
     run.add_argument("--otlp-protocol", choices=("grpc", "http/protobuf"),
                      help="OTLP protocol (same as OTEL_EXPORTER_OTLP_PROTOCOL)")
-    run.add_argument("--no-tls", action="store_true",
-                     help="do not attach OpenSSL uprobes (plaintext capture only)")
-    run.add_argument("--no-fast-path", action="store_true",
-                     help="send every connection through the chunk stream instead of pairing "
-                     "requests and responses in the kernel (debugging; costs more CPU)")
     run.add_argument("--health-file", metavar="PATH",
                      help="touch this file while the capture loop is alive")
     run.add_argument("--health-listen", metavar="HOST:PORT",
                      help="serve /healthz, /readyz and /stats on this local address")
-    run.add_argument("--log-level", choices=("debug", "info", "warning", "error"))
 
     check = sub.add_parser("check", help="diagnose what this kernel and machine allow")
     check.add_argument("--no-tls", action="store_true", help="skip the TLS library scan")
@@ -98,19 +119,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 def run_overrides(args: argparse.Namespace) -> dict[str, object]:
     """Command-line values as dotted YAML keys, the highest-precedence layer."""
-    overrides: dict[str, object] = {}
+    overrides = capture_overrides(args)
     pairs = {
         "output.exporter": args.exporter,
         "output.path": args.output,
-        "capture.pids": tuple(args.pid) if args.pid else None,
-        "capture.ports": tuple(args.port) if args.port else None,
         "export.otlp.endpoint": args.otlp_endpoint,
         "export.otlp.protocol": args.otlp_protocol,
-        "capture.tls": False if args.no_tls else None,
-        "capture.fast_path": False if args.no_fast_path else None,
         "health.file": args.health_file,
         "health.listen": args.health_listen,
-        "log_level": args.log_level,
     }
     for key, value in pairs.items():
         if value is not None:
