@@ -72,3 +72,24 @@ if [ ! -f "$stamp" ] || [ "$ROOT/pyproject.toml" -nt "$stamp" ]; then
   "$VENV/bin/pip" install -q -e "$ROOT[test]"
   touch "$stamp"
 fi
+
+# 5. Test peer: Jaeger v2 (tests/integration/test_jaeger.py), built from the Go module
+#    proxy once and cached (~10 min on 2 cores). `go install pkg@version` refuses it
+#    (its go.mod has a replace directive), so it is built inside its downloaded module,
+#    where go.mod and go.sum apply as the authors pinned them. No UI assets: those are
+#    not in the Go module (scripts/jaeger-screenshot.py says how to add them).
+if [ "$WITH_TEST_PEERS" = "--test-peers" ]; then
+  JAEGER_VERSION=v1.75.0
+  JAEGER_BIN="${OTEL_EBPF_JAEGER_BIN:-${OTEL_EBPF_CACHE:-/var/cache/otel-ebpf}/jaeger-$JAEGER_VERSION/jaeger}"
+  if [ ! -x "$JAEGER_BIN" ]; then
+    GO="$(command -v /usr/local/go/bin/go go | head -n 1)"
+    log "building Jaeger $JAEGER_VERSION into $JAEGER_BIN with $($GO version) (minutes)"
+    started=$(date +%s)
+    moddir="$("$GO" mod download -json "github.com/jaegertracing/jaeger@$JAEGER_VERSION" \
+      | sed -n 's/^[[:space:]]*"Dir": "\(.*\)",$/\1/p')"
+    mkdir -p "$(dirname "$JAEGER_BIN")"
+    (cd "$moddir" && "$GO" build -trimpath -o "$JAEGER_BIN.tmp" ./cmd/jaeger)
+    mv "$JAEGER_BIN.tmp" "$JAEGER_BIN"
+    log "built Jaeger in $(( $(date +%s) - started )) s"
+  fi
+fi
