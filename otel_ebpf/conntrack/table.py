@@ -1,12 +1,19 @@
 """ConnectionTable: capture events in, HttpExchange records out.
 
+Conntrack knows connections and byte positions, not protocols: each connection gets
+one Session (protocols/base.py) of the protocol the kernel inferred, or, when the
+kernel could not tell, of the protocol whose sniff() accepts the first captured bytes
+(protocols/registry.py). A session may hand its connection over to another protocol
+(HTTP/1.1 `101 Switching Protocols` to h2c): conntrack starts that protocol's session
+with the upgrade request and feeds it the rest (`conntrack.upgraded.<protocol>`).
+
 In: ConnOpenEvent / DataEvent / ConnCloseEvent (otel_ebpf.capture.events), in ring
 buffer order. Out: the HttpExchange records each call completed (usually none).
 
 One tracker per ConnKey (tgid, fd, generation). Per direction it follows the stream
 position (DataEvent.position/size): a chunk past the expected position means the
 kernel lost bytes, a truncated chunk (len(data) < size) means it did not copy them;
-either way the HTTP framer is told "N bytes you cannot see" so body sizes stay exact.
+either way the session is told "N bytes you cannot see" so body sizes stay exact.
 A chunk entirely behind the expected position (duplicate, or a late out-of-order chunk
 whose bytes were already accounted as a gap) is dropped; a partly overlapping one is
 trimmed. Both are counted.
@@ -21,7 +28,7 @@ TLS: when OPENSSL-source data arrives on a key, syscall-source data on it is
 ciphertext from then on: it is counted (`conntrack.ciphertext_ignored`) and ignored,
 and exchanges on the connection get scheme "https".
 
-Memory is bounded: per-connection buffered bytes (both framers) <= max_buffer_bytes,
+Memory is bounded: per-connection buffered bytes (the session's) <= max_buffer_bytes,
 at most max_connections trackers (least recently active evicted), idle trackers
 forgotten by expire(), at most max_pending_requests pipelined requests per connection.
 Counters (otel_ebpf.stats): conntrack.connections.opened/closed, conntrack.evicted,
@@ -55,8 +62,8 @@ from otel_ebpf.capture.events import (
 from otel_ebpf.conntrack import procfs
 from otel_ebpf.conntrack.options import ConntrackOptions
 from otel_ebpf.exchange import HttpExchange, Outcome
-from otel_ebpf.protocols.base import ConnectionInfo, SessionContext
-from otel_ebpf.protocols.http1.stitch import Http1Session
+from otel_ebpf.protocols import registry
+from otel_ebpf.protocols.base import ConnectionInfo, Session, SessionContext
 from otel_ebpf.stats import Stats
 
 logger = logging.getLogger(__name__)
@@ -73,10 +80,10 @@ _UNKNOWN = Role.UNKNOWN
 
 class Connection(ConnectionInfo):
     __slots__ = ("key", "fd", "seen_open", "stream_start", "tls", "expected", "session",
-                 "last_ts", "filtered")
+                 "last_ts", "filtered", "kernel_protocol", "protocol")
 
     def __init__(self, key: ConnKey, role: Role, seen_open: bool, ts: int,
-                 stream_start: tuple[int, int] = (0, 0)) -> None:
+                 stream_start: tuple[int, int] = (0, 0), kernel_protocol: int = 0) -> None:
         super().__init__(key[0], role)
         self.key = key
         self.fd = key[1]
@@ -87,9 +94,13 @@ class Connection(ConnectionInfo):
         self.tls = False
         # next expected position per Direction; None: take the first chunk's position
         self.expected: list[int | None] = list(stream_start) if seen_open else [None, None]
-        self.session: Http1Session | None = None
+        self.session: Session | None = None
         self.last_ts = ts
         self.filtered = False
+        # the protocol the kernel inferred (capture.events.Protocol; 0: it could not tell)
+        self.kernel_protocol = kernel_protocol
+        # the protocol decoding it (registry.ProtocolSpec); None until the session starts
+        self.protocol: registry.ProtocolSpec | None = None
 
 
 class ConnectionTable:
@@ -112,6 +123,7 @@ class ConnectionTable:
         self._conns: OrderedDict[ConnKey, Connection] = OrderedDict()
         self._closed: OrderedDict[ConnKey, None] = OrderedDict()
         self._ctx = SessionContext(options, stats, clock_offset_ns)
+        self._ctx.upgrade_tokens = frozenset(registry.BY_UPGRADE_TOKEN)
         stats.gauge("conntrack.connections", self.__len__)
 
     def __len__(self) -> int:
@@ -200,7 +212,11 @@ class ConnectionTable:
             self.stats.add("conntrack.ciphertext_ignored")
             return
         session = conn.session
-        if session is None or session.disabled is not None:
+        if session is None:
+            if conn.protocol is not None or not ev.data:
+                return  # forgotten, or nothing yet to tell the protocol by
+            session = self._start_session(conn, ev.data)
+        elif session.disabled is not None:
             return
         direction = ev.direction
         position = ev.position
@@ -226,13 +242,14 @@ class ConnectionTable:
                 size -= cut
         conn.expected[direction] = end
         captured = len(data)
-        framer = session.framers[direction]
         if captured:
-            # The framer checks the per-connection buffer cap itself, where buffers grow.
-            framer.feed(data, ev.timestamp_ns, ev.tid)
+            # The session checks the per-connection buffer cap itself, where buffers grow.
+            session.feed(direction, data, ev.timestamp_ns, ev.tid)
+            if self._ctx.upgrades:
+                session = self._take_over(conn)
         if size > captured and session.disabled is None:
             self.stats.add("conntrack.truncated_bytes", size - captured)
-            framer.gap(size - captured, ev.timestamp_ns)
+            session.gap(direction, size - captured, ev.timestamp_ns)
 
     def _on_open(self, ev: ConnOpenEvent) -> None:
         key = (ev.tgid, ev.fd, ev.generation)
@@ -241,13 +258,15 @@ class ConnectionTable:
         conn = self._conns.get(key)
         if conn is None:
             conn = self._create(key, ev.role, ev.role != _UNKNOWN, ev.timestamp_ns, addresses,
-                                ev.stream_start)
+                                ev.stream_start, ev.protocol)
         else:
             # Data raced ahead of its open event: keep the tracker, learn what we can.
             self._conns.move_to_end(key)
             conn.last_ts = ev.timestamp_ns
             if conn.role == _UNKNOWN:
                 conn.role = ev.role
+            if ev.protocol:
+                conn.kernel_protocol = ev.protocol
             self._set_addresses(conn, addresses)
             self._apply_port_filter(conn)
         if ev.source == _OPENSSL and not conn.tls:
@@ -281,13 +300,14 @@ class ConnectionTable:
         ts: int,
         addresses: tuple[str | None, int | None, str | None, int | None] | None,
         stream_start: tuple[int, int] = (0, 0),
+        kernel_protocol: int = 0,
     ) -> Connection:
         conns = self._conns
         if len(conns) >= self.options.max_connections:
             _, victim = conns.popitem(last=False)
             self._forget(victim)
             self.stats.add("conntrack.evicted")
-        conn = Connection(key, role, seen_open, ts, stream_start)
+        conn = Connection(key, role, seen_open, ts, stream_start, kernel_protocol)
         if addresses is not None:
             self._set_addresses(conn, addresses)
         if (conn.local_port is None or conn.remote_port is None) and conn.fd >= 0:
@@ -295,9 +315,31 @@ class ConnectionTable:
         conns[key] = conn
         self.stats.add("conntrack.connections.opened")
         self._apply_port_filter(conn)
-        if not conn.filtered:
-            conn.session = Http1Session(conn, self._ctx, strict=seen_open)
+        if not conn.filtered and kernel_protocol in registry.BY_KERNEL_ID:
+            self._start_session(conn, b"")
+        # else: the first captured bytes tell the protocol (_on_data)
         return conn
+
+    def _start_session(self, conn: Connection, first_bytes: bytes) -> Session:
+        spec = registry.for_stream(conn.kernel_protocol, first_bytes)
+        conn.protocol = spec
+        session = conn.session = spec.session(conn, self._ctx, conn.seen_open)
+        return session
+
+    def _take_over(self, conn: Connection) -> Session:
+        """A session handed its connection to another protocol (h2c after a 101): start
+        that protocol's session with the upgrade request and the bytes after the 101."""
+        upgrades = self._ctx.upgrades
+        old, token, request, direction, rest = upgrades.pop()
+        upgrades.clear()  # one connection per call: nothing else can be queued
+        spec = registry.BY_UPGRADE_TOKEN[token]
+        assert spec.upgraded is not None  # BY_UPGRADE_TOKEN holds only specs that can
+        conn.protocol = spec
+        session = conn.session = spec.upgraded(conn, self._ctx, request)
+        self.stats.add("conntrack.upgraded." + spec.name)
+        if rest:
+            session.feed(direction, rest, conn.last_ts, request.tid)
+        return session
 
     def _set_addresses(
         self, conn: Connection, addresses: tuple[str | None, int | None, str | None, int | None]
@@ -351,7 +393,9 @@ class ConnectionTable:
             old.discard()
         # OpenSSL plaintext has its own positions; anything before it was ciphertext.
         conn.expected = list(conn.stream_start) if conn.seen_open else [None, None]
-        conn.session = Http1Session(conn, self._ctx, strict=conn.seen_open)
+        conn.session = None
+        conn.protocol = None  # the plaintext's first bytes tell (_on_data), unless the
+        conn.kernel_protocol = 0  # OpenSSL open event named it (that sets conn.tls first)
 
     def _forget(self, conn: Connection) -> None:
         if conn.session is not None:

@@ -17,7 +17,7 @@ a framer that cannot continue reports `on_invalid(reason)` and stops.
 from __future__ import annotations
 
 from enum import IntEnum
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, NamedTuple, Protocol
 
 from otel_ebpf.exchange import HttpExchange, Outcome, Role
 
@@ -47,6 +47,22 @@ class ConnectionInfo:
         self.remote_address: str | None = None
         self.remote_port: int | None = None
         self.scheme = "http"
+
+
+class UpgradeRequest(NamedTuple):
+    """An HTTP/1.1 request answered by `101 Switching Protocols`: in the protocol that
+    follows it is the first exchange (HTTP/2 over h2c: stream 1, RFC 7540 3.2)."""
+
+    method: str
+    target: str
+    host: str | None
+    user_agent: str | None
+    traceparent: str | None
+    tracestate: str | None
+    headers: tuple[tuple[str, str], ...]  # allow-listed captured request headers
+    body_size: int
+    start_ts: int  # kernel monotonic ns of the chunk with the request's first byte
+    tid: int
 
 
 class Session(Protocol):
@@ -89,6 +105,7 @@ class SessionContext:
         "capture_response",
         "max_pending",
         "upgrades",
+        "upgrade_tokens",
     )
 
     def __init__(self, options: ConntrackOptions, stats: Stats, offset_ns: int) -> None:
@@ -107,9 +124,13 @@ class SessionContext:
         self.capture_response = frozenset(
             h.lower().encode("latin-1") for h in options.capture_response_headers
         )
-        # protocol switches asked for by sessions during the current call (an HTTP/1
-        # `101 Switching Protocols` to h2c): (session, protocol name, upgrade request)
-        self.upgrades: list[tuple[Session, str, object]] = []
+        # Upgrade tokens ("h2c") that a registered protocol can take over after a 101
+        # (conntrack fills it from the registry).
+        self.upgrade_tokens: frozenset[str] = frozenset()
+        # Take-overs asked for by sessions during the current call: (session, upgrade
+        # token, the request that asked for it, direction, the bytes after the 101 head
+        # in the chunk that carried it). Conntrack starts the new protocol's session.
+        self.upgrades: list[tuple[Session, str, UpgradeRequest, int, bytes]] = []
 
 
 class MessageKind(IntEnum):

@@ -141,7 +141,7 @@ class RequestHead:
 
 
 class ResponseHead:
-    __slots__ = ("version", "status", "headers", "content_length", "chunked")
+    __slots__ = ("version", "status", "headers", "content_length", "chunked", "upgrade")
 
     def __init__(
         self,
@@ -150,12 +150,14 @@ class ResponseHead:
         headers: tuple[tuple[str, str], ...],
         content_length: int | None,
         chunked: bool,
+        upgrade: str | None = None,
     ) -> None:
         self.version = version
         self.status = status
         self.headers = headers
         self.content_length = content_length
         self.chunked = chunked
+        self.upgrade = upgrade  # the Upgrade header of a 101, lower case ("h2c")
 
 
 def _is_chunked(value: bytes) -> bool:
@@ -220,6 +222,18 @@ def parse_request_head(block: bytes, capture: frozenset[bytes] = frozenset()) ->
     )
 
 
+_MESSAGE_START_RE = re.compile(rb"HTTP/1\.|[!#$%&'*+.^_`|~0-9A-Za-z-]{1,32} [^ ]")
+
+
+def looks_like_http1(first: bytes) -> bool:
+    """Could a stream starting with these bytes be HTTP/1.x? A status line's version,
+    or a method token, a space and a target (not the HTTP/2 preface's "PRI * HTTP/2")."""
+    return _MESSAGE_START_RE.match(first) is not None and not first.startswith(b"PRI * HTTP/2")
+
+
+_UPGRADE_RE = re.compile(rb"\r\nupgrade[ \t]*:[ \t]*([^\r\n]*)", re.IGNORECASE)
+
+
 def parse_response_head(
     block: bytes, capture: frozenset[bytes] = frozenset()
 ) -> ResponseHead | None:
@@ -250,12 +264,19 @@ def parse_response_head(
                 content_length = length
             else:
                 chunked = _is_chunked(value)
+    status = int(code)
+    upgrade = None
+    if status == 101:  # which protocol follows (rare: looked up only here)
+        match = _UPGRADE_RE.search(block)
+        if match is not None:
+            upgrade = match.group(1).strip().lower().decode("latin-1")
     return ResponseHead(
         version,
-        int(code),
+        status,
         captured_headers(block, line_end, capture) if capture and line_end >= 0 else (),
         None if chunked else content_length,
         chunked,
+        upgrade,
     )
 
 
@@ -292,6 +313,7 @@ class MessageFramer:
         "capture",
         "prefix_limit",
         "max_buffer",
+        "stopped_at",
     )
 
     def __init__(
@@ -329,6 +351,7 @@ class MessageFramer:
         self.capture = capture
         self.prefix_limit = prefix_limit
         self.max_buffer = max_buffer  # per connection: both framers (listener.buffered())
+        self.stopped_at: int | None = None  # offset in the chunk where parsing stopped
 
     def buffered(self) -> int:
         size = len(self.buf) if self.buf is not None else 0
@@ -396,6 +419,7 @@ class MessageFramer:
             elif state == RESYNC:
                 pos = self._feed_resync(data, pos, ts, tid)
             else:  # DEAD
+                self.stopped_at = pos  # bytes from here on belong to what follows (upgrade)
                 break
         self.started = True
 

@@ -20,7 +20,9 @@ reported TRUNCATED ("response_lost"): their answers may have been sent unseen.
 Outcomes: OK; TIMEOUT ("timeout", end = the expire() time); CONNECTION_CLOSED
 ("connection_closed", or "shutdown" from close_all); CONNECTION_RESET; TRUNCATED
 ("gap_in_headers", "gap_in_chunked_framing", "response_lost"). A 101 response is
-reported with status 101 (the upgrade's final answer), then the connection is ignored.
+reported with status 101 (the upgrade's final answer), then the connection is ignored,
+unless the Upgrade token names a protocol the registry decodes (h2c): then the request
+is handed over (`SessionContext.upgrades`) and that protocol reports it.
 
 Timing (exchange.py): start = timestamp of the chunk carrying the first request byte;
 end = the chunk carrying the last response byte. Server and client roles only differ
@@ -31,7 +33,13 @@ from __future__ import annotations
 
 import logging
 from otel_ebpf.exchange import Outcome, Role, build_exchange
-from otel_ebpf.protocols.base import ConnectionInfo, HeadVerdict, MessageKind, SessionContext
+from otel_ebpf.protocols.base import (
+    ConnectionInfo,
+    HeadVerdict,
+    MessageKind,
+    SessionContext,
+    UpgradeRequest,
+)
 from otel_ebpf.protocols.http1.parse import (
     BODY_CLOSE,
     MessageFramer,
@@ -91,6 +99,7 @@ class Http1Session:
         "resp_lost",
         "stop_reason",
         "disabled",
+        "handover",
     )
 
     def __init__(self, conn: ConnectionInfo, ctx: SessionContext, strict: bool) -> None:
@@ -128,11 +137,21 @@ class Http1Session:
         self.resp_lost = False  # the response stream lost a message start
         self.stop_reason: str | None = None  # disable after this response (upgrade)
         self.disabled: str | None = None
+        # set by a 101 to a protocol the registry knows: (token, the upgrade request)
+        self.handover: tuple[str, UpgradeRequest] | None = None
 
     # -- from conntrack -----------------------------------------------------------------
 
     def feed(self, direction: int, data: bytes, ts: int, tid: int) -> None:
-        self.framers[direction].feed(data, ts, tid)
+        framer = self.framers[direction]
+        framer.feed(data, ts, tid)
+        if self.handover is not None and self.disabled is not None:
+            # The 101 head ended inside this chunk: the rest is the new protocol's.
+            token, request = self.handover
+            self.handover = None
+            at = framer.stopped_at
+            rest = data[at:] if at is not None else b""
+            self.ctx.upgrades.append((self, token, request, direction, rest))
 
     def gap(self, direction: int, size: int, ts: int) -> None:
         self.framers[direction].gap(size, ts)
@@ -262,6 +281,10 @@ class Http1Session:
         method = p.head.method
         if status == 101:
             self.stop_reason = "upgrade"  # the bytes that follow are not HTTP/1.x
+            if head.upgrade in self.ctx.upgrade_tokens:
+                # h2c: not the final answer; the new protocol answers the request (stream
+                # 1), so the session that takes over reports it (on_message_end).
+                self.handover = (head.upgrade, p)  # type: ignore[assignment]
             return _NO_BODY
         if method == "CONNECT" and status < 300:
             self.stop_reason = "tunnel"
@@ -296,6 +319,12 @@ class Http1Session:
         self.resp_current = None
         if p.timed_out:
             self.ctx.stats.add("http.late_responses")
+        elif self.handover is not None and self.handover[1] is p:
+            head = p.head
+            self._release(p)
+            self.handover = (self.handover[0], UpgradeRequest(
+                head.method, head.target, head.host, head.user_agent, head.traceparent,
+                head.tracestate, head.headers, p.body_size, p.start_ts, p.tid))
         else:
             if reason is None:
                 reason = p.truncated
