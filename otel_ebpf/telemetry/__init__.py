@@ -316,6 +316,20 @@ class Telemetry:
         self.flush()
         self._closed = True
 
+    def metrics_request(self) -> bytes:
+        """The ExportMetricsServiceRequest the periodic export would send now (every
+        process's series and the daemon's self-metrics), built but not sent: the
+        Prometheus endpoint renders it on each scrape (telemetry/prometheus.py). It
+        reads the aggregator without resetting it only with cumulative temporality,
+        which config requires together with that endpoint."""
+        self._push_counters()
+        collected = self._metrics.collect()
+        groups = [(self._resource(pid), fields) for pid, fields in collected.items() if fields]
+        fields = self._metrics.self_metrics(self._stats.snapshot(), _gauge_names(self._stats))
+        if fields:
+            groups.append((self._daemon_resource, fields))
+        return enc.encode_metrics_request(groups)
+
 
 def _gauge_names(stats) -> frozenset[str]:
     # Snapshot values that may go down: exported as gauges, not monotonic sums.
