@@ -31,9 +31,8 @@ import struct
 from collections.abc import Callable
 
 from otel_ebpf.capture.reader import EXCHANGE_HDR, PENDING_TAIL, DecodeError, format_address
-from otel_ebpf.exchange import HttpExchange, Outcome, Role
+from otel_ebpf.exchange import HttpExchange, Outcome, Role, build_exchange
 from otel_ebpf.protocols.http1.parse import captured_headers
-from otel_ebpf.exchange import build_exchange
 from otel_ebpf.stats import Stats
 
 _HDR_SIZE = EXCHANGE_HDR.size
