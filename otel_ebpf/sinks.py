@@ -3,9 +3,13 @@
 - `ConsoleSink`: one readable line per exchange (time, pid and process name,
   SERVER/CLIENT, method, path, status, duration, body sizes), and the periodic stats
   line. The default, so that `otel-ebpf run` shows something useful out of the box.
+  A gRPC call reads `SERVER gRPC helloworld.Greeter/SayHello OK(0) 1.234ms msgs=1/1`
+  (grpc-status name and code, messages client/server).
 - `JsonlSink`: one JSON object per exchange, keyed by OpenTelemetry semantic-convention
   names (the format is documented in the README), flushed as produced so that a
-  `tail -f` or a pipe sees each exchange at once.
+  `tail -f` or a pipe sees each exchange at once. A gRPC call has the rpc.* keys of
+  its span instead of the http.* ones (attributes.exchange_attributes); an HTTP/2
+  exchange also has `otel_ebpf.stream_id`.
 
 Both redact exactly as the OTLP export does: the sensitive query parameters of the
 target (`token=...`) become `REDACTED` through the one `QueryRedactor` (pass the
@@ -31,7 +35,7 @@ import orjson
 
 from otel_ebpf.exchange import HttpExchange, Outcome
 from otel_ebpf.stats import Stats
-from otel_ebpf.telemetry.attributes import http_attributes
+from otel_ebpf.telemetry.attributes import exchange_attributes, grpc_status_name
 from otel_ebpf.telemetry.redact import QueryRedactor
 
 log = logging.getLogger(__name__)
@@ -122,7 +126,9 @@ def exchange_record(exchange: HttpExchange, executable_name: str | None,
         "start_time_unix_nano": exchange.start_time_unix_nano,
         "end_time_unix_nano": exchange.end_time_unix_nano,
     }
-    record.update(http_attributes(exchange, None, redact or _default_redactor))
+    record.update(exchange_attributes(exchange, None, redact or _default_redactor))
+    if exchange.stream_id is not None:
+        record["otel_ebpf.stream_id"] = exchange.stream_id
     record["process.pid"] = exchange.pid
     record["process.executable.name"] = executable_name
     if exchange.outcome is not Outcome.OK:
@@ -148,6 +154,8 @@ class ConsoleSink(_LineSink):
 
 def format_exchange(exchange: HttpExchange, executable_name: str | None,
                     redact: QueryRedactor | None = None) -> str:
+    if exchange.rpc is not None:
+        return _format_rpc(exchange, executable_name)
     target = exchange.target
     if "?" in target:  # the query as url.query shows it (same redactor, same rules)
         path, _, query = target.partition("?")
@@ -163,6 +171,24 @@ def format_exchange(exchange: HttpExchange, executable_name: str | None,
         f"{exchange.method} {exchange.scheme}://{exchange.host or '-'}{target} {status} "
         f"{exchange.duration_ns / 1e6:.3f}ms req={exchange.request_body_size}B "
         f"resp={response_size}B"
+    )
+
+
+def _format_rpc(exchange: HttpExchange, executable_name: str | None) -> str:
+    """A gRPC call: service/method instead of the target (which is the same
+    "/service/method" path, so nothing of a query can show here)."""
+    rpc = exchange.rpc
+    seconds, nanos = divmod(exchange.end_time_unix_nano, 1_000_000_000)
+    when = time.strftime("%H:%M:%S", time.localtime(seconds)) + f".{nanos // 1_000_000:03d}"
+    code = rpc.status_code
+    status = f"{grpc_status_name(code)}({code})" if code is not None else "---"
+    if exchange.outcome is not Outcome.OK:
+        status += f" ({exchange.outcome.value})"
+    name = f"{rpc.service}/{rpc.method}" if rpc.service else rpc.method
+    return (
+        f"{when} {exchange.pid:>7} {executable_name or '?':<15.15} {exchange.role.name:<6} "
+        f"gRPC {name} {status} {exchange.duration_ns / 1e6:.3f}ms "
+        f"msgs={rpc.request_messages}/{rpc.response_messages}"
     )
 
 

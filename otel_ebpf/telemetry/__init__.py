@@ -7,6 +7,9 @@ Out: `sink.export_traces(payload, spans)` with an ExportTraceServiceRequest and
 `sink.export_metrics(payload, points)` with an ExportMetricsServiceRequest, bytes built
 by otlp_encode (never through the SDK's per-span machinery, which costs ~35 us/span).
 
+- The mapping is picked by the record: a gRPC call (`exchange.rpc` set) becomes an RPC
+  span and rpc.{server,client}.* metrics (attributes.py says which conventions),
+  anything else an HTTP span and http.* metrics (HTTP/2 too, protocol version "2").
 - One Resource per observed process: `resource_for_pid(pid)` is asked the first time a
   pid is recorded and the encoded result is kept until `forget(pid)`, so spans and last
   metric values of a process that already exited still carry its identity. When it
@@ -37,10 +40,21 @@ import os
 from collections.abc import Callable, Mapping
 from typing import Protocol
 
-from otel_ebpf.exchange import HttpExchange, Role
+from otel_ebpf.exchange import HttpExchange, Role, RpcCall
 from otel_ebpf.telemetry import otlp_encode as enc
-from otel_ebpf.telemetry.attributes import AttrValue, server_endpoint, url_path
-from otel_ebpf.telemetry.metrics import MAX_SERIES, ActiveRequests, MetricsAggregator
+from otel_ebpf.telemetry.attributes import (
+    GRPC_UNIMPLEMENTED,
+    AttrValue,
+    server_endpoint,
+    url_path,
+)
+from otel_ebpf.telemetry.metrics import (
+    MAX_SERIES,
+    RPC_CLIENT,
+    RPC_SERVER,
+    ActiveRequests,
+    MetricsAggregator,
+)
 from otel_ebpf.telemetry.options import TelemetryOptions
 from otel_ebpf.telemetry.redact import QueryRedactor
 from otel_ebpf.telemetry.routes import RouteResolver
@@ -56,6 +70,7 @@ MAX_BATCH_BYTES = 1 << 20
 
 _CLIENT = Role.CLIENT
 _SERVER = Role.SERVER
+_OTHER_RPC = ("_OTHER", "_OTHER")  # rpc.service/rpc.method past the cardinality bound
 
 
 class TelemetrySink(Protocol):
@@ -114,6 +129,8 @@ class Telemetry:
         self._n_dropped = 0
         self._n_unknown = 0
         self._overflow_reported = 0
+        # pid -> (rpc.service, rpc.method) pairs handed out to metrics (bounded).
+        self._rpc_methods: dict[int, set[tuple[str, str]]] = {}
 
     # ------------------------------------------------------------------ hot path
 
@@ -125,6 +142,9 @@ class Telemetry:
         pid = exchange.pid
         if pid not in self._resources:
             self._resolve(pid)
+        if exchange.rpc is not None:  # a gRPC call: the RPC mapping
+            self._record_rpc(exchange)
+            return
         path, sep, query = exchange.target.partition("?")
         if path[:1] != "/":
             path = url_path(exchange)
@@ -185,6 +205,78 @@ class Telemetry:
                 self._metrics.record(pid, is_client, attrs, duration,
                                      exchange.request_body_size,
                                      exchange.response_body_size, start)
+
+    def _record_rpc(self, exchange: HttpExchange) -> None:
+        """record() of a gRPC call: the RPC span and rpc.* metrics (see
+        attributes.py for the mapping, metrics.py for the instruments)."""
+        rpc = exchange.rpc
+        pid = exchange.pid
+        role = exchange.role
+        is_client = role is _CLIENT
+        info = self._encoder.rpc_info(rpc, exchange.outcome, is_client)
+        if self._spans_on:
+            try:
+                span = self._encoder.encode_rpc(exchange, info)
+            except Exception:  # a value we cannot encode must not stop capture
+                self._n_dropped += 1
+                log.debug("gRPC span of pid %d not encodable; dropped", pid, exc_info=True)
+                span = b""
+            if span is None:
+                self._n_unsampled += 1
+            elif span:
+                self._queue_span(pid, span)
+        if not self._metrics_on:
+            return
+        if role is _SERVER:
+            port = exchange.local_port
+            address = None
+            kind = RPC_SERVER
+        elif is_client:
+            address, port = server_endpoint(exchange)
+            if not self._client_address:
+                address = None
+            kind = RPC_CLIENT
+        else:
+            self._n_unknown += 1
+            return
+        service, method = self._rpc_method(pid, rpc, is_client)
+        start = exchange.start_time_unix_nano
+        duration_ms = (exchange.end_time_unix_nano - start) / 1e6
+        if duration_ms < 0.0:
+            duration_ms = 0.0
+        attrs = (rpc.system, service, method, rpc.status_code, port, info[3], address)
+        self._metrics.record(pid, kind, attrs, duration_ms, rpc.request_messages,
+                             rpc.response_messages, start)
+
+    def _rpc_method(self, pid: int, rpc: RpcCall, is_client: bool) -> tuple[str, str]:
+        """(rpc.service, rpc.method) for metrics, bounded like http.route: at most
+        `max_routes` distinct pairs per process, the rest "_OTHER"; so is a method a
+        server answered UNIMPLEMENTED (most likely one it does not have: a scanner
+        must not be able to create series)."""
+        pair = (rpc.service, rpc.method)
+        known = self._rpc_methods.get(pid)
+        if known is None:
+            known = self._rpc_methods[pid] = set()
+        if pair in known:
+            return pair
+        if len(known) >= self._options.max_routes or (
+                not is_client and rpc.status_code == GRPC_UNIMPLEMENTED):
+            return _OTHER_RPC
+        known.add(pair)
+        return pair
+
+    def _queue_span(self, pid: int, span: bytes) -> None:
+        """Add one encoded span to its process's pending batch (record() inlines this
+        for HTTP exchanges)."""
+        batch = self._pending.get(pid)
+        if batch is None:
+            batch = self._pending[pid] = []
+        batch.append(span)
+        self._pending_spans += 1
+        self._pending_bytes += len(span)
+        if (self._pending_spans >= self._batch_limit
+                or self._pending_bytes >= MAX_BATCH_BYTES):
+            self._flush_spans()
 
     # ------------------------------------------------------------------ resources
 
@@ -291,6 +383,7 @@ class Telemetry:
                 self._export_metrics(pid)
         self._metrics.forget(pid)
         self._routes.forget(pid)
+        self._rpc_methods.pop(pid, None)
         self._resources.pop(pid, None)
         self._fallback.discard(pid)
 

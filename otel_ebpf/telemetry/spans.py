@@ -15,6 +15,10 @@ Attributes are exactly those of attributes.http_attributes() (a unit test holds 
 two together); this module writes them straight to protobuf so that no dict and no
 message objects are built per exchange. (key, value) pairs that repeat are cached as
 whole encoded fields.
+
+gRPC calls (`exchange.rpc` set) go through `encode_rpc()` instead, whose attributes
+are exactly attributes.rpc_attributes(); the caller (Telemetry.record) picks one by
+the record, so the HTTP path pays one attribute test for it.
 """
 
 from __future__ import annotations
@@ -22,11 +26,14 @@ from __future__ import annotations
 import os
 import re
 
-from otel_ebpf.exchange import HttpExchange, Outcome, Role
+from otel_ebpf.exchange import HttpExchange, Outcome, Role, RpcCall
 from otel_ebpf.telemetry import otlp_encode as enc
 from otel_ebpf.telemetry.attributes import (
     DEFAULT_PORTS,
     KNOWN_METHODS,
+    rpc_span_name,
+    rpc_status,
+    server_endpoint,
     split_host,
     url_path,
 )
@@ -73,6 +80,7 @@ _MAX_CACHED_PATH = 256
 _MAX_SIZES = 4096
 _MAX_CONNECTIONS = 16384
 _MAX_CONNECTION_BLOCK = 512  # bytes: the memory bound is 16384 x 512 (~8 MiB)
+_RPC = "rpc"  # first element of the RPC keys in the shared connection/endpoint caches
 
 
 def parse_traceparent(header: str) -> tuple[bytes, bytes, bool] | None:
@@ -133,7 +141,8 @@ class IdGenerator:
 
 class SpanEncoder:
     __slots__ = ("_redact", "_ids", "_attr", "_names", "_status", "_max_names",
-                 "_requests", "_endpoints", "_peers", "_connections", "_paths", "_sizes")
+                 "_requests", "_endpoints", "_peers", "_connections", "_paths", "_sizes",
+                 "_calls", "_counts")
 
     def __init__(self, redact: QueryRedactor, ids: IdGenerator | None = None) -> None:
         self._redact = redact
@@ -153,6 +162,10 @@ class SpanEncoder:
         self._endpoints: dict[tuple, bytes] = {}
         self._peers: dict[tuple, bytes] = {}
         self._connections: dict[tuple, bytes] = {}  # endpoint + peer, per connection
+        # gRPC: per (service, method, grpc-status, outcome, role) the same kind of
+        # cached block as _requests; per (request, response) message counts, fields.
+        self._calls: dict[tuple, tuple[bytes, bytes, bytes, str | None]] = {}
+        self._counts: dict[tuple[int, int], bytes] = {}
 
     def _name_field(self, method: str, route: str | None) -> bytes:
         key = (method, route)
@@ -408,3 +421,130 @@ class SpanEncoder:
             sizes.clear()
         sizes[(request_size, response_size)] = field
         return field
+
+    # ------------------------------------------------------------------ gRPC
+
+    def rpc_info(
+        self, rpc: RpcCall, outcome: Outcome, is_client: bool,
+    ) -> tuple[bytes, bytes, bytes, str | None]:
+        """Cached (attribute fields, name field, status field, error.type) of one kind
+        of gRPC call (attributes.rpc_attributes/rpc_status, written as protobuf)."""
+        key = (rpc.service, rpc.method, rpc.status_code, outcome, is_client, rpc.system)
+        info = self._calls.get(key)
+        if info is None:
+            cached = self._attr.get
+            code = rpc.status_code
+            parts = [cached("rpc.system", rpc.system), cached("rpc.service", rpc.service),
+                     cached("rpc.method", rpc.method)]
+            if code is not None:
+                parts.append(cached("rpc.grpc.status_code", code))
+            is_error, error_type = rpc_status(outcome, code, is_client)
+            if is_error:
+                parts.append(cached("error.type", error_type))
+                # an unhappy outcome names itself in the status message; a status code
+                # says it all (as for HTTP status codes)
+                status = self._status_field(
+                    True, None if outcome is _OK and code is not None else error_type)
+            else:
+                status = self._status_field(False, None)
+            info = (b"".join(parts), enc.span_name_field(rpc_span_name(rpc)), status,
+                    error_type if is_error else None)
+            if len(self._calls) >= 4096:
+                self._calls.clear()
+            self._calls[key] = info
+        return info
+
+    def encode_rpc(self, ex: HttpExchange, info: tuple | None = None) -> bytes | None:
+        """One gRPC span (`ex.rpc` set); `info` = this exchange's rpc_info() when the
+        caller already has it. None when the parent was not sampled."""
+        rpc = ex.rpc
+        trace_state = None
+        parent = None
+        tp = ex.traceparent
+        if tp is not None:
+            ctx = parse_traceparent(tp)
+            if ctx is not None:
+                trace_id, parent, sampled = ctx
+                if not sampled:
+                    return None
+                ts = ex.tracestate
+                if ts and len(ts) <= _MAX_TRACESTATE:
+                    trace_state = ts
+        if parent is None:
+            trace_id, span_id = self._ids.ids()
+        else:
+            span_id = self._ids.span_id()
+        role = ex.role
+        is_client = role is _CLIENT
+        outcome = ex.outcome
+        if info is None:
+            info = self.rpc_info(rpc, outcome, is_client)
+        attrs, name_field, status = info[0], info[1], info[2]
+        if outcome is not _OK and ex.error_reason:
+            status = self._status_field(True, ex.error_reason)
+        ckey = (_RPC, is_client, ex.scheme, ex.protocol_version, ex.host,
+                ex.local_address, ex.local_port, ex.remote_address, ex.remote_port)
+        connection = self._connections.get(ckey)
+        if connection is None:
+            connection = self._rpc_connection_block(ex, is_client, ckey)
+        counts_key = (rpc.request_messages, rpc.response_messages)
+        counts = self._counts.get(counts_key)
+        if counts is None:
+            counts = (self._attr.fresh_int("otel_ebpf.rpc.request_messages", counts_key[0])
+                      + self._attr.fresh_int("otel_ebpf.rpc.response_messages",
+                                             counts_key[1]))
+            if len(self._counts) >= _MAX_SIZES:
+                self._counts.clear()
+            self._counts[counts_key] = counts
+        if parent is None:
+            head = b"".join((b"\x0a\x10", trace_id, b"\x12\x08", span_id))
+        else:
+            head = b"".join((b"\x0a\x10", trace_id, b"\x12\x08", span_id,
+                             enc._str(3, trace_state) if trace_state else b"",
+                             b"\x22\x08", parent))
+        payload = b"".join((
+            head,
+            name_field,
+            _KIND_CLIENT if is_client else _KIND_SERVER if role is _SERVER else _KIND_INTERNAL,
+            _pack_times(0x39, ex.start_time_unix_nano, 0x41, ex.end_time_unix_nano),
+            attrs,
+            connection,
+            counts,
+            status,
+            _FLAGS_FIELD_LOCAL_ROOT if parent is None else _FLAGS_FIELD_REMOTE_PARENT,
+        ))
+        return b"".join((b"\x12", enc.varint(len(payload)), payload))
+
+    def _rpc_connection_block(self, ex: HttpExchange, is_client: bool, ckey: tuple) -> bytes:
+        """server.*, network.protocol.version, client.* and network.peer.* of one gRPC
+        connection (as _connection_block, without the HTTP-only url.scheme and
+        user_agent.original)."""
+        ekey = (_RPC, is_client, ex.scheme, ex.protocol_version, ex.host,
+                ex.local_address, ex.local_port, ex.remote_address if is_client else None,
+                ex.remote_port if is_client else None)
+        endpoint = self._endpoints.get(ekey)
+        if endpoint is None:
+            address, port = server_endpoint(ex)
+            parts = [self._attr.get("network.protocol.version", ex.protocol_version)]
+            if address is not None:
+                parts.append(self._attr.fresh("server.address", address))
+            if port is not None:
+                parts.append(self._attr.get("server.port", port))
+            endpoint = b"".join(parts)
+            if len(self._endpoints) >= 4096:
+                self._endpoints.clear()
+            self._endpoints[ekey] = endpoint
+        pkey = (ex.remote_address, ex.remote_port, is_client)
+        peer = self._peers.get(pkey)
+        if peer is None:
+            peer = self._peer_block(ex.remote_address, ex.remote_port, is_client)
+            if len(self._peers) >= 16384:
+                self._peers.clear()
+            self._peers[pkey] = peer
+        block = endpoint + peer
+        if len(block) <= _MAX_CONNECTION_BLOCK:
+            connections = self._connections
+            if len(connections) >= _MAX_CONNECTIONS:
+                connections.clear()
+            connections[ckey] = block
+        return block
