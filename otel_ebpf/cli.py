@@ -56,6 +56,7 @@ def _add_capture_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--port", type=_port, action="append", metavar="N",
                         help="trace only connections whose local or remote port is N "
                         "(repeatable)")
+    _add_discovery_options(parser)
     parser.add_argument("--no-tls", action="store_true",
                         help="do not attach OpenSSL uprobes (plaintext capture only)")
     parser.add_argument("--no-fast-path", action="store_true",
@@ -63,6 +64,34 @@ def _add_capture_options(parser: argparse.ArgumentParser) -> None:
                         "pairing requests and responses in the kernel (debugging; costs "
                         "more CPU)")
     parser.add_argument("--log-level", choices=("debug", "info", "warning", "error"))
+
+
+def _add_discovery_options(parser: argparse.ArgumentParser) -> None:
+    """Service discovery flags (otel_ebpf/discovery.py); the rest is in YAML."""
+    parser.add_argument("--exe", action="append", metavar="PATTERN",
+                        help="report only processes whose executable name matches this glob "
+                        "(its path, when PATTERN has a '/'); repeatable; replaces "
+                        "discovery.instrument")
+    parser.add_argument("--exclude-exe", action="append", metavar="PATTERN",
+                        help="never report processes whose executable matches (as --exe); "
+                        "repeatable; replaces discovery.exclude_instrument")
+    parser.add_argument("--no-default-excludes", action="store_true",
+                        help="also report otel-ebpf itself and OpenTelemetry collectors and "
+                        "backends (discovery.default_exclude_instrument: [])")
+
+
+def discovery_overrides(args: argparse.Namespace) -> dict[str, object]:
+    """--exe / --exclude-exe / --no-default-excludes as discovery.* keys."""
+    from otel_ebpf.discovery import exe_selector
+
+    overrides: dict[str, object] = {}
+    if args.exe:
+        overrides["discovery.instrument"] = [exe_selector(p) for p in args.exe]
+    if args.exclude_exe:
+        overrides["discovery.exclude_instrument"] = [exe_selector(p) for p in args.exclude_exe]
+    if args.no_default_excludes:
+        overrides["discovery.default_exclude_instrument"] = []
+    return overrides
 
 
 def capture_overrides(args: argparse.Namespace) -> dict[str, object]:
@@ -74,7 +103,9 @@ def capture_overrides(args: argparse.Namespace) -> dict[str, object]:
         "capture.fast_path": False if args.no_fast_path else None,
         "log_level": args.log_level,
     }
-    return {key: value for key, value in pairs.items() if value is not None}
+    overrides = {key: value for key, value in pairs.items() if value is not None}
+    overrides.update(discovery_overrides(args))
+    return overrides
 
 
 def build_parser() -> argparse.ArgumentParser:

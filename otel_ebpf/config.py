@@ -47,6 +47,7 @@ from typing import Any, Literal
 from urllib.parse import unquote, urlparse
 
 from otel_ebpf.conntrack.options import ConntrackOptions
+from otel_ebpf.discovery import DiscoveryOptions, SelectorError, parse_selectors
 from otel_ebpf.export import (
     COMPRESSIONS,
     DEFAULT_GRPC_ENDPOINT,
@@ -100,6 +101,7 @@ class Config:
     output: OutputOptions = field(default_factory=OutputOptions)
     health: HealthOptions = field(default_factory=HealthOptions)
     log_level: str = "info"
+    discovery: DiscoveryOptions = field(default_factory=DiscoveryOptions)
     source: str | None = None  # the YAML file read, if any
 
 
@@ -108,7 +110,8 @@ class Config:
 
 
 class _Invalid(Exception):
-    def __init__(self, problem: str, fix: str) -> None:
+    # fix None: `problem` is the whole message, naming the key itself (selector items).
+    def __init__(self, problem: str, fix: str | None) -> None:
         super().__init__(problem)
         self.problem = problem
         self.fix = fix
@@ -296,6 +299,22 @@ class HeadersKind(Kind):
                                "use " + self.describe)
             headers.append((unquote(name), unquote(val.strip())))
         return tuple(headers)
+
+
+class SelectorsKind(Kind):
+    """discovery.* selector lists (otel_ebpf/discovery.py): a YAML list of mappings, or
+    the same as a YAML/JSON string in the environment."""
+
+    describe = "a list of selectors, e.g. [{exe_name: nginx}, {open_ports: 8000-8099}]"
+
+    def __init__(self, key: str) -> None:
+        self.key = key
+
+    def parse(self, value, from_env):
+        try:
+            return parse_selectors(value, self.key)
+        except SelectorError as exc:
+            raise _Invalid(str(exc), None) from None  # the message names the item's key
 
 
 def _existing_file(value: str) -> None:
@@ -502,6 +521,8 @@ def settings() -> list[Setting]:
         Setting("health.listen", StrKind(optional=True, check=_listen_address,
                                          describe="HOST:PORT or PORT")),
     ]
+    out += [Setting("discovery." + name, SelectorsKind("discovery." + name))
+            for name in ("instrument", "exclude_instrument", "default_exclude_instrument")]
     return out
 
 
@@ -627,6 +648,8 @@ def _resolve(table: list[Setting], layers: list[_Layer]) -> dict[str, object]:
             except _Invalid as exc:
                 source = env_name or layer.name
                 also = "" if env_name else "; environment: %s" % s.env_names()
+                if exc.fix is None:
+                    raise ConfigError("%s (from %s%s)" % (exc.problem, source, also)) from None
                 raise ConfigError("%s: %r %s (from %s%s); %s"
                                   % (s.key, raw, exc.problem, source, also, exc.fix)) from None
             values["@" + s.key] = layers.index(layer)  # which layer won, for OTLP merging
@@ -792,8 +815,10 @@ def load(config_path: str | None = None, environ: Mapping[str, str] | None = Non
     )
     health = HealthOptions(file=values.get("health.file"),  # type: ignore[arg-type]
                            listen=values.get("health.listen"))  # type: ignore[arg-type]
+    discovery = _build(DiscoveryOptions, "discovery", values)
     return Config(
         capture=capture, conntrack=conntrack, telemetry=telemetry, otlp=otlp, output=output,
         health=health, log_level=values.get("log_level", "info"),  # type: ignore[arg-type]
+        discovery=discovery,
         source=str(path) if path is not None else None,
     )
