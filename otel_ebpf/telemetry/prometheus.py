@@ -79,8 +79,10 @@ class PrometheusError(RuntimeError):
 
 
 class ListenError(PrometheusError):
-    def __init__(self, problem: str, fix: str) -> None:
-        super().__init__("%s: %s; %s" % (LISTEN_KEY, problem, fix))
+    """A listen value that is not an address; config reports problem and fix its way."""
+
+    def __init__(self, listen: str, problem: str, fix: str) -> None:
+        super().__init__("%s: %r %s; %s" % (LISTEN_KEY, listen, problem, fix))
         self.problem = problem
         self.fix = fix
 
@@ -99,10 +101,10 @@ def parse_listen(listen: str) -> tuple[str, int]:
            "hosts, [::1]:%d (%s, %s)" % (DEFAULT_PORT, DEFAULT_PORT, DEFAULT_PORT, LISTEN_FLAG,
                                          LISTEN_KEY))
     if not port_text.isdigit() or host == "?" or any(c.isspace() for c in host):
-        raise ListenError("%r is not a listen address" % listen, fix)
+        raise ListenError(listen, "is not a listen address", fix)
     port = int(port_text)
     if port > 65535:
-        raise ListenError("port %d is outside 0-65535" % port, fix)
+        raise ListenError(listen, "has a port outside 0-65535", fix)
     return host, port
 
 
