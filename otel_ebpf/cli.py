@@ -138,6 +138,10 @@ def build_parser() -> argparse.ArgumentParser:
                      help="touch this file while the capture loop is alive")
     run.add_argument("--health-listen", metavar="HOST:PORT",
                      help="serve /healthz, /readyz and /stats on this local address")
+    run.add_argument("--prometheus-listen", metavar="HOST:PORT",
+                     help="serve Prometheus metrics on http://HOST:PORT/metrics (a bare "
+                     "PORT binds 127.0.0.1; 0.0.0.0:9464 to be scraped from other hosts); "
+                     "works with every --exporter")
 
     check = sub.add_parser("check", help="diagnose what this kernel and machine allow")
     check.add_argument("--no-tls", action="store_true", help="skip the TLS library scan")
@@ -158,6 +162,7 @@ def run_overrides(args: argparse.Namespace) -> dict[str, object]:
         "export.otlp.protocol": args.otlp_protocol,
         "health.file": args.health_file,
         "health.listen": args.health_listen,
+        "export.prometheus.listen": args.prometheus_listen,
     }
     for key, value in pairs.items():
         if value is not None:
@@ -184,11 +189,16 @@ def cmd_run(args: argparse.Namespace) -> int:
         print(f"otel-ebpf: configuration error: {exc}", file=sys.stderr)
         return EXIT_CONFIG_ERROR
     _setup_logging(config.log_level)
+    from otel_ebpf.telemetry.prometheus import PrometheusError
+
     try:
         return Daemon(config).run()
     except CaptureError as exc:
         print(f"otel-ebpf: cannot capture: {exc}", file=sys.stderr)
         return EXIT_CAPTURE_IMPOSSIBLE
+    except PrometheusError as exc:  # e.g. the address is in use: a setting to change
+        print(f"otel-ebpf: configuration error: {exc}", file=sys.stderr)
+        return EXIT_CONFIG_ERROR
 
 
 def cmd_check(args: argparse.Namespace) -> int:

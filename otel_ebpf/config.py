@@ -93,6 +93,11 @@ class HealthOptions:
 
 
 @dataclass(frozen=True, slots=True)
+class PrometheusOptions:
+    listen: str | None = None  # HOST:PORT serving /metrics for Prometheus; None = off
+
+
+@dataclass(frozen=True, slots=True)
 class Config:
     capture: Any  # otel_ebpf.capture.loader.CaptureOptions (None if that stage is absent)
     conntrack: ConntrackOptions
@@ -100,6 +105,7 @@ class Config:
     otlp: OtlpOptions
     output: OutputOptions = field(default_factory=OutputOptions)
     health: HealthOptions = field(default_factory=HealthOptions)
+    prometheus: PrometheusOptions = field(default_factory=PrometheusOptions)
     log_level: str = "info"
     discovery: DiscoveryOptions = field(default_factory=DiscoveryOptions)
     source: str | None = None  # the YAML file read, if any
@@ -331,6 +337,15 @@ def _listen_address(value: str) -> None:
         raise _Invalid("is not a listen address", str(exc)) from None
 
 
+def _prometheus_listen(value: str) -> None:
+    from otel_ebpf.telemetry.prometheus import ListenError, parse_listen
+
+    try:
+        parse_listen(value)
+    except ListenError as exc:
+        raise _Invalid(exc.problem, exc.fix) from None
+
+
 def _endpoint(value: str) -> None:
     if "://" in value:
         parsed = urlparse(value)
@@ -513,6 +528,8 @@ def settings() -> list[Setting]:
     out += _foreign_settings("conntrack", ConntrackOptions, exclude=frozenset({"ports"}))
     out += _foreign_settings("telemetry", TelemetryOptions, env=_TELEMETRY_ENV)
     out += _otlp_settings()
+    out.append(Setting("export.prometheus.listen", StrKind(
+        optional=True, check=_prometheus_listen, describe="HOST:PORT or PORT")))
     out += [
         Setting("output.exporter", _Optional(ChoiceKind(EXPORTERS))),
         Setting("output.path", StrKind()),
@@ -816,9 +833,20 @@ def load(config_path: str | None = None, environ: Mapping[str, str] | None = Non
     health = HealthOptions(file=values.get("health.file"),  # type: ignore[arg-type]
                            listen=values.get("health.listen"))  # type: ignore[arg-type]
     discovery = _build(DiscoveryOptions, "discovery", values)
+    prometheus = PrometheusOptions(
+        listen=values.get("export.prometheus.listen"))  # type: ignore[arg-type]
+    if (prometheus.listen and output.exporter == "otlp"
+            and telemetry.metrics_temporality != "cumulative"):
+        raise ConfigError(
+            "export.prometheus.listen needs telemetry.metrics_temporality: cumulative with "
+            "the otlp exporter, not %r (environment: "
+            "OTEL_EXPORTER_OTLP_METRICS_TEMPORALITY_PREFERENCE): Prometheus reads cumulative "
+            "series, and a delta export resets them; set cumulative, or drop "
+            "--prometheus-listen" % telemetry.metrics_temporality)
     return Config(
         capture=capture, conntrack=conntrack, telemetry=telemetry, otlp=otlp, output=output,
-        health=health, log_level=values.get("log_level", "info"),  # type: ignore[arg-type]
+        health=health, prometheus=prometheus,
+        log_level=values.get("log_level", "info"),  # type: ignore[arg-type]
         discovery=discovery,
         source=str(path) if path is not None else None,
     )

@@ -194,6 +194,40 @@ class Daemon:
             return [telemetry.record]
         return []  # "none": capture and count only (benchmarks, dry runs)
 
+    def _start_prometheus(self, processes: ProcessResolver
+                          ) -> list[Callable[[HttpExchange], None]]:
+        """/metrics for Prometheus (export.prometheus.listen), rendered on each scrape from
+        the telemetry's aggregator (the one the OTLP export reads). Without the otlp
+        exporter a Telemetry that only aggregates metrics is built for it and returned as
+        an extra output. Raises PrometheusError when the address cannot be served."""
+        self._prometheus = None
+        listen = self.config.prometheus.listen
+        if not listen:
+            return []
+        from otel_ebpf.telemetry.prometheus import NoExport, PrometheusEndpoint
+
+        outputs: list[Callable[[HttpExchange], None]] = []
+        if self._telemetry is None:
+            from otel_ebpf.process import daemon_resource_attributes
+            from otel_ebpf.telemetry import Telemetry
+
+            def resource_for_pid(pid: int):
+                info = processes.get(pid)
+                return info.resource_attributes if info else None
+
+            # Scraped, never pushed: no spans, and cumulative series (nothing resets them).
+            options = dataclasses.replace(self.config.telemetry, spans_enabled=False,
+                                          metrics_temporality="cumulative")
+            self._telemetry = Telemetry(
+                options, resource_for_pid=resource_for_pid,
+                daemon_resource=daemon_resource_attributes(), sink=NoExport(),
+                stats=self.stats, active_server_requests=self._table.active_server_requests)
+            outputs.append(self._telemetry.record)
+        endpoint = PrometheusEndpoint(listen, self._telemetry.metrics_request)
+        self._closers.append(endpoint.close)
+        self._prometheus = endpoint
+        return outputs
+
     def _run(self) -> None:
         config = self.config
         stats = self.stats
@@ -209,6 +243,7 @@ class Daemon:
         self._table = ConnectionTable(config.conntrack, stats)
         stats.gauge("conntrack.connections", self._table.__len__)  # the stats line's conns=
         outputs = self._build_outputs(processes)
+        outputs += self._start_prometheus(processes)
         table = self._table
 
         if len(outputs) == 1:
@@ -275,6 +310,7 @@ class Daemon:
         stats_interval = config.output.stats_interval_s
         next_stats = now + stats_interval if stats_interval > 0 else float("inf")
         telemetry = self._telemetry
+        prometheus = self._prometheus
         sink = self._sink
 
         flushers = self._flushers
@@ -315,6 +351,9 @@ class Daemon:
             if telemetry is not None:
                 telemetry.tick(time.time())
                 lap("telemetry")
+            if prometheus is not None:
+                prometheus.serve_scrapes()  # builds the metrics only when a scrape waits
+                lap("prometheus")
             if now >= next_stats:
                 next_stats = now + stats_interval
                 self._report_stats()
