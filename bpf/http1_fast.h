@@ -459,10 +459,11 @@ static __always_inline void fast_fallback(struct conn_key_t *key, struct conn_t 
     if (source == SOURCE_OPENSSL) {
         at_rq = conn->tls_pos[rq & 1];
         at_rs = conn->tls_pos[rs & 1];
+        conn->tls_proto = PROTO_HTTP1; /* for the CONN_OPEN below */
     } else {
         at_rq = conn->pos[rq & 1];
         at_rs = conn->pos[rs & 1];
-        conn->proto = PROTO_HTTP; /* the chunk stream must not re-infer a body chunk */
+        conn->proto = PROTO_HTTP1; /* the chunk stream must not re-infer a body chunk */
     }
     struct pending_t *p = 0;
     if (f == FAST_REQ || f == FAST_RESP) {

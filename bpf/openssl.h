@@ -36,8 +36,11 @@
  * outside SSL calls (handshakes, close_notify, all of Node's socket I/O) is rejected by
  * the syscall path's protocol inference (TLS records never start like HTTP).
  *
- * Plaintext is gated by the same inference (protocol_infer.h) per SSL*: HTTP/2 (h2
- * ALPN), SMTP, database protocols over TLS never reach the ring buffer.
+ * Plaintext is gated by the same inference (protocol_infer.h) per SSL*: HTTP/1.x and
+ * HTTP/2 (ALPN h2: the preface, or a server's first SETTINGS) reach the ring buffer;
+ * SMTP, database protocols over TLS never do. The stream's PROTO_* goes out in its
+ * CONN_OPEN (conn_t.tls_proto for fd-tied streams). An HTTP/2 stream never takes the
+ * HTTP/1 fast path.
  */
 #ifndef OTEL_EBPF_OPENSSL_H
 #define OTEL_EBPF_OPENSSL_H
@@ -109,10 +112,13 @@ int tls_enter_write(struct pt_regs *ctx) { return tls_enter(ctx, 0); }
 int tls_enter_read_ex(struct pt_regs *ctx) { return tls_enter(ctx, PT_REGS_PARM4(ctx)); }
 int tls_enter_write_ex(struct pt_regs *ctx) { return tls_enter(ctx, PT_REGS_PARM4(ctx)); }
 
-/* Is this plaintext chunk worth emitting? Per-SSL* inference, like handle_chunk's. */
-static __always_inline int tls_gate(struct tls_conn_t *t, const void *buf, __u64 size)
+/* Is this plaintext chunk worth emitting? Per-SSL* inference, like handle_chunk's.
+ * `settings`: a server's first bytes may be its SETTINGS (HTTP/2); with memory BIOs
+ * (ROLE_UNKNOWN) any egress may be a server's. */
+static __always_inline int tls_gate(struct tls_conn_t *t, const void *buf, __u64 size,
+                                    int settings)
 {
-    if (t->proto == PROTO_HTTP)
+    if (t->proto == PROTO_HTTP1 || t->proto == PROTO_HTTP2)
         return 1;
     if (t->proto == PROTO_NOT_HTTP)
         return 0;
@@ -120,9 +126,9 @@ static __always_inline int tls_gate(struct tls_conn_t *t, const void *buf, __u64
     __u32 n = size < 8 ? (__u32)size : 8;
     if (bpf_probe_read_user(&v, n & 15, buf) != 0)
         return 0;
-    int r = infer_http(v, n);
-    if (r == INFER_MATCH) {
-        t->proto = PROTO_HTTP;
+    int r = infer_proto(v, n, settings);
+    if (r >= INFER_MATCH) {
+        t->proto = infer_protocol_id(r);
         return 1;
     }
     if (r == INFER_PREFIX)
@@ -189,11 +195,15 @@ static __always_inline int tls_exit(struct pt_regs *ctx, __u8 dir, int ex)
             if (fp == FP_DONE)
                 return 0;
             if (fp == FP_FELL)
-                t->proto = PROTO_HTTP;
+                t->proto = PROTO_HTTP1;
             __u64 pos = c->tls_pos[d];
             c->tls_pos[d] = pos + size; /* every plaintext byte counts, emitted or not */
-            if (!tls_gate(t, (const void *)a.buf, size))
+            if (!tls_gate(t, (const void *)a.buf, size, d == DIR_EGRESS && c->role != ROLE_CLIENT))
                 return 0;
+            /* HTTP/2: off the HTTP/1 fast path (it consumed nothing: see infer_chunk) */
+            if (t->proto == PROTO_HTTP2 && c->fast == FAST_IDLE)
+                c->fast = FAST_OFF;
+            c->tls_proto = t->proto;
             conn_ensure_open(ctx, &ck, c, tid, SOURCE_OPENSSL);
             emit_data(ctx, tgid, tid, t->fd, c->generation, c->role, d, SOURCE_OPENSSL,
                       (const void *)a.buf, size, pos);
@@ -205,7 +215,7 @@ static __always_inline int tls_exit(struct pt_regs *ctx, __u8 dir, int ex)
     __s32 sfd = -1 - (__s32)(a.ssl & 0x7fffffff);
     __u64 pos = t->pos[d];
     t->pos[d] = pos + size;
-    if (!tls_gate(t, (const void *)a.buf, size))
+    if (!tls_gate(t, (const void *)a.buf, size, d == DIR_EGRESS))
         return 0;
     if (!t->open_sent) {
         t->open_sent = 1;
@@ -213,6 +223,7 @@ static __always_inline int tls_exit(struct pt_regs *ctx, __u8 dir, int ex)
         ev.kind = EVENT_CONN_OPEN;
         ev.role = ROLE_UNKNOWN;
         ev.source = SOURCE_OPENSSL;
+        ev.protocol = t->proto;
         ev.tgid = tgid;
         ev.tid = tid;
         ev.fd = sfd;

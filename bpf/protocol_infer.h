@@ -1,4 +1,4 @@
-/* In-kernel HTTP/1.x inference: a cheap filter, not a parser.
+/* In-kernel protocol inference (HTTP/1.x, HTTP/2): a cheap filter, not a parser.
  *
  * A chunk looks like HTTP when its first bytes are a request line start (every RFC 9110
  * method, plus PATCH, followed by a space; or an unknown all-uppercase token followed by
@@ -10,13 +10,28 @@
  * "T", " " one byte per syscall): the caller keeps accumulating the stream's first
  * bytes instead of counting the chunk as non-HTTP. Limitation: unknown methods longer
  * than 6 letters (PROPFIND) are not recognised by the heuristic.
+ *
+ * HTTP/2 (INFER_HTTP2) is recognised at a stream's start only, on the same 8 bytes:
+ *   - the client connection preface "PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n", decided on
+ *     "PRI * HT", in either direction (the client writes it, the server reads it);
+ *   - the first SETTINGS frame a server writes, often before it reads the preface (Go,
+ *     nghttpd): length < 256 and a multiple of 6, type 0x04, flags 0, stream 0 (the
+ *     frame header's first 8 of 9 bytes). Only asked for where a server's first bytes
+ *     go out (`settings`): an 8-byte pattern of mostly zeros is too weak elsewhere.
+ * Prior knowledge and ALPN h2 both start so; `Upgrade: h2c` starts as HTTP/1.x and user
+ * space switches on the 101. Connections older than us are not recognised as HTTP/2
+ * mid-stream (no frame has a pattern this cheap).
+ *
+ * Adding a protocol: an infer_<name>() below, one INFER_<NAME> result, and one line in
+ * infer_proto(); its PROTO_* id lives in include/events.h.
  */
 #ifndef OTEL_EBPF_PROTOCOL_INFER_H
 #define OTEL_EBPF_PROTOCOL_INFER_H
 
 #define INFER_NO 0
 #define INFER_PREFIX 1
-#define INFER_MATCH 2
+#define INFER_MATCH 2 /* HTTP/1.x */
+#define INFER_HTTP2 3
 
 #define P8(a, b, c, d, e, f, g, h)                                                     \
     ((__u64)(a) | ((__u64)(b) << 8) | ((__u64)(c) << 16) | ((__u64)(d) << 24) |         \
@@ -80,6 +95,41 @@ static __always_inline int infer_http(__u64 v, __u32 n)
         }
     }
     return best;
+}
+
+/* HTTP/2's first bytes: the preface, or (settings != 0) a server's first SETTINGS. */
+static __always_inline int infer_http2(__u64 v, __u32 n, int settings)
+{
+    int r = infer_pattern(v, n, P8('P', 'R', 'I', ' ', '*', ' ', 'H', 'T'), 8);
+    if (r == INFER_MATCH)
+        return INFER_HTTP2;
+    if (r == INFER_PREFIX || !settings)
+        return r;
+    /* 00 00 LL 04 00 00 00 00: every byte but the length's low one is fixed; one
+     * branch for it all (each branch here multiplies the verifier's paths after it) */
+    __u64 m = byte_mask(n);
+    __u64 bad = ((v ^ P8(0, 0, 0, 0x04, 0, 0, 0, 0)) & P8(0xff, 0xff, 0, 0xff, 0xff, 0xff, 0xff, 0xff) & m) |
+                (((v & m) >> 16) & 0xff) % 6;
+    if (bad)
+        return INFER_NO;
+    return n >= 8 ? INFER_HTTP2 : INFER_PREFIX;
+}
+
+/* What the first n (<= 8) bytes v of a stream say: INFER_NO, INFER_PREFIX, INFER_MATCH
+ * (HTTP/1.x) or INFER_HTTP2. `settings`: this is where a server's first bytes go out. */
+static __always_inline int infer_proto(__u64 v, __u32 n, int settings)
+{
+    int r = infer_http(v, n);
+    if (r == INFER_MATCH)
+        return r;
+    int r2 = infer_http2(v, n, settings);
+    return r2 > r ? r2 : r;
+}
+
+/* The PROTO_* (include/events.h) of a matching inference result. */
+static __always_inline __u8 infer_protocol_id(int r)
+{
+    return r == INFER_HTTP2 ? PROTO_HTTP2 : PROTO_HTTP1;
 }
 
 #endif /* OTEL_EBPF_PROTOCOL_INFER_H */

@@ -21,6 +21,9 @@ fi
 need=(bpfcc-tools python3-bpfcc linux-headers-amd64 python3-venv libssl3 openssl curl)
 if [ "$WITH_TEST_PEERS" = "--test-peers" ]; then
   need+=(nginx-light wrk nodejs golang-go apache2-utils iproute2)
+  # HTTP/2 peers: nghttp and h2load (client), nghttpd (server). Debian's nginx-light
+  # has the http_v2 module; curl speaks HTTP/2 through libnghttp2; Node has http2.
+  need+=(nghttp2-client nghttp2-server)
   # tests/integration/test_prometheus.py scrapes the daemon with a real Prometheus server.
   need+=(prometheus)
 fi

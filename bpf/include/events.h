@@ -38,6 +38,14 @@
 #define SOURCE_SYSCALL 0
 #define SOURCE_OPENSSL 1
 
+/* Application protocol of a byte stream (Protocol), as the kernel's inference
+ * (bpf/protocol_infer.h) decided it; user space picks the protocol's session by it.
+ * One line per protocol the kernel recognises. */
+#define PROTO_UNKNOWN 0  /* not decided yet (first bytes too short to say) */
+#define PROTO_HTTP1 1    /* HTTP/1.x: a request line or a status line */
+#define PROTO_NOT_HTTP 2 /* given up: nothing of it is emitted */
+#define PROTO_HTTP2 3    /* HTTP/2: the client connection preface or a server's first SETTINGS */
+
 /* Address families as the kernel numbers them (AF_INET, AF_INET6). */
 #define OTEL_AF_INET 2
 #define OTEL_AF_INET6 10
@@ -50,7 +58,8 @@ struct conn_open_event {
     __u8 kind;      /* EVENT_CONN_OPEN */
     __u8 role;      /* ROLE_* */
     __u8 source;    /* SOURCE_* */
-    __u8 _pad0;
+    __u8 protocol;  /* PROTO_* inferred for this source's stream when the open was
+                       emitted; PROTO_UNKNOWN when its first chunk was too short to say */
     __u32 tgid;
     __u32 tid;
     __s32 fd;

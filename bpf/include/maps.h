@@ -24,11 +24,6 @@
 #define INFER_MAX_TRIES_ATTACHED 64
 #endif
 
-/* protocol state of a connection */
-#define PROTO_UNKNOWN 0
-#define PROTO_HTTP 1
-#define PROTO_NOT_HTTP 2
-
 /* conn_t.flags */
 #define CONN_OPEN_SENT 1 /* the open event was emitted: close must be emitted too */
 #define CONN_SELECT_DONE 2 /* the port selection's verdict is made (conn_select) */
@@ -57,13 +52,14 @@ struct conn_t {
     __u64 head[2];      /* first bytes of each direction (LE), for inference on tiny writes */
     __u8 head_len[2];   /* bytes in head[dir]; 0xff: head no longer useful */
     __u8 role;          /* ROLE_* */
-    __u8 proto;         /* PROTO_* */
+    __u8 proto;         /* PROTO_* (events.h) of the syscall stream */
     __u8 fails;         /* chunks that did not look like HTTP while PROTO_UNKNOWN */
     __u8 flags;         /* CONN_* */
     __u16 family;       /* 0 unknown */
     __u16 local_port;
     __u16 remote_port;
-    __u16 _pad0;
+    __u8 tls_proto;     /* PROTO_* of the OpenSSL plaintext stream tied to this fd */
+    __u8 infer;         /* scratch: infer_chunk's last result (see there) */
     __u8 fast;          /* FAST_* */
     __u8 fast_src;      /* SOURCE_* that drives the fast state (set at a request head) */
     __u8 local_addr[16];

@@ -34,6 +34,7 @@ from otel_ebpf.capture.events import (
     Direction,
     Event,
     EventKind,
+    Protocol,
     Role,
     Source,
 )
@@ -42,9 +43,9 @@ from otel_ebpf.stats import Stats
 log = logging.getLogger(__name__)
 
 # Layouts of bpf/include/events.h (little-endian, natural alignment, explicit padding).
-# kind, role, source, pad, tgid, tid, fd, generation, timestamp, family, lport, rport,
-# pad, local_addr[16], remote_addr[16], comm[16], stream_start[2]
-CONN_OPEN = struct.Struct("<BBBxIIiQQHHH2x16s16s16sQQ")
+# kind, role, source, protocol, tgid, tid, fd, generation, timestamp, family, lport,
+# rport, pad, local_addr[16], remote_addr[16], comm[16], stream_start[2]
+CONN_OPEN = struct.Struct("<BBBBIIiQQHHH2x16s16s16sQQ")
 # kind, direction, source, role, tgid, tid, fd, generation, timestamp, position, size,
 # captured_len, pad
 DATA_HDR = struct.Struct("<BBBBIIiQQQQI4x")
@@ -70,6 +71,7 @@ _V4_MAPPED = b"\x00" * 10 + b"\xff\xff"
 _DIRECTIONS = (Direction.INGRESS, Direction.EGRESS)
 _SOURCES = (Source.SYSCALL, Source.OPENSSL)
 _ROLES = (Role.UNKNOWN, Role.SERVER, Role.CLIENT)
+_PROTOCOLS = tuple(sorted(Protocol))  # indexed by value: 0, 1, 2, 3, ...
 
 _EVENT_DATA = int(EventKind.DATA)
 _HDR_SIZE = DATA_HDR.size
@@ -122,8 +124,8 @@ def decode(raw: bytes) -> Event:
     if kind == _EVENT_OPEN:
         if len(raw) < CONN_OPEN.size:
             raise DecodeError("open record of %d bytes, expected %d" % (len(raw), CONN_OPEN.size))
-        (_, role, source, tgid, tid, fd, generation, ts, family, lport, rport, laddr,
-         raddr, comm, start_in, start_out) = CONN_OPEN.unpack_from(raw)
+        (_, role, source, protocol, tgid, tid, fd, generation, ts, family, lport, rport,
+         laddr, raddr, comm, start_in, start_out) = CONN_OPEN.unpack_from(raw)
         # A zero port means "not known": accept/connect only see the remote side.
         local = format_address(family, laddr) if lport else None
         remote = format_address(family, raddr) if rport else None
@@ -132,7 +134,9 @@ def decode(raw: bytes) -> Event:
                              lport if local is not None else None, remote,
                              rport if remote is not None else None,
                              comm.split(b"\0", 1)[0].decode("utf-8", "replace") or None,
-                             (start_in, start_out))
+                             (start_in, start_out),
+                             # a newer kernel side's id stays a number: conntrack sniffs
+                             _PROTOCOLS[protocol] if protocol < len(_PROTOCOLS) else protocol)
     if kind == _EVENT_CLOSE:
         if len(raw) < CONN_CLOSE.size:
             raise DecodeError("close record of %d bytes, expected %d" % (len(raw), CONN_CLOSE.size))

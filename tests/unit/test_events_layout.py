@@ -22,6 +22,7 @@ from otel_ebpf.capture.events import (
     DataEvent,
     Direction,
     EventKind,
+    Protocol,
     Role,
     Source,
 )
@@ -33,9 +34,9 @@ HEADER = ROOT / "bpf" / "include" / "events.h"
 # Field names in the order of the reader's struct formats (padding codes skipped).
 FIELDS = {
     "conn_open_event": (reader.CONN_OPEN, [
-        "kind", "role", "source", "tgid", "tid", "fd", "generation", "timestamp_ns",
-        "family", "local_port", "remote_port", "local_addr", "remote_addr", "comm",
-        "stream_start[0]", "stream_start[1]"]),
+        "kind", "role", "source", "protocol", "tgid", "tid", "fd", "generation",
+        "timestamp_ns", "family", "local_port", "remote_port", "local_addr", "remote_addr",
+        "comm", "stream_start[0]", "stream_start[1]"]),
     "data_event_hdr": (reader.DATA_HDR, [
         "kind", "direction", "source", "role", "tgid", "tid", "fd", "generation",
         "timestamp_ns", "position", "size", "captured_len"]),
@@ -63,6 +64,8 @@ CONSTANTS = {
     "ROLE_UNKNOWN": Role.UNKNOWN, "ROLE_SERVER": Role.SERVER, "ROLE_CLIENT": Role.CLIENT,
     "DIR_INGRESS": Direction.INGRESS, "DIR_EGRESS": Direction.EGRESS,
     "SOURCE_SYSCALL": Source.SYSCALL, "SOURCE_OPENSSL": Source.OPENSSL,
+    "PROTO_UNKNOWN": Protocol.UNKNOWN, "PROTO_HTTP1": Protocol.HTTP1,
+    "PROTO_NOT_HTTP": Protocol.NOT_HTTP, "PROTO_HTTP2": Protocol.HTTP2,
     "MAX_CAPTURE_BYTES": 4096, "CNT_MAX": len(LOSS_COUNTERS),
 }
 
@@ -178,24 +181,30 @@ def test_decode_data_with_truncation():
 def test_decode_open_ipv4_and_v4_mapped_and_unknown():
     laddr = bytes([127, 0, 0, 1]) + bytes(12)
     raddr = bytes(10) + b"\xff\xff" + bytes([10, 1, 2, 3])
-    raw = reader.CONN_OPEN.pack(EventKind.CONN_OPEN, Role.SERVER, 0, 9, 10, 4, 77, 5, 2, 8080,
-                                50000, laddr, laddr, b"nginx\0\0garbage", 0, 0)
+    raw = reader.CONN_OPEN.pack(EventKind.CONN_OPEN, Role.SERVER, 0, Protocol.HTTP2, 9, 10, 4,
+                                77, 5, 2, 8080, 50000, laddr, laddr, b"nginx\0\0garbage", 0, 0)
     ev = reader.decode(raw)
     assert isinstance(ev, ConnOpenEvent) and ev.role is Role.SERVER
     assert (ev.local_address, ev.local_port, ev.remote_address, ev.remote_port) == (
         "127.0.0.1", 8080, "127.0.0.1", 50000)
     assert ev.comm == "nginx"
-    raw6 = reader.CONN_OPEN.pack(EventKind.CONN_OPEN, Role.CLIENT, 0, 9, 10, 4, 77, 5, 10, 0,
-                                 443, bytes(16), raddr, bytes(16), 300, 1200)
+    raw6 = reader.CONN_OPEN.pack(EventKind.CONN_OPEN, Role.CLIENT, 0, Protocol.HTTP1, 9, 10, 4,
+                                 77, 5, 10, 0, 443, bytes(16), raddr, bytes(16), 300, 1200)
     ev6 = reader.decode(raw6)
     assert (ev6.local_address, ev6.local_port, ev6.remote_address, ev6.remote_port) == (
         None, None, "10.1.2.3", 443)
-    raw0 = reader.CONN_OPEN.pack(EventKind.CONN_OPEN, Role.UNKNOWN, 0, 9, 10, 4, 77, 5, 0, 0, 0,
-                                 bytes(16), bytes(16), bytes(16), 0, 0)
+    raw0 = reader.CONN_OPEN.pack(EventKind.CONN_OPEN, Role.UNKNOWN, 0, 0, 9, 10, 4, 77, 5, 0, 0,
+                                 0, bytes(16), bytes(16), bytes(16), 0, 0)
     ev0 = reader.decode(raw0)
     assert ev0.role is Role.UNKNOWN and ev0.local_address is None and ev0.remote_address is None
     assert ev6.comm is None
     assert ev.stream_start == (0, 0) and ev6.stream_start == (300, 1200)
+    assert ev.protocol is Protocol.HTTP2 and ev6.protocol is Protocol.HTTP1
+    assert ev0.protocol is Protocol.UNKNOWN
+    # an id from a newer kernel side stays a number (conntrack then sniffs the bytes)
+    raw9 = reader.CONN_OPEN.pack(EventKind.CONN_OPEN, Role.SERVER, 0, 9, 9, 10, 4, 77, 5, 0, 0,
+                                 0, bytes(16), bytes(16), bytes(16), 0, 0)
+    assert reader.decode(raw9).protocol == 9
 
 
 def test_decode_close():
