@@ -3,15 +3,20 @@ receiver process (rotel), over gRPC and over HTTP/protobuf.
 
 The receiver must show one SERVER span per request with exact attributes and the
 server's own per-process resource, and histogram data points whose counts equal the
-requests sent; a receiver that is down when the daemon starts must not stop it, and
+requests sent (for a grpcio service and client too: rpc.* spans on both sides and
+rpc.{server,client}.* histograms); a receiver that is down when the daemon starts must not stop it, and
 what was captured meanwhile arrives once the receiver is up.
 """
 
 from __future__ import annotations
 
+import json
 import os
+import subprocess
 import sys
 import time
+from collections import Counter
+from pathlib import Path
 
 import pytest
 
@@ -136,4 +141,120 @@ def test_receiver_down_at_start_then_started(tmp_path, protocol):
     # What was captured while the receiver was down arrived too, exactly once.
     assert sorted(s.attributes["url.query"] for s in spans) == sorted(
         "i=%d" % i for i in range(2 * N)), daemon.log[-3000:]
+    assert "export_failures=0" in daemon.log
+
+
+# ---------------------------------------------------------------- gRPC
+
+GRPC_SERVER = "e2e-grpc-server"
+GRPC_CLIENT = "e2e-grpc-client"
+GREETER = Path(__file__).with_name("grpc_greeter.py")
+# method -> calls; 11 unary OK (prime), streaming both ways, a caller's error status
+# (NOT_FOUND), a server's (INTERNAL), and a deadline that expires.
+GRPC_PLAN = {"SayHello": 11, "ListFeatures": 3, "RecordRoute": 2, "Lookup": 2, "Crash": 2,
+             "Slow": 1}
+
+
+def rpc_spans(rx: Receiver, service: str) -> list[ReceivedSpan]:
+    return [s for s in rx.spans
+            if s.resource.get("service.name") == service and "rpc.system" in s.attributes]
+
+
+def test_grpc_spans_and_rpc_metrics_reach_a_real_receiver(tmp_path):
+    """A real grpcio server and client (separate processes, each with its own
+    service.name): one SERVER and one CLIENT span per call with the rpc.* attributes
+    and the status rules of each side, and rpc.{server,client}.duration histograms
+    counting every call, at a real OTLP receiver."""
+    port = free_port()
+    calls = sum(GRPC_PLAN.values())
+    plan = ",".join("%s:%d" % kv for kv in GRPC_PLAN.items())
+    with Receiver() as rx, \
+            process([sys.executable, str(GREETER), "serve", str(port)], port=port,
+                    env={"OTEL_SERVICE_NAME": GRPC_SERVER},
+                    log_path=tmp_path / "greeter.log") as srv, \
+            Daemon(tmp_path, "--port", str(port), env=daemon_env("http/protobuf", rx),
+                   exporter="otlp") as daemon:
+        client = subprocess.run(
+            [sys.executable, str(GREETER), "call", str(port), plan],
+            env={**os.environ, "OTEL_SERVICE_NAME": GRPC_CLIENT},
+            capture_output=True, text=True, timeout=120)
+        assert client.returncode == 0, client.stderr
+        results = [json.loads(line) for line in client.stdout.splitlines()]
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and (len(rpc_spans(rx, GRPC_SERVER)) < calls
+                                               or len(rpc_spans(rx, GRPC_CLIENT)) < calls):
+            time.sleep(0.2)
+        time.sleep(3.0)  # the Slow handler's late answer, and duplicates, would show
+        server_spans_, client_spans = rpc_spans(rx, GRPC_SERVER), rpc_spans(rx, GRPC_CLIENT)
+        assert daemon.stop() == 0
+        points = rx.points
+    # What the client saw: the plan, with the statuses the server meant.
+    expected_codes = {"SayHello": "OK", "ListFeatures": "OK", "RecordRoute": "OK",
+                      "Lookup": "NOT_FOUND", "Crash": "INTERNAL", "Slow": "DEADLINE_EXCEEDED"}
+    assert Counter(r["method"] for r in results) == Counter(GRPC_PLAN)
+    assert all(r["code"] == expected_codes[r["method"]] for r in results), results
+
+    # Exactly one span per call and side, named {service}/{method}.
+    expected_names = Counter({"helloworld.Greeter/" + m: n for m, n in GRPC_PLAN.items()})
+    assert Counter(s.name for s in server_spans_) == expected_names, daemon.log[-3000:]
+    assert Counter(s.name for s in client_spans) == expected_names, daemon.log[-3000:]
+    grpc_status = {"OK": 0, "NOT_FOUND": 5, "INTERNAL": 13}
+    for side, spans in (("server", server_spans_), ("client", client_spans)):
+        for s in spans:
+            a = s.attributes
+            method = s.name.split("/", 1)[1]
+            assert s.kind == ("SPAN_KIND_SERVER" if side == "server" else "SPAN_KIND_CLIENT")
+            assert (a["rpc.system"], a["rpc.service"], a["rpc.method"]) == (
+                "grpc", "helloworld.Greeter", method)
+            assert a["network.protocol.version"] == "2"
+            assert a["server.port"] == port
+            assert a["network.peer.address"] == "127.0.0.1"
+            assert not [k for k in a if k.startswith("http.") or k.startswith("url.")]
+            code = expected_codes[method]
+            if method == "Slow":  # cancelled by the client's deadline: an error either way
+                assert s.status_code == "STATUS_CODE_ERROR", (side, a)
+                assert a.get("rpc.grpc.status_code", 4) != 0
+                continue
+            assert a["rpc.grpc.status_code"] == grpc_status[code], (side, a)
+            # NOT_FOUND: the caller's error, so an error for the client only.
+            error = code == "INTERNAL" or (code == "NOT_FOUND" and side == "client")
+            assert s.status_code == ("STATUS_CODE_ERROR" if error else "STATUS_CODE_UNSET")
+            assert a.get("error.type") == (code if error else None), (side, a)
+            messages = {"ListFeatures": (1, 5), "RecordRoute": (7, 1)}.get(method, (1, 1))
+            if code != "OK":
+                messages = (1, 0)
+            assert (a["otel_ebpf.rpc.request_messages"],
+                    a["otel_ebpf.rpc.response_messages"]) == messages, (side, method, a)
+    assert {s.resource["process.pid"] for s in server_spans_} == {srv.pid}
+    client_pids = {s.resource["process.pid"] for s in client_spans}
+    assert len(client_pids) == 1 and srv.pid not in client_pids
+
+    # Metrics: cumulative histograms whose last point counts every call of a method.
+    def last(metric: str, service: str, method: str, code: int = 0):
+        ours = [p for p in points if p.metric == metric
+                and p.resource.get("service.name") == service
+                and p.attributes.get("rpc.method") == method
+                and p.attributes.get("rpc.grpc.status_code") == code]
+        assert ours, (metric, service, method, sorted({p.metric for p in points}))
+        return ours[-1]
+
+    unary = last("rpc.server.duration", GRPC_SERVER, "SayHello")
+    assert unary.count == GRPC_PLAN["SayHello"] and sum(unary.bucket_counts) == unary.count
+    assert unary.descriptor["Unit"] == "ms"
+    assert unary.attributes["rpc.system"] == "grpc"
+    assert unary.attributes["rpc.service"] == "helloworld.Greeter"
+    assert unary.attributes["server.port"] == port
+    assert "error.type" not in unary.attributes
+    assert 0 < unary.sum < 1000 * unary.count  # milliseconds, not seconds or ns
+    streamed = last("rpc.server.responses_per_rpc", GRPC_SERVER, "ListFeatures")
+    assert (streamed.count, streamed.sum) == (GRPC_PLAN["ListFeatures"],
+                                              5 * GRPC_PLAN["ListFeatures"])
+    crash = last("rpc.server.duration", GRPC_SERVER, "Crash", 13)
+    assert crash.count == GRPC_PLAN["Crash"] and crash.attributes["error.type"] == "INTERNAL"
+    assert last("rpc.client.duration", GRPC_CLIENT, "SayHello").count == GRPC_PLAN["SayHello"]
+    lookup = last("rpc.client.duration", GRPC_CLIENT, "Lookup", 5)
+    assert lookup.attributes["error.type"] == "NOT_FOUND"
+    # gRPC calls are not counted a second time as HTTP requests.
+    assert not [p for p in points if p.metric.startswith("http.")
+                and p.resource.get("service.name") in (GRPC_SERVER, GRPC_CLIENT)]
     assert "export_failures=0" in daemon.log
