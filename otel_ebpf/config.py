@@ -55,6 +55,7 @@ from otel_ebpf.export import (
     PROTOCOLS,
     OtlpOptions,
     OtlpSignalOptions,
+    SpoolOptions,
 )
 from otel_ebpf.telemetry.options import TelemetryOptions
 
@@ -103,6 +104,7 @@ class Config:
     conntrack: ConntrackOptions
     telemetry: TelemetryOptions
     otlp: OtlpOptions
+    spool: SpoolOptions | None = None  # export.spool.*; None when disabled
     output: OutputOptions = field(default_factory=OutputOptions)
     health: HealthOptions = field(default_factory=HealthOptions)
     prometheus: PrometheusOptions = field(default_factory=PrometheusOptions)
@@ -357,6 +359,15 @@ def _endpoint(value: str) -> None:
         raise _Invalid("has no port", "use e.g. http://collector:4317 or collector:4317")
 
 
+def _spool_directory(value: str) -> None:
+    from otel_ebpf.spool import writable_or_creatable
+
+    if not writable_or_creatable(Path(value)):
+        raise _Invalid("is not a directory this user can create or write",
+                       "give a writable directory (or leave it null for the daemon's state "
+                       "directory), or set export.spool.enabled: false")
+
+
 def kind_for_type(tp: object) -> Kind:
     """A Kind from a dataclass field's type hint (for the stages' options classes)."""
     origin = typing.get_origin(tp)
@@ -506,6 +517,11 @@ def _otlp_settings() -> list[Setting]:
         Setting("export.otlp.retry_max_elapsed_s", NumberKind(False, 0)),
         Setting("export.otlp.retry_initial_backoff_s", NumberKind(False, 0.001)),
         Setting("export.otlp.retry_max_backoff_s", NumberKind(False, 0.001)),
+        Setting("export.spool.enabled", BoolKind()),
+        Setting("export.spool.directory", StrKind(optional=True, check=_spool_directory,
+                                                  describe="a directory path")),
+        Setting("export.spool.max_bytes", NumberKind(True, 65536)),
+        Setting("export.spool.max_age_s", NumberKind(False, 1)),
     ]
     return out
 
@@ -766,6 +782,26 @@ def _warn_port_protocol_mismatch(otlp: OtlpOptions, values: Mapping[str, object]
                 "export.otlp.%s.protocol" % signal in values else " (the default)", expected)
 
 
+def _spool_options(values: Mapping[str, object],
+                   environ: Mapping[str, str]) -> SpoolOptions | None:
+    """export.spool.*: on by default, in the daemon's state directory unless set."""
+    if not values.get("export.spool.enabled", True):
+        return None
+    directory = values.get("export.spool.directory")
+    source = "export.spool.directory"
+    if directory is None:
+        from otel_ebpf.spool import default_directory
+
+        path, source = default_directory(environ)
+        directory = str(path)
+    defaults = SpoolOptions(directory="")
+    return SpoolOptions(
+        directory=str(directory),
+        max_bytes=values.get("export.spool.max_bytes", defaults.max_bytes),  # type: ignore[arg-type]
+        max_age_s=values.get("export.spool.max_age_s", defaults.max_age_s),  # type: ignore[arg-type]
+        directory_source=source)
+
+
 def _port_set(ports: object) -> frozenset[int] | None:
     if ports is None:
         return None
@@ -817,6 +853,7 @@ def load(config_path: str | None = None, environ: Mapping[str, str] | None = Non
     otlp = OtlpOptions(traces=_signal_options("traces", values),
                        metrics=_signal_options("metrics", values), **otlp_kwargs)
     _warn_port_protocol_mismatch(otlp, values)
+    spool = _spool_options(values, environ)
 
     exporter = values.get("output.exporter")
     if exporter is None:
@@ -844,7 +881,8 @@ def load(config_path: str | None = None, environ: Mapping[str, str] | None = Non
             "series, and a delta export resets them; set cumulative, or drop "
             "--prometheus-listen" % telemetry.metrics_temporality)
     return Config(
-        capture=capture, conntrack=conntrack, telemetry=telemetry, otlp=otlp, output=output,
+        capture=capture, conntrack=conntrack, telemetry=telemetry, otlp=otlp, spool=spool,
+        output=output,
         health=health, prometheus=prometheus,
         log_level=values.get("log_level", "info"),  # type: ignore[arg-type]
         discovery=discovery,

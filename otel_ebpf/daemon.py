@@ -32,6 +32,7 @@ from typing import Protocol
 from otel_ebpf.capture.events import ConnOpenEvent, EventKind
 from otel_ebpf.capture.loader import Capture
 from otel_ebpf.config import Config
+from otel_ebpf.discovery import Discovery
 from otel_ebpf.conntrack import ConnectionTable, procfs
 from otel_ebpf.exchange import HttpExchange
 from otel_ebpf.process import ProcessResolver
@@ -106,6 +107,23 @@ class ExchangeSink(Protocol):
     def close(self) -> None: ...  # at shutdown, after the last exchange
 
 
+def reported_only(emit: Callable[[HttpExchange], None], processes: ProcessResolver,
+                  discovery: Discovery, stats: Stats) -> Callable[[HttpExchange], None]:
+    """emit, for the exchanges of processes discovery selects (the verdict cached in
+    their ProcessInfo); the others are counted as discovery.dropped_exchanges."""
+    get = processes.get
+    report_unknown = discovery.decide_unknown()
+
+    def emit_reported(exchange: HttpExchange) -> None:
+        info = get(exchange.pid)
+        if info.selected if info is not None else report_unknown:
+            emit(exchange)
+        else:
+            stats.add("discovery.dropped_exchanges")
+
+    return emit_reported
+
+
 class Daemon:
     def __init__(self, config: Config, stats: Stats | None = None,
                  sink_factory: Callable[[ProcessResolver], ExchangeSink] | None = None
@@ -174,7 +192,7 @@ class Daemon:
             from otel_ebpf.process import daemon_resource_attributes
             from otel_ebpf.telemetry import Telemetry
 
-            exporter = OtlpExporter(self.config.otlp, stats)
+            exporter = OtlpExporter(self.config.otlp, stats, spool=self.config.spool)
             self._closers.append(lambda: exporter.shutdown(self.config.otlp.timeout_s))
 
             def resource_for_pid(pid: int):
@@ -237,8 +255,11 @@ class Daemon:
         # One redactor, the configured sensitive names, for every output and for command
         # lines in process attributes.
         self._redact = QueryRedactor(config.telemetry.redacted_query_params)
-        processes = ProcessResolver(stats, container_attributes=self._start_kubernetes(),
-                                    redact=self._redact)
+        k8s = self._start_kubernetes()
+        discovery = Discovery(config.discovery)
+        processes = ProcessResolver(stats, container_attributes=k8s.lookup if k8s else None,
+                                    redact=self._redact, discovery=discovery,
+                                    pod_labels=k8s.labels if k8s else None)
         self._processes = processes
         self._table = ConnectionTable(config.conntrack, stats)
         stats.gauge("conntrack.connections", self._table.__len__)  # the stats line's conns=
@@ -252,6 +273,9 @@ class Daemon:
             def emit(exchange: HttpExchange) -> None:
                 for output in outputs:
                     output(exchange)
+        if discovery.active:
+            log.info("discovery: %s", discovery.summary())
+            emit = reported_only(emit, processes, discovery, stats)
 
         warm_process = processes.get
         note_name = processes.note_name
@@ -381,7 +405,8 @@ class Daemon:
             self._emit(exchange)
 
     def _start_kubernetes(self):
-        """k8s.* attributes by container id, when running in a pod set up for it."""
+        """The pod index (k8s.* attributes and labels by container id), when running in
+        a pod set up for it."""
         if not os.environ.get("KUBERNETES_SERVICE_HOST"):
             # Not in a pod: skip the module, whose ssl + urllib.request cost ~5 MB resident.
             return None
@@ -392,7 +417,7 @@ class Daemon:
             return None
         k8s.start()
         self._closers.append(k8s.close)
-        return k8s.lookup
+        return k8s
 
     def _start_tls(self, capture: Capture):
         if not self.config.capture.tls:

@@ -31,6 +31,7 @@ import random
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Literal
 from urllib.parse import urlparse
@@ -97,6 +98,23 @@ class OtlpSignalOptions:
     # gRPC only, for endpoints without a scheme: True = plaintext. http:// is always
     # plaintext and https:// always TLS, whatever this says (as the Python SDK does).
     insecure: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class SpoolOptions:
+    """export.spool.*: see otel_ebpf/spool.py."""
+
+    directory: str
+    max_bytes: int = 256 * 1024 * 1024
+    max_age_s: float = 24 * 3600.0
+    directory_source: str = "export.spool.directory"  # for the start-up log line
+
+
+# With a spool, the in-memory queue is only a small buffer in front of it.
+SPOOLED_MEMORY_PAYLOADS = 32
+SPOOLED_MEMORY_BYTES = 4 * 1024 * 1024
+# With a spool, shutdown waits at most this long for the collector; the rest is spooled.
+SPOOL_SHUTDOWN_FLUSH_S = 2.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -336,23 +354,54 @@ def _make_transport(signal: str, options: OtlpSignalOptions) -> _GrpcTransport |
 class OtlpExporter:
     """Non-blocking OTLP sender for serialized payloads; see the module docstring."""
 
-    def __init__(self, options: OtlpOptions, stats) -> None:  # stats: otel_ebpf.stats.Stats
+    def __init__(self, options: OtlpOptions, stats,  # stats: otel_ebpf.stats.Stats
+                 spool: SpoolOptions | None = None) -> None:  # None: memory only
         self._options = options
         self._stats = stats
         self._signal_options = {TRACES: options.traces, METRICS: options.metrics}
         self._transports: dict[str, _GrpcTransport | _HttpTransport | None] = {}
-        self._queue: deque[tuple[str, bytes, int]] = deque()
+        # (signal, payload, items, created: unix time) in sending order.
+        self._queue: deque[tuple[str, bytes, int, float]] = deque()
         self._queued_bytes = 0
         self._in_flight = 0
+        # The in-memory payload being sent, so that shutdown can spool it if the send
+        # does not finish in time (None while a spooled one is sent: it is on disk).
+        self._sending: tuple[str, bytes, int, float] | None = None
+        self._spool_closed = False  # set by shutdown: the worker must not touch the spool
         self._cond = threading.Condition()
         self._stop = threading.Event()  # interrupts backoff sleeps at shutdown
         self._closed = False
         self._warn = RateLimitedLog(log, 10.0)
+        self._max_payloads = options.max_queue_payloads
+        self._max_bytes = options.max_queue_bytes
+        self._spool = self._open_spool(spool, stats)
+        if self._spool is not None:
+            # Beyond a small buffer, payloads wait on disk: memory stays flat in an outage.
+            self._max_payloads = min(self._max_payloads, SPOOLED_MEMORY_PAYLOADS)
+            self._max_bytes = min(self._max_bytes, SPOOLED_MEMORY_BYTES)
         # Gauges: how far behind the collector is (read at stats time, not per export).
         stats.gauge("export.queue_payloads", lambda: len(self._queue))
         stats.gauge("export.queue_bytes", lambda: self._queued_bytes)
         self._thread = threading.Thread(target=self._run, name="otlp-export", daemon=True)
         self._thread.start()
+
+    @staticmethod
+    def _open_spool(options: SpoolOptions | None, stats):
+        if options is None:
+            return None
+        from otel_ebpf.spool import Spool, SpoolError
+
+        try:
+            spool = Spool(options.directory, options.max_bytes, options.max_age_s, stats)
+        except SpoolError as exc:
+            log.warning("export spool disabled: %s (export.spool.directory, chosen from %s); "
+                        "export continues with the in-memory queue only, so a collector "
+                        "outage loses what exceeds export.otlp.max_queue_bytes",
+                        exc, options.directory_source)
+            return None
+        log.info("export spool: %s (from %s; up to %d bytes, %g s)", spool.directory,
+                 options.directory_source, options.max_bytes, options.max_age_s)
+        return spool
 
     # ---- caller side: never blocks, never raises ----
 
@@ -363,28 +412,39 @@ class OtlpExporter:
         self._enqueue(METRICS, payload, points)
 
     def _enqueue(self, signal: str, payload: bytes, items: int) -> None:
-        dropped: list[tuple[str, bytes, int]] = []
+        dropped: list[tuple[str, bytes, int, float]] = []
+        entry = (signal, payload, items, time.time())
         with self._cond:
-            opts = self._options
-            if self._closed or len(payload) > opts.max_queue_bytes:
-                dropped.append((signal, payload, items))
+            spool = self._spool
+            if self._closed:
+                dropped.append(entry)
+            elif spool is not None and (
+                    len(spool) or len(self._queue) >= self._max_payloads
+                    or self._queued_bytes + len(payload) > self._max_bytes):
+                # Behind what is already spooled (delivery stays in order), or beyond the
+                # small memory buffer: to disk. A payload goes to memory only while the
+                # spool is empty, so memory always holds the oldest.
+                spool.append(signal, payload, items, entry[3])
+                self._cond.notify_all()
+            elif len(payload) > self._max_bytes:
+                dropped.append(entry)
             else:
                 # Drop the oldest: a collector that comes back should get what is new.
                 while self._queue and (
-                    len(self._queue) >= opts.max_queue_payloads
-                    or self._queued_bytes + len(payload) > opts.max_queue_bytes
+                    len(self._queue) >= self._max_payloads
+                    or self._queued_bytes + len(payload) > self._max_bytes
                 ):
                     old = self._queue.popleft()
                     self._queued_bytes -= len(old[1])
                     dropped.append(old)
-                self._queue.append((signal, payload, items))
+                self._queue.append(entry)
                 self._queued_bytes += len(payload)
                 self._cond.notify_all()
         if dropped:
             self._count_dropped(dropped, "the export queue is full")
 
-    def _count_dropped(self, dropped: list[tuple[str, bytes, int]], why: str) -> None:
-        for signal, _payload, items in dropped:
+    def _count_dropped(self, dropped: list[tuple[str, bytes, int, float]], why: str) -> None:
+        for signal, _payload, items, _created in dropped:
             self._stats.add("export.payloads_dropped")
             self._stats.add("export.%s_dropped" % _ITEM_NAME[signal], items)
         self._warn.warning(
@@ -399,34 +459,69 @@ class OtlpExporter:
     # ---- flush / shutdown ----
 
     def force_flush(self, timeout_s: float = 10.0) -> bool:
-        """Wait until everything queued so far was sent or given up; False on timeout."""
+        """Wait until everything queued so far (spooled too) was sent or given up; False on
+        timeout."""
         deadline = time.monotonic() + timeout_s
         with self._cond:
-            while self._queue or self._in_flight:
+            while self._queue or self._in_flight or (self._spool is not None and len(self._spool)):
                 remaining = deadline - time.monotonic()
                 if remaining <= 0 or not self._thread.is_alive():
                     return False
-                self._cond.wait(remaining)
+                self._cond.wait(min(remaining, 0.1))  # the spool shrinks without a notify
         return True
 
     def shutdown(self, timeout_s: float = 10.0) -> bool:
-        """Flush for at most `timeout_s`, then stop; what is left is counted as dropped.
+        """Flush for at most `timeout_s`, then stop. Idempotent.
 
-        Idempotent; returns True when everything queued was delivered or given up."""
+        Without a spool, what is left is counted as dropped. With one, the flush is
+        bounded by SPOOL_SHUTDOWN_FLUSH_S (a collector that is down must not hold the
+        exit) and what is left in memory is written to the spool, ahead of what is there,
+        for the next start to send. True when nothing was dropped and nothing is left
+        waiting."""
         with self._cond:
             if self._closed:
                 return True
             self._closed = True
+        spool = self._spool
+        if spool is not None:
+            timeout_s = min(timeout_s, SPOOL_SHUTDOWN_FLUSH_S)
         deadline = time.monotonic() + timeout_s
-        flushed = self.force_flush(timeout_s)
+
+        def busy() -> bool:
+            # With a spool only memory matters: what is on disk is kept for the next start.
+            return bool(self._queue) or (
+                self._sending is not None if spool is not None else self._in_flight > 0)
+
+        with self._cond:  # memory drained (to the collector or, failing, to the spool)
+            while busy():
+                remaining = deadline - time.monotonic()
+                if remaining <= 0 or not self._thread.is_alive():
+                    break
+                self._cond.wait(remaining)
+            flushed = not busy()
         self._stop.set()
         with self._cond:
             self._cond.notify_all()
         self._thread.join(max(0.1, deadline - time.monotonic()))
         with self._cond:
             left = list(self._queue)
+            if self._sending is not None:  # a send still hanging: keep it (at least once)
+                left.insert(0, self._sending)
+                self._sending = None
             self._queue.clear()
             self._queued_bytes = 0
+            if spool is not None:
+                self._spool_closed = True
+                if left:
+                    spool.prepend(left)
+                    log.info("OTLP export: %d payload(s) not sent at shutdown were spooled to "
+                             "%s for the next start", len(left), spool.directory)
+                    left = []
+                waiting = len(spool)
+                if waiting:
+                    log.info("OTLP export: %d payload(s) (%d bytes) wait in the spool %s for "
+                             "the next start", waiting, spool.bytes, spool.directory)
+                spool.close()
         if left:
             self._count_dropped(left, "the daemon is shutting down")
         for transport in self._transports.values():
@@ -453,31 +548,76 @@ class OtlpExporter:
         return self._transports[signal]
 
     def _run(self) -> None:
+        spool = self._spool
         while True:
+            spooled = entry = None
             with self._cond:
-                while not self._queue and not self._stop.is_set():
+                while (not self._queue and not self._stop.is_set()
+                       and not (spool is not None and len(spool))):
                     self._cond.wait()
                 if self._stop.is_set():
                     return
-                signal, payload, items = self._queue.popleft()
-                self._queued_bytes -= len(payload)
                 self._in_flight += 1
+                if self._queue:  # memory holds the oldest whenever it holds anything
+                    entry = self._queue.popleft()
+                    self._queued_bytes -= len(entry[1])
+                    self._sending = entry
             try:
-                self._deliver(signal, payload, items)
+                if entry is None:
+                    spooled = spool.oldest()  # type: ignore[union-attr]
+                    if spooled is not None:
+                        self._deliver_spooled(spooled)
+                else:
+                    self._deliver(*entry[:3], created=entry[3])
             except Exception:  # the worker must survive anything a transport throws
-                log.exception("OTLP %s export failed unexpectedly; payload dropped", signal)
+                log.exception("OTLP export failed unexpectedly; payload dropped")
                 self._stats.add("export.failures")
+                if spooled is not None and not self._stop.is_set():
+                    spool.remove(spooled.id)  # type: ignore[union-attr]
             finally:
                 with self._cond:
+                    self._sending = None
                     self._in_flight -= 1
                     self._cond.notify_all()
 
-    def _deliver(self, signal: str, payload: bytes, items: int) -> None:
+    def _spill(self, failed: tuple[str, bytes, int, float]) -> None:
+        """The collector failed: the payload that failed and the memory queue go to the
+        spool, ahead of what is there (they are older), so they survive a restart and
+        memory stays flat for the rest of the outage."""
+        with self._cond:
+            if self._spool_closed:  # shutdown outwaited this send and spooled it already
+                return
+            entries = [failed, *self._queue]
+            self._queue.clear()
+            self._queued_bytes = 0
+            self._sending = None
+            self._spool.prepend(entries)  # type: ignore[union-attr]
+            self._cond.notify_all()
+
+    def _deliver_spooled(self, spooled) -> None:
+        """Send the spool's oldest payload until it is delivered: a spooled payload is
+        given up only when the collector refuses it for good or the spool drops it (cap,
+        max age). A shutdown leaves it where it is, for the next start."""
+        spool = self._spool
+        outcome = self._deliver(spooled.signal, spooled.payload, spooled.items,
+                                created=spooled.created,
+                                still_wanted=lambda: spool.contains(spooled.id))
+        if outcome == "sent":
+            self._stats.add("export.spool.delivered")
+        if outcome in ("sent", "failed"):
+            spool.remove(spooled.id)
+
+    def _deliver(self, signal: str, payload: bytes, items: int, created: float,
+                 still_wanted: Callable[[], bool] | None = None) -> str:
+        """One payload, with retries: "sent", "failed" (given up, counted), "spilled" (to
+        the spool, sent from there), "stopped" (shutdown), or "gone" (the spool dropped it
+        while it was retried)."""
         transport = self._transport(signal)
         if transport is None:
             self._stats.add("export.failures")
-            return
+            return "failed"
         opts = self._options
+        spooled = still_wanted is not None
         started = time.monotonic()
         attempt = 0
         while True:
@@ -488,7 +628,19 @@ class OtlpExporter:
                 backoff = min(opts.retry_max_backoff_s,
                               opts.retry_initial_backoff_s * (2 ** (attempt - 1)))
                 delay = exc.delay_s if exc.delay_s is not None else backoff * random.uniform(0.5, 1.0)
-                if time.monotonic() - started + delay > opts.retry_max_elapsed_s or self._stop.is_set():
+                if self._spool is not None and not spooled:
+                    self._stats.add("export.retries")
+                    self._warn.warning(
+                        "spill", "OTLP %s export to %s failed (%s); spooling to %s until the "
+                        "collector answers", signal, transport.endpoint, exc,
+                        self._spool.directory)
+                    self._spill((signal, payload, items, created))
+                    self._stop.wait(delay)  # the spooled copy is retried after the backoff
+                    return "spilled"
+                if spooled and self._stop.is_set():
+                    return "stopped"  # it stays in the spool
+                if not spooled and (self._stop.is_set() or time.monotonic() - started + delay
+                                    > opts.retry_max_elapsed_s):
                     self._stats.add("export.failures")
                     self._warn.warning(
                         "fail-" + signal,
@@ -496,13 +648,17 @@ class OtlpExporter:
                         "given up: %s", signal, transport.endpoint, attempt, items,
                         _ITEM_NAME[signal], exc,
                     )
-                    return
+                    return "failed"
                 self._stats.add("export.retries")
                 log.debug("OTLP %s export to %s: %s; retrying in %.2f s",
                           signal, transport.endpoint, exc, delay)
                 if self._stop.wait(delay):
+                    if spooled:
+                        return "stopped"
                     self._stats.add("export.failures")
-                    return
+                    return "failed"
+                if spooled and not still_wanted():  # type: ignore[misc]
+                    return "gone"  # dropped by the spool's cap or max age, and counted
                 continue
             except _Permanent as exc:
                 self._stats.add("export.failures")
@@ -511,7 +667,7 @@ class OtlpExporter:
                     "OTLP %s export to %s failed, payload of %d %s dropped (not retryable): %s",
                     signal, transport.endpoint, items, _ITEM_NAME[signal], exc,
                 )
-                return
+                return "failed"
             break
         self._stats.add("export.payloads_sent")
         self._stats.add("export.%s_sent" % _ITEM_NAME[signal], items)
@@ -524,3 +680,4 @@ class OtlpExporter:
                 signal, transport.endpoint, rejected, items, _ITEM_NAME[signal],
                 message or "(no message)",
             )
+        return "sent"
