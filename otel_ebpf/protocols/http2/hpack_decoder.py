@@ -1,0 +1,126 @@
+"""HPACK decoding for a passive observer, on top of the `hpack` library.
+
+One `HeaderBlockDecoder` per connection direction (each direction has its own encoder
+and dynamic table). The `hpack` library (python-hyper) does the decoding: integers,
+Huffman, literals, the static table and the dynamic table's insertions and evictions.
+What an observer needs beyond a normal decoder, and how it gets it:
+
+- **An unknown dynamic table.** A connection seen mid-stream (or after bytes of a
+  header block were lost) has dynamic table entries we never saw inserted. `hpack`
+  cannot decode partially: an unknown index raises and the block is lost. So the
+  decoder's table is replaced by `_ObserverTable`, whose lookup answers an index it does
+  not know with the `UNKNOWN` marker instead of raising. The block then decodes in full;
+  fields whose name is `UNKNOWN` are dropped and counted, never guessed.
+
+  Why the entries we do know are exact: dynamic index 62 + i names the i-th most recent
+  insertion (RFC 7541 2.3.3). Every insertion since the table was last reset was seen
+  (resetting is what happens when header block bytes are lost), so an index below
+  62 + len(known) names exactly the entry we hold; anything beyond it is unknown.
+  An insertion whose name is unknown is kept as (UNKNOWN, value) so the positions of the
+  others stay right.
+
+- **Table sizes.** The encoder's table may grow up to what its peer allowed in SETTINGS,
+  and it evicts when it shrinks. Keeping *more* entries than the encoder does is
+  harmless (it never refers past its own table) while keeping fewer makes them unknown,
+  so the observer table never shrinks and grows to the largest size seen, capped at
+  `MAX_TABLE_SIZE` for memory. Table size updates are accepted whatever their value
+  (it is not ours to enforce the peer's limit).
+
+A block that does not decode at all (malformed Huffman, truncated block, oversized
+list) is lost: `decode` returns None and the table is reset, as its insertions are
+unknown from then on.
+"""
+
+from __future__ import annotations
+
+from hpack import Decoder, HPACKError
+from hpack.table import HeaderTable
+
+# Marker for a header name or value we cannot know (NUL is never valid in a field name).
+UNKNOWN = b"\x00unknown"
+_UNKNOWN_PAIR = (UNKNOWN, UNKNOWN)
+_STATIC_LENGTH = HeaderTable.STATIC_TABLE_LENGTH
+
+# The largest dynamic table this observer keeps per direction (the HPACK accounting:
+# 32 bytes plus name and value per entry). Real peers use 4 KiB (the default) to 64 KiB.
+MAX_TABLE_SIZE = 64 * 1024
+
+
+class _ObserverTable(HeaderTable):
+    """A HeaderTable that answers unknown dynamic indices with UNKNOWN and never shrinks."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.unknown_lookups = 0
+
+    def get_by_index(self, index: int) -> tuple[bytes, bytes]:
+        if index > _STATIC_LENGTH:
+            dynamic = index - _STATIC_LENGTH - 1
+            entries = self.dynamic_entries
+            if dynamic < len(entries):
+                return entries[dynamic]
+            self.unknown_lookups += 1
+            return _UNKNOWN_PAIR
+        return super().get_by_index(index)  # static entry, or index 0 (invalid: raises)
+
+    @property  # type: ignore[override]
+    def maxsize(self) -> int:
+        return self._maxsize
+
+    @maxsize.setter
+    def maxsize(self, newmax: int) -> None:
+        # Grow to the largest size seen (capped); never shrink: see the module docstring.
+        newmax = min(int(newmax), MAX_TABLE_SIZE)
+        if newmax > self._maxsize:
+            self._maxsize = newmax
+
+    def reset(self) -> None:
+        """Forget every entry: insertions were lost, all dynamic indices become unknown."""
+        self.dynamic_entries.clear()
+        self._current_size = 0
+
+
+class HeaderBlockDecoder:
+    """Decodes the header blocks of one direction, in order; see the module docstring."""
+
+    __slots__ = ("_decoder", "_table")
+
+    def __init__(self, max_header_list_size: int) -> None:
+        decoder = Decoder(max_header_list_size=max_header_list_size)
+        table = _ObserverTable()
+        decoder.header_table = table
+        # Accept any table size update: the limit is between the peers, not ours to check.
+        decoder.max_allowed_table_size = 1 << 32
+        self._decoder = decoder
+        self._table = table
+
+    def decode(self, block: bytes) -> tuple[list[tuple[bytes, bytes]] | None, int]:
+        """-> (fields with known names as raw bytes pairs, count of unknown fields).
+
+        None when the block does not decode at all (the table is then reset).
+        """
+        table = self._table
+        before = table.unknown_lookups
+        try:
+            fields = self._decoder.decode(block, raw=True)
+        except HPACKError:
+            table.reset()
+            return None, 0
+        except (IndexError, ValueError):  # defensive: a malformed block the library missed
+            table.reset()
+            return None, 0
+        if table.unknown_lookups == before:
+            return fields, 0  # type: ignore[return-value]
+        known = [f for f in fields if f[0] != UNKNOWN]
+        return known, len(fields) - len(known)  # type: ignore[return-value]
+
+    def lost_block(self) -> None:
+        """A header block (or part of one) was not seen: its insertions are unknown."""
+        self._table.reset()
+
+    def allow_table_size(self, size: int) -> None:
+        """The decoding peer's SETTINGS_HEADER_TABLE_SIZE: the encoder may grow to it."""
+        self._table.maxsize = size
+
+    def table_bytes(self) -> int:
+        return self._table._current_size
