@@ -47,6 +47,16 @@ def _pid(text: str) -> int:
     return value
 
 
+def _seconds(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number of seconds") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} is not a number of seconds (at least 1)")
+    return value
+
+
 def _add_capture_options(parser: argparse.ArgumentParser) -> None:
     """Options of every command that runs the capture pipeline (run, top): settings and
     which processes and connections to capture. A selector added here reaches both."""
@@ -143,6 +153,28 @@ def build_parser() -> argparse.ArgumentParser:
                      "PORT binds 127.0.0.1; 0.0.0.0:9464 to be scraped from other hosts); "
                      "works with every --exporter")
 
+    from otel_ebpf.top import SORT_KEYS
+
+    top = sub.add_parser(
+        "top",
+        help="a live table of requests/s, errors and latency per service and route",
+        description="Capture like `run` and show, per service, route and role, requests/s, "
+        "error % (4xx, 5xx, timeouts, other failures) and p50/p99 latency over a sliding "
+        "window, redrawn every second. Needs no collector and no configuration; keys in "
+        "the live view change the sort order, q quits.",
+    )
+    _add_capture_options(top)
+    top.add_argument("--sort", choices=tuple(SORT_KEYS), default="rps",
+                     help="order of the rows (default: rps)")
+    top.add_argument("--window", type=_seconds, default=10, metavar="S",
+                     help="the sliding window, in whole seconds (default: 10)")
+    top.add_argument("--once", action="store_true",
+                     help="measure for --interval seconds, print one table and exit "
+                     "(plain text when stdout is not a terminal)")
+    top.add_argument("--interval", type=_seconds, default=5, metavar="S",
+                     help="with --once: seconds to measure; the rates are over them "
+                     "(default: 5)")
+
     check = sub.add_parser("check", help="diagnose what this kernel and machine allow")
     check.add_argument("--no-tls", action="store_true", help="skip the TLS library scan")
     check.add_argument("--no-compile", action="store_true",
@@ -199,6 +231,53 @@ def cmd_run(args: argparse.Namespace) -> int:
     except PrometheusError as exc:  # e.g. the address is in use: a setting to change
         print(f"otel-ebpf: configuration error: {exc}", file=sys.stderr)
         return EXIT_CONFIG_ERROR
+
+
+def cmd_top(args: argparse.Namespace) -> int:
+    from otel_ebpf.capture import CaptureError
+    from otel_ebpf.config import ConfigError, load
+    from otel_ebpf.daemon import Daemon
+    from otel_ebpf.top import TopModel, TopScreen
+
+    overrides = capture_overrides(args)
+    overrides["output.exporter"] = "none"  # the table is top's only output
+    overrides.setdefault("log_level", "warning")  # info lines would scroll the table away
+    try:
+        config = load(args.config, os.environ, overrides)
+    except ConfigError as exc:
+        print(f"otel-ebpf: configuration error: {exc}", file=sys.stderr)
+        return EXIT_CONFIG_ERROR
+    console = None
+    if args.once:
+        _setup_logging(config.log_level)
+    else:
+        from rich.console import Console
+        from rich.logging import RichHandler
+
+        console = Console()
+        # Log records go through the live display's console, above the table.
+        logging.basicConfig(level=getattr(logging, config.log_level.upper()),
+                            format="%(name)s: %(message)s",
+                            handlers=[RichHandler(console=console, show_path=False)])
+    window = args.interval if args.once else args.window
+    telemetry = config.telemetry
+
+    def make_screen(processes) -> TopScreen:
+        def service_of(pid: int) -> str:
+            info = processes.get(pid)
+            return info.service_name if info else "unknown_service:%d" % pid
+
+        model = TopModel(window, service_of, telemetry.route_patterns, telemetry.max_routes,
+                         telemetry.route_cache_size)
+        return TopScreen(model, args.sort, once_after_s=args.interval if args.once else None,
+                         console=console)
+
+    print("otel-ebpf top: loading the eBPF programs (a few seconds)...", file=sys.stderr)
+    try:
+        return Daemon(config, sink_factory=make_screen).run()
+    except CaptureError as exc:
+        print(f"otel-ebpf: cannot capture: {exc}", file=sys.stderr)
+        return EXIT_CAPTURE_IMPOSSIBLE
 
 
 def cmd_check(args: argparse.Namespace) -> int:
@@ -271,6 +350,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_OK
     if args.command == "check":
         return cmd_check(args)
+    if args.command == "top":
+        return cmd_top(args)
     return cmd_run(args)
 
 
