@@ -144,6 +144,12 @@ def build_parser() -> argparse.ArgumentParser:
                      help="OTLP endpoint (same as OTEL_EXPORTER_OTLP_ENDPOINT)")
     run.add_argument("--otlp-protocol", choices=("grpc", "http/protobuf"),
                      help="OTLP protocol (same as OTEL_EXPORTER_OTLP_PROTOCOL)")
+    run.add_argument("--spool-dir", metavar="DIR",
+                     help="keep OTLP payloads the collector cannot take now in DIR "
+                     "(export.spool.directory; default: the daemon's state directory)")
+    run.add_argument("--no-spool", action="store_true",
+                     help="no on-disk export spool: a collector outage longer than the "
+                     "in-memory queue loses payloads (export.spool.enabled: false)")
     run.add_argument("--health-file", metavar="PATH",
                      help="touch this file while the capture loop is alive")
     run.add_argument("--health-listen", metavar="HOST:PORT",
@@ -192,6 +198,8 @@ def run_overrides(args: argparse.Namespace) -> dict[str, object]:
         "output.path": args.output,
         "export.otlp.endpoint": args.otlp_endpoint,
         "export.otlp.protocol": args.otlp_protocol,
+        "export.spool.directory": args.spool_dir,
+        "export.spool.enabled": False if args.no_spool else None,
         "health.file": args.health_file,
         "health.listen": args.health_listen,
         "export.prometheus.listen": args.prometheus_listen,

@@ -48,7 +48,10 @@ class Daemon:
             self.args += ["--exporter", "jsonl", "--output", str(self.output)]
         elif exporter:
             self.args += ["--exporter", exporter]
-        self.env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+        # Each test's own export spool (kept across a restart of this Daemon): payloads
+        # another test left for its absent receiver must never reach this one's.
+        self.env = {**os.environ, "PYTHONUNBUFFERED": "1",
+                    "OTEL_EBPF_EXPORT_SPOOL_DIRECTORY": str(workdir / "spool"), **(env or {})}
         self.proc: subprocess.Popen | None = None
 
     def __enter__(self) -> Daemon:
