@@ -151,7 +151,8 @@ class Selector:
             return False
         if self.containers_only and not facts.container_id:
             return False
-        if c["container_id"] is not None and not c["container_id"].match(facts.container_id):
+        if c["container_id"] is not None and not (
+                facts.container_id and c["container_id"].match(facts.container_id)):
             return False
         if self.needs_kubernetes and not self._kubernetes_matches(facts):
             return False
@@ -166,7 +167,8 @@ class Selector:
         for key, attribute in (("k8s_namespace", "k8s.namespace.name"),
                                ("k8s_pod_name", "k8s.pod.name"),
                                ("k8s_container_name", "k8s.container.name")):
-            if c[key] is not None and not c[key].match(str(k8s.get(attribute, ""))):
+            # absent (not in Kubernetes, pod not indexed yet): no match, even for "*"
+            if c[key] is not None and not (attribute in k8s and c[key].match(str(k8s[attribute]))):
                 return False
         if c["k8s_owner_name"] is not None:
             owners = [str(k8s[a]) for a in _OWNER_ATTRIBUTES if a in k8s]
@@ -290,6 +292,12 @@ class Discovery:
             if selector.matches(facts):
                 return Verdict(True, selector, "matches %s" % selector.where)
         return Verdict(False, None, "matches no discovery.instrument selector")
+
+    def summary(self) -> str:
+        """One line for the start-up log: what is reported."""
+        return "%s; excluded: %s" % (
+            "report processes matching %s" % describe(self._instrument) if self._instrument
+            else "report every process", describe(self._excludes))
 
     def decide_unknown(self) -> bool:
         """Verdict for a process of which nothing is known (gone before /proc was read,

@@ -2,7 +2,8 @@
 
 Contract: `KubernetesMetadata.lookup(container_id)` returns the resource attributes of
 the pod container with that id (`container.id` as otel_ebpf.process finds it in
-/proc/PID/cgroup), or {} when unknown. Attributes: k8s.namespace.name, k8s.pod.name,
+/proc/PID/cgroup), or {} when unknown. `labels(container_id)` returns its pod's labels (for discovery's
+k8s_pod_labels; not exported). Attributes: k8s.namespace.name, k8s.pod.name,
 k8s.pod.uid, k8s.container.name, k8s.node.name, and the owner when there is one
 (k8s.deployment.name / k8s.replicaset.name / k8s.daemonset.name /
 k8s.statefulset.name / k8s.job.name), per the OpenTelemetry
@@ -116,6 +117,26 @@ def index_pods(pod_list: Mapping) -> dict[str, dict[str, str]]:
     return index
 
 
+def index_pod_labels(pod_list: Mapping) -> dict[str, dict[str, str]]:
+    """A PodList -> {container id: its pod's labels}, for the same containers as
+    index_pods."""
+    index: dict[str, dict[str, str]] = {}
+    for pod in _list(pod_list.get("items")):
+        if not isinstance(pod, Mapping):
+            continue
+        labels = {str(k): str(v) for k, v in
+                  _mapping(_mapping(pod.get("metadata")).get("labels")).items()}
+        status = _mapping(pod.get("status"))
+        for key in ("containerStatuses", "initContainerStatuses", "ephemeralContainerStatuses"):
+            for cs in _list(status.get(key)):
+                cs = _mapping(cs)
+                for raw in (cs.get("containerID"), _mapping(_mapping(cs.get("lastState"))
+                                                          .get("terminated")).get("containerID")):
+                    if isinstance(raw, str) and raw:
+                        index.setdefault(normalise_container_id(raw), labels)
+    return index
+
+
 class KubernetesMetadata:
     """Background-refreshed container-id -> pod attributes index for this node."""
 
@@ -140,6 +161,7 @@ class KubernetesMetadata:
         self._clock = clock
         self._ssl = ssl.create_default_context(cafile=ca_path) if ca_path else None
         self._index: dict[str, dict[str, str]] = {}
+        self._labels: dict[str, dict[str, str]] = {}
         self._last_refresh = float("-inf")
         self._wake = threading.Event()
         self._stop = threading.Event()
@@ -187,6 +209,10 @@ class KubernetesMetadata:
             self._wake.set()  # a pod newer than our last refresh: refresh soon
             return {}
         return dict(attrs)
+
+    def labels(self, container_id: str | None) -> dict[str, str]:
+        """The labels of the pod running this container ({} when unknown)."""
+        return self._labels.get(container_id or "", {})
 
     def __len__(self) -> int:
         return len(self._index)
@@ -252,6 +278,7 @@ class KubernetesMetadata:
         except ValueError as exc:
             return self._fail("json", "unparsable pod list: %s" % exc)
         self._index = index_pods(pod_list)
+        self._labels = index_pod_labels(pod_list)
         self.refreshes += 1
         if self._warned:
             log.info("Kubernetes metadata recovered: %d containers on node %s",

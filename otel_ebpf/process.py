@@ -22,6 +22,12 @@ rules of telemetry/redact.py (the redacted_query_params list: `--password X`,
 `TOKEN=...`, URL credentials, ...), lose the trailing empty arguments a rewritten argv
 leaves (`nginx: worker process`), and are bounded to _MAX_COMMAND_LINE characters.
 
+Discovery (otel_ebpf/discovery.py), when given: each process is judged once, as its
+ProcessInfo is built (so per pid and start time, like the cache), from the attributes
+just read; `ProcessInfo.selected` holds the verdict and a matching selector's
+service.name / service.namespace override the resource. `forget(pid)` (the daemon calls
+it when the kernel reports an exec) makes the next lookup read and judge it again.
+
 A process that vanished yields None; one that denies access (environ, exe of another
 user's process without root) yields the attributes that could be read. Neither raises;
 both are counted: process.vanished, process.access_denied. Memory is bounded: at most
@@ -45,6 +51,7 @@ from urllib.parse import unquote
 import psutil
 
 from otel_ebpf import __version__
+from otel_ebpf.discovery import Discovery, ProcessFacts
 from otel_ebpf.telemetry.redact import QueryRedactor
 
 log = logging.getLogger(__name__)
@@ -75,6 +82,7 @@ class ProcessInfo:
     executable_name: str
     resource_attributes: dict[str, AttributeValue]
     start_ticks: int  # /proc/PID/stat starttime: with pid, identifies the process
+    selected: bool = True  # discovery's verdict: are its exchanges reported?
 
 
 def container_id_from_cgroup(text: str) -> str | None:
@@ -138,8 +146,13 @@ class ProcessResolver:
     def __init__(self, stats, max_entries: int = 4096, proc_root: str = "/proc",
                  container_attributes: Callable[[str], Mapping[str, str]] | None = None,
                  redact: QueryRedactor | None = None,
-                 redact_command_line: bool = True) -> None:
+                 redact_command_line: bool = True,
+                 discovery: Discovery | None = None,
+                 pod_labels: Callable[[str], Mapping[str, str]] | None = None) -> None:
         self._stats = stats
+        # Which processes are reported (None: all); pod_labels: container id -> labels.
+        self._discovery = discovery if discovery is not None and discovery.active else None
+        self._pod_labels = pod_labels
         # The same redactor (same sensitive names) as the exchange outputs use.
         self._redact = redact or _default_redactor
         self._redact_command_line = redact_command_line
@@ -213,7 +226,25 @@ class ProcessResolver:
         }
         attrs.update(self._common)
         # start_ticks -1 never matches a live process: the next sweep() forgets it.
-        return ProcessInfo(pid, name, name, attrs, -1)
+        return self._judged(ProcessInfo(pid, name, name, attrs, -1))
+
+    def _judged(self, info: ProcessInfo) -> ProcessInfo:
+        """info with discovery's verdict and overrides applied (as is without discovery)."""
+        if self._discovery is None:
+            return info
+        verdict = self._discovery.decide(
+            ProcessFacts.from_attributes(info.pid, info.resource_attributes, self._pod_labels))
+        self._stats.add("discovery.selected_processes" if verdict.selected
+                        else "discovery.excluded_processes")
+        log.debug("pid %d (%s): %s, %s", info.pid, info.executable_name,
+                  "reported" if verdict.selected else "not reported", verdict.reason)
+        overrides = verdict.overrides()
+        if not overrides and verdict.selected:
+            return info
+        info.resource_attributes.update(overrides)
+        return ProcessInfo(info.pid, str(info.resource_attributes["service.name"]),
+                           info.executable_name, info.resource_attributes, info.start_ticks,
+                           verdict.selected)
 
     def forget(self, pid: int) -> None:
         self._cache.pop(pid, None)
@@ -389,7 +420,7 @@ class ProcessResolver:
         if denied:
             self._stats.add("process.access_denied")
             log.debug("pid %d: some attributes were not readable (access denied)", pid)
-        return ProcessInfo(pid, service_name, exe_name, attrs, start_ticks)
+        return self._judged(ProcessInfo(pid, service_name, exe_name, attrs, start_ticks))
 
 
 def daemon_resource_attributes(stats=None) -> dict[str, AttributeValue]:
