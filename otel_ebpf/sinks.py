@@ -35,7 +35,11 @@ import orjson
 
 from otel_ebpf.exchange import HttpExchange, Outcome
 from otel_ebpf.stats import Stats
-from otel_ebpf.telemetry.attributes import exchange_attributes, grpc_status_name
+from otel_ebpf.telemetry.attributes import (
+    exchange_attributes,
+    grpc_status_name,
+    rpc_span_name,
+)
 from otel_ebpf.telemetry.redact import QueryRedactor
 
 log = logging.getLogger(__name__)
@@ -184,7 +188,7 @@ def _format_rpc(exchange: HttpExchange, executable_name: str | None) -> str:
     status = f"{grpc_status_name(code)}({code})" if code is not None else "---"
     if exchange.outcome is not Outcome.OK:
         status += f" ({exchange.outcome.value})"
-    name = f"{rpc.service}/{rpc.method}" if rpc.service else rpc.method
+    name = rpc_span_name(rpc)
     return (
         f"{when} {exchange.pid:>7} {executable_name or '?':<15.15} {exchange.role.name:<6} "
         f"gRPC {name} {status} {exchange.duration_ns / 1e6:.3f}ms "

@@ -234,16 +234,21 @@ def rpc_status(outcome: Outcome, code: int | None, is_client: bool) -> tuple[boo
 
 
 def rpc_span_name(rpc: RpcCall) -> str:
-    """`{service}/{method}`; just the method when the path had no service part."""
-    return rpc.service + "/" + rpc.method if rpc.service else rpc.method
+    """`{service}/{method}`; when the :path was not "/service/method" (the HTTP/2
+    decoder then gives the path as the service and an empty method), whichever part
+    is known, else "grpc"."""
+    if rpc.service and rpc.method:
+        return rpc.service + "/" + rpc.method
+    return rpc.service or rpc.method or rpc.system
 
 
 def rpc_attributes(exchange: HttpExchange) -> Attributes:
     """All span attributes of one gRPC exchange (`exchange.rpc` must be set)."""
     rpc = exchange.rpc
     assert rpc is not None
-    attrs: Attributes = {"rpc.system": rpc.system, "rpc.service": rpc.service,
-                         "rpc.method": rpc.method}
+    attrs: Attributes = {"rpc.system": rpc.system, "rpc.service": rpc.service}
+    if rpc.method:  # empty when the :path had no method part
+        attrs["rpc.method"] = rpc.method
     if rpc.status_code is not None:
         attrs["rpc.grpc.status_code"] = rpc.status_code
     address, port = server_endpoint(exchange)

@@ -434,8 +434,9 @@ class SpanEncoder:
         if info is None:
             cached = self._attr.get
             code = rpc.status_code
-            parts = [cached("rpc.system", rpc.system), cached("rpc.service", rpc.service),
-                     cached("rpc.method", rpc.method)]
+            parts = [cached("rpc.system", rpc.system), cached("rpc.service", rpc.service)]
+            if rpc.method:
+                parts.append(cached("rpc.method", rpc.method))
             if code is not None:
                 parts.append(cached("rpc.grpc.status_code", code))
             is_error, error_type = rpc_status(outcome, code, is_client)

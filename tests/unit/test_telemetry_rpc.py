@@ -104,6 +104,7 @@ VARIANTS = [
     grpc(RpcCall("grpc", "a.B", "C", None, 1, 0), outcome=Outcome.GOAWAY),
     grpc(RpcCall("grpc", "a.B", "C", None, 1, 1)),
     grpc(RpcCall("grpc", "", "Bare", 0, 1, 1)),
+    grpc(RpcCall("grpc", "not-a-grpc-path", "", 12, 1, 0)),
     grpc(host=None),
     grpc(role=Role.UNKNOWN),
 ]
@@ -362,3 +363,11 @@ def test_records_are_what_the_tests_build():
     assert {f.name for f in dataclasses.fields(RpcCall)} == {
         "system", "service", "method", "status_code", "request_messages",
         "response_messages"}
+
+
+@pytest.mark.parametrize("service, method, name", [
+    ("a.B", "C", "a.B/C"), ("not/a-path", "", "not/a-path"), ("", "C", "C"), ("", "", "grpc")])
+def test_span_name_when_the_path_was_not_service_slash_method(service, method, name):
+    _, span = one_span(grpc(RpcCall("grpc", service, method, 0, 1, 1)))
+    assert span.name == name
+    assert ("rpc.method" in attrs_of(span.attributes)) == bool(method)
