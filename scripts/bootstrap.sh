@@ -26,6 +26,8 @@ if [ "$WITH_TEST_PEERS" = "--test-peers" ]; then
   need+=(nghttp2-client nghttp2-server)
   # tests/integration/test_prometheus.py scrapes the daemon with a real Prometheus server.
   need+=(prometheus)
+  # tests/integration/test_top.py drives the live `otel-ebpf top` table in tmux.
+  need+=(tmux)
 fi
 missing=()
 for p in "${need[@]}"; do
