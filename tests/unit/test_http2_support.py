@@ -150,16 +150,22 @@ def direction_of(side: int, role: Role) -> int:
 
 def replay(session: Http2Session, chunks: Iterable[Chunk], role: Role = Role.SERVER, *,
            split: int | None = None, step: int | None = None, first_ts: int = 1000,
-           ) -> list[HttpExchange]:
-    """Feed the chunks in order, chunk i stamped first_ts * (i + 1) (tid 1 for the
-    client's writes, 2 for the server's). `step`: feed each chunk in pieces of that
-    size (same timestamp); `split`: split every chunk once at that offset."""
+           capture_limit: int | None = None, start: int = 0) -> list[HttpExchange]:
+    """Feed the chunks in order, chunk i stamped ts_of(i) (tid 1 for the client's
+    writes, 2 for the server's). `step`: feed each chunk in pieces of that size (same
+    timestamp); `split`: split every chunk once at that offset; `capture_limit`: like the
+    kernel, capture only that many bytes of a write and report the rest as a gap;
+    `start`: index of the first chunk (its timestamp stays ts_of(start))."""
     out = session.ctx.out
-    for i, chunk in enumerate(chunks):
+    for i, chunk in enumerate(chunks, start):
         ts = first_ts * (i + 1)
         tid = 1 if chunk.side == TO_SERVER else 2
         direction = direction_of(chunk.side, role)
         data = chunk.data
+        lost = 0
+        if capture_limit is not None and len(data) > capture_limit:
+            lost = len(data) - capture_limit
+            data = data[:capture_limit]
         if step is not None:
             pieces = [data[j : j + step] for j in range(0, len(data), step)]
         elif split is not None and 0 < split < len(data):
@@ -168,7 +174,14 @@ def replay(session: Http2Session, chunks: Iterable[Chunk], role: Role = Role.SER
             pieces = [data]
         for piece in pieces:
             session.feed(direction, piece, ts, tid)
+        if lost:
+            session.gap(direction, lost, ts)
     return out
+
+
+def ts_of(index: int, first_ts: int = 1000) -> int:
+    """The timestamp replay() gives chunk `index`."""
+    return first_ts * (index + 1)
 
 
 def encode_block(headers, encoder: Encoder | None = None) -> bytes:
