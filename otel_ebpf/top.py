@@ -52,6 +52,7 @@ _ZERO_BUCKET = -(1 << 30)  # durations of 0 (clock granularity): sorted before a
 
 _TIMEOUT = Outcome.TIMEOUT
 _OK = Outcome.OK
+_ROLE_NAMES = {Role.SERVER: "server", Role.CLIENT: "client", Role.UNKNOWN: "unknown"}
 
 
 def _bucket(duration_s: float) -> int:
@@ -76,7 +77,9 @@ class _Second:
         self.c4xx = 0
         self.c5xx = 0
         self.timeouts = 0
-        self.other = 0  # closed, reset, truncated... any non-OK outcome but a timeout
+        # Any other failure: a non-OK outcome but a timeout (connection closed or reset,
+        # truncated, HTTP/2 stream reset or GOAWAY), or a gRPC status other than OK.
+        self.other = 0
         self.latency: dict[int, int] = {}  # histogram bucket -> exchanges
 
 
@@ -127,6 +130,8 @@ class RouteStats:
                 bucket.c4xx += 1
             elif code >= 500:
                 bucket.c5xx += 1
+            elif exchange.rpc is not None and exchange.rpc.status_code:
+                bucket.other += 1  # gRPC fails with a grpc-status under HTTP 200
         elif outcome is _TIMEOUT:
             bucket.timeouts += 1
         else:
@@ -214,7 +219,7 @@ class TopModel:
         self.window_s = window_s
         self._service_of = service_of
         self._routes = RouteResolver(route_patterns, max_routes, route_cache_size)
-        self._stats: dict[Key, RouteStats] = {}
+        self._stats: dict[tuple[str, str, str, str], RouteStats] = {}
         self.started: float | None = None
 
     def start(self, now: float) -> None:
@@ -233,8 +238,10 @@ class TopModel:
         if path[:1] != "/":
             path = url_path(exchange)
         method = exchange.method if exchange.method in KNOWN_METHODS else OTHER_METHOD
-        role = exchange.role.name.lower() if isinstance(exchange.role, Role) else "unknown"
-        key = Key(self._service_of(pid), role, method, self._routes.route(pid, path))
+        # A plain tuple (Key's fields in order): the Key itself is built per row, not
+        # per exchange.
+        key = (self._service_of(pid), _ROLE_NAMES.get(exchange.role, "unknown"), method,
+               self._routes.route(pid, path))
         stats = self._stats.get(key)
         if stats is None:
             stats = self._stats[key] = RouteStats()
@@ -248,7 +255,7 @@ class TopModel:
         rows = []
         for key, stats in self._stats.items():
             stats.prune(first)
-            rows.append(stats.row(key, first, end))
+            rows.append(stats.row(Key(*key), first, end))
         return sort_rows(rows, sort)
 
     def window_seconds(self, completed: int) -> int:
@@ -300,10 +307,12 @@ def table(rows: list[Row], plain: bool) -> Table:
         t.add_column(name, justify="left" if name in ("SERVICE", "ROLE", "ROUTE") else "right",
                      no_wrap=True)
     for r in rows:
+        # On a terminal a row with errors in the window stands out.
+        style = "red" if r.errors and not plain else None
         t.add_row(r.key.service, r.key.role, "%s %s" % (r.key.method, r.key.route),
                   str(r.total), "%.2f" % r.rps, _pct(r.errors), _pct(r.pct_4xx),
                   _pct(r.pct_5xx), _pct(r.pct_timeout), _pct(r.pct_other),
-                  format_duration(r.p50), format_duration(r.p99))
+                  format_duration(r.p50), format_duration(r.p99), style=style)
     return t
 
 

@@ -6,10 +6,11 @@ from __future__ import annotations
 
 import io
 import re
+from dataclasses import replace
 
 import pytest
 
-from otel_ebpf.exchange import HttpExchange, Outcome, Role
+from otel_ebpf.exchange import HttpExchange, Outcome, Role, RpcCall
 from otel_ebpf.top import (
     TopModel,
     TopScreen,
@@ -65,6 +66,17 @@ def test_counts_and_error_split_of_one_route():
     assert row.pct_timeout == pytest.approx(100 * 1 / 31)
     assert row.pct_other == pytest.approx(100 * 2 / 31)
     assert row.errors == pytest.approx(100 * 11 / 31)
+
+
+def test_grpc_calls_that_fail_count_as_other_failures():
+    m = model()
+    for status in (0, 0, 0, 5):  # OK x 3, NOT_FOUND
+        call = RpcCall("grpc", "shop.Cart", "Get", status, 1, 1)
+        m.record(replace(exchange("/shop.Cart/Get", method="POST"), rpc=call,
+                         protocol_version="2"), T0)
+    row = only(m.rows(1))
+    assert (row.key.method, row.key.route, row.count) == ("POST", "/shop.Cart/Get", 4)
+    assert (row.pct_other, row.errors, row.pct_5xx) == (25.0, 25.0, 0.0)
 
 
 def test_the_window_holds_complete_seconds_only_and_slides():
