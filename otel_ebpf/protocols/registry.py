@@ -23,6 +23,7 @@ from otel_ebpf.capture.events import Protocol
 from otel_ebpf.protocols.base import ConnectionInfo, Session, SessionContext, UpgradeRequest
 from otel_ebpf.protocols.http1.parse import looks_like_http1
 from otel_ebpf.protocols.http1.stitch import Http1Session
+from otel_ebpf.protocols import http2
 
 SessionFactory = Callable[[ConnectionInfo, SessionContext, bool], Session]
 UpgradeFactory = Callable[[ConnectionInfo, SessionContext, UpgradeRequest], Session]
@@ -45,6 +46,7 @@ HTTP1 = ProtocolSpec("http1", Protocol.HTTP1, Http1Session, looks_like_http1)
 # PROTOCOL_LIST: one line per protocol, in the order sniff() is tried: add new ones
 # above HTTP/1, whose sniff is the loosest.
 PROTOCOLS: tuple[ProtocolSpec, ...] = (
+    ProtocolSpec("http2", Protocol.HTTP2, http2.Http2Session, http2.sniff, "h2c", http2.upgraded),
     HTTP1,
 )
 

@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-from types import SimpleNamespace
-
 import h2.config
 import h2.connection
 import pytest
 
 from otel_ebpf.exchange import Outcome, Role
-from otel_ebpf.protocols.http1.parse import parse_request_head
+from otel_ebpf.protocols.base import UpgradeRequest
 from otel_ebpf.protocols.http2 import PREFACE, Http2Session, sniff
 from otel_ebpf.protocols.http2.frames import END_HEADERS, END_STREAM, HEADERS, SETTINGS
 from tests.unit.test_http2_support import (
@@ -246,11 +244,7 @@ def test_upgraded_session_reports_the_http1_request_as_stream_1():
     server = h2.connection.H2Connection(h2.config.H2Configuration(client_side=False))
     settings = client.initiate_upgrade_connection()
     server.initiate_upgrade_connection(settings)
-    head = parse_request_head(
-        b"GET /up HTTP/1.1\r\nHost: h.example\r\nUser-Agent: ua\r\nUpgrade: h2c\r\n"
-        b"Connection: Upgrade, HTTP2-Settings\r\nHTTP2-Settings: x"
-    )
-    request = SimpleNamespace(head=head, start_ts=500, tid=9, body_size=0, body_prefix=None)
+    request = UpgradeRequest("GET", "/up", "h.example", "ua", None, None, (), 0, 500, 9)
     session = Http2Session.upgraded(make_session().conn, make_context(), request)
     chunks = [Chunk(TO_SERVER, client.data_to_send())]
     server.receive_data(chunks[0].data)

@@ -15,6 +15,9 @@ from __future__ import annotations
 from otel_ebpf.protocols.http2.frames import PREFACE, SETTINGS
 from otel_ebpf.protocols.http2.session import Http2Session
 
+# The registry's upgrade factory: the h2c session taking over after `101 Switching Protocols`.
+upgraded = Http2Session.upgraded
+
 
 def sniff(first_bytes: bytes) -> bool:
     """Do these first bytes of a stream start HTTP/2?
@@ -37,4 +40,4 @@ def sniff(first_bytes: bytes) -> bool:
     )
 
 
-__all__ = ["PREFACE", "Http2Session", "sniff"]
+__all__ = ["PREFACE", "Http2Session", "sniff", "upgraded"]

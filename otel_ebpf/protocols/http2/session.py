@@ -54,7 +54,7 @@ from otel_ebpf.protocols.http2.grpc import GRPC_CONTENT_TYPE, MessageCounter, sp
 from otel_ebpf.protocols.http2.hpack_decoder import HeaderBlockDecoder
 
 if TYPE_CHECKING:
-    from otel_ebpf.protocols.base import ConnectionInfo, SessionContext
+    from otel_ebpf.protocols.base import ConnectionInfo, SessionContext, UpgradeRequest
 
 logger = logging.getLogger(__name__)
 
@@ -224,28 +224,27 @@ class Http2Session:
         self.disabled: str | None = None
 
     @classmethod
-    def upgraded(cls, conn: ConnectionInfo, ctx: SessionContext, request: object) -> Http2Session:
+    def upgraded(
+        cls, conn: ConnectionInfo, ctx: SessionContext, request: UpgradeRequest
+    ) -> Http2Session:
         """The session of a connection that switched from HTTP/1.1 (`Upgrade: h2c`, 101).
 
-        `request` is the HTTP/1 request that asked for the upgrade (http1.stitch's
-        pending request: `head` (a RequestHead), `start_ts`, `tid`, `body_size`): it
-        becomes stream 1, whose response comes in HTTP/2 (RFC 7540 3.2). Both
-        directions start at their first HTTP/2 byte: the client's preface, the
-        server's SETTINGS.
+        `request`, the HTTP/1 request that asked for the upgrade, becomes stream 1, whose
+        response comes in HTTP/2 (RFC 7540 3.2); it is complete (half-closed by the
+        client). Both directions start at their first HTTP/2 byte: the client's
+        connection preface, the server's SETTINGS.
         """
         session = cls(conn, ctx, strict=True)
-        head = request.head  # type: ignore[attr-defined]
-        s = _Stream(1, request.start_ts, request.tid)  # type: ignore[attr-defined]
-        s.method = head.method
-        s.target = head.target
-        s.host = head.host
+        s = _Stream(1, request.start_ts, request.tid)
+        s.method = request.method
+        s.target = request.target
+        s.host = request.host
         s.scheme = conn.scheme
-        s.user_agent = head.user_agent
-        s.traceparent = head.traceparent
-        s.tracestate = head.tracestate
-        s.request_headers = head.headers
-        s.request_size = request.body_size  # type: ignore[attr-defined]
-        s.request_prefix = getattr(request, "body_prefix", None)
+        s.user_agent = request.user_agent
+        s.traceparent = request.traceparent
+        s.tracestate = request.tracestate
+        s.request_headers = request.headers
+        s.request_size = request.body_size
         s.request_ended = True
         session._open(s)
         return session
