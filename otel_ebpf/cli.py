@@ -247,6 +247,10 @@ def cmd_top(args: argparse.Namespace) -> int:
     from otel_ebpf.daemon import Daemon
     from otel_ebpf.top import TopModel, TopScreen
 
+    if not args.once and not sys.stdout.isatty():
+        print("otel-ebpf: top: stdout is not a terminal; the live table needs one "
+              "(--once prints a single table to a pipe or file)", file=sys.stderr)
+        return EXIT_CONFIG_ERROR
     overrides = capture_overrides(args)
     overrides["output.exporter"] = "none"  # the table is top's only output
     overrides.setdefault("log_level", "warning")  # info lines would scroll the table away

@@ -220,6 +220,7 @@ class TopModel:
         self._service_of = service_of
         self._routes = RouteResolver(route_patterns, max_routes, route_cache_size)
         self._stats: dict[tuple[str, str, str, str], RouteStats] = {}
+        self._pids: set[int] = set()  # whose routes the resolver counts (see forget_exited)
         self.started: float | None = None
 
     def start(self, now: float) -> None:
@@ -234,6 +235,7 @@ class TopModel:
 
     def record(self, exchange: HttpExchange, now: float) -> None:
         pid = exchange.pid
+        self._pids.add(pid)
         path = exchange.target.partition("?")[0]
         if path[:1] != "/":
             path = url_path(exchange)
@@ -260,6 +262,14 @@ class TopModel:
 
     def window_seconds(self, completed: int) -> int:
         return min(max(completed, 0), self.window_s)
+
+    def forget_exited(self, alive: Callable[[int], bool]) -> None:
+        """Drop the per-process route budgets of processes that exited: every short-lived
+        client (each curl) has one, and top may run for days. Rows are per service and
+        stay."""
+        for pid in [p for p in self._pids if not alive(p)]:
+            self._pids.discard(pid)
+            self._routes.forget(pid)
 
 
 def sort_rows(rows: list[Row], sort: str) -> list[Row]:
@@ -357,6 +367,7 @@ class TopScreen:
         self._done = False
         self._keys = _Keyboard() if once_after_s is None else None
         self._clock = clock
+        self._next_forget = 0.0
 
     # ExchangeSink
 
@@ -379,6 +390,9 @@ class TopScreen:
             if completed >= self._once:
                 self._done = True
             return not self._done
+        if now >= self._next_forget:
+            self._next_forget = now + FORGET_INTERVAL_S
+            model.forget_exited(_process_alive)
         if self._keys is not None:
             self.press(self._keys.read())
         if self._done:  # q
@@ -435,6 +449,13 @@ class TopScreen:
         else:
             self._out.write(render_text(rows, window, self.sort))
         self._out.flush()
+
+
+FORGET_INTERVAL_S = 10.0
+
+
+def _process_alive(pid: int) -> bool:
+    return os.path.exists("/proc/%d" % pid)
 
 
 class _Keyboard:

@@ -145,6 +145,16 @@ def test_routes_use_the_configured_patterns_and_overflow_like_the_telemetry():
     assert rows == {"/api/{version}/items": 2, "/alpha": 1, "/beta": 1, "/*": 2}
 
 
+def test_exited_processes_give_back_their_route_budget():
+    m = model(max_routes=1)
+    m.record(exchange("/alpha", pid=7), T0)
+    m.record(exchange("/beta", pid=7), T0)  # over pid 7's budget of one route
+    m.forget_exited(lambda pid: pid != 7)
+    m.record(exchange("/beta", pid=7), T0)  # a new process reusing the pid
+    rows = {r.key.route: r.total for r in m.rows(1)}
+    assert rows == {"/alpha": 1, "/*": 1, "/beta": 1}
+
+
 def test_sorting():
     m = model()
     for _ in range(3):
