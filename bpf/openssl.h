@@ -113,8 +113,8 @@ int tls_enter_read_ex(struct pt_regs *ctx) { return tls_enter(ctx, PT_REGS_PARM4
 int tls_enter_write_ex(struct pt_regs *ctx) { return tls_enter(ctx, PT_REGS_PARM4(ctx)); }
 
 /* Is this plaintext chunk worth emitting? Per-SSL* inference, like handle_chunk's.
- * `settings`: a server's first bytes may be its SETTINGS (HTTP/2); with memory BIOs
- * (ROLE_UNKNOWN) any egress may be a server's. */
+ * `settings`: these bytes may be a server's (server_bytes()), so its first SETTINGS
+ * counts as HTTP/2; with memory BIOs (ROLE_UNKNOWN) either direction may be. */
 static __always_inline int tls_gate(struct tls_conn_t *t, const void *buf, __u64 size,
                                     int settings)
 {
@@ -198,7 +198,7 @@ static __always_inline int tls_exit(struct pt_regs *ctx, __u8 dir, int ex)
                 t->proto = PROTO_HTTP1;
             __u64 pos = c->tls_pos[d];
             c->tls_pos[d] = pos + size; /* every plaintext byte counts, emitted or not */
-            if (!tls_gate(t, (const void *)a.buf, size, d == DIR_EGRESS && c->role != ROLE_CLIENT))
+            if (!tls_gate(t, (const void *)a.buf, size, server_bytes(d, c->role)))
                 return 0;
             /* HTTP/2: off the HTTP/1 fast path (it consumed nothing: see infer_chunk) */
             if (t->proto == PROTO_HTTP2 && c->fast == FAST_IDLE)
@@ -215,7 +215,7 @@ static __always_inline int tls_exit(struct pt_regs *ctx, __u8 dir, int ex)
     __s32 sfd = -1 - (__s32)(a.ssl & 0x7fffffff);
     __u64 pos = t->pos[d];
     t->pos[d] = pos + size;
-    if (!tls_gate(t, (const void *)a.buf, size, d == DIR_EGRESS))
+    if (!tls_gate(t, (const void *)a.buf, size, 1)) /* ROLE_UNKNOWN: either way */
         return 0;
     if (!t->open_sent) {
         t->open_sent = 1;
@@ -283,19 +283,11 @@ int tls_enter_free(struct pt_regs *ctx)
     return 0;
 }
 
-/* Processes that exec'd since user space last looked (tgid -> ktime). TlsAttacher.tick()
- * drains this every poll loop and examines those processes at once, so a program with
- * OpenSSL linked in (node) is probed within ~100 ms of its exec rather than at the next
- * /proc rescan. Bounded (LRU): a burst of execs loses the oldest, which the rescan
- * still finds. */
+/* Processes that exec'd since user space last looked (tgid -> ktime), filled by the
+ * sched_process_exec probe in syscalls.c. TlsAttacher.tick() drains this every poll loop
+ * and examines those processes at once, so a program with OpenSSL linked in (node) is
+ * probed within ~100 ms of its exec rather than at the next /proc rescan. Bounded
+ * (LRU): a burst of execs loses the oldest, which the rescan still finds. */
 BPF_TABLE("lru_hash", __u32, __u64, tls_execs, 1024);
-
-TRACEPOINT_PROBE(sched, sched_process_exec)
-{
-    __u32 tgid = bpf_get_current_pid_tgid() >> 32;
-    __u64 ts = bpf_ktime_get_ns();
-    tls_execs.update(&tgid, &ts);
-    return 0;
-}
 
 #endif /* OTEL_EBPF_OPENSSL_H */

@@ -8,16 +8,18 @@
  *
  * PREFIX means "too short to say, but still possible" (e.g. a client writing "G", "E",
  * "T", " " one byte per syscall): the caller keeps accumulating the stream's first
- * bytes instead of counting the chunk as non-HTTP. Limitation: unknown methods longer
- * than 6 letters (PROPFIND) are not recognised by the heuristic.
+ * bytes instead of counting the chunk as non-HTTP. Unknown methods longer than 6
+ * letters (PROPFIND) are PREFIX on their first 8 bytes: user space's parser judges.
  *
  * HTTP/2 (INFER_HTTP2) is recognised at a stream's start only, on the same 8 bytes:
  *   - the client connection preface "PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n", decided on
  *     "PRI * HT", in either direction (the client writes it, the server reads it);
  *   - the first SETTINGS frame a server writes, often before it reads the preface (Go,
- *     nghttpd): length < 256 and a multiple of 6, type 0x04, flags 0, stream 0 (the
- *     frame header's first 8 of 9 bytes). Only asked for where a server's first bytes
- *     go out (`settings`): an 8-byte pattern of mostly zeros is too weak elsewhere.
+ *     nghttpd), so its client may well read it before writing the preface: length
+ *     < 256 and a multiple of 6, type 0x04, flags 0, stream 0 (the frame header's first
+ *     8 of 9 bytes). Only asked for on the bytes a server sends (server_bytes(): its
+ *     egress, its client's ingress): an 8-byte pattern of mostly zeros is too weak
+ *     elsewhere.
  * Prior knowledge and ALPN h2 both start so; `Upgrade: h2c` starts as HTTP/1.x and user
  * space switches on the 101. Connections older than us are not recognised as HTTP/2
  * mid-stream (no frame has a pattern this cheap).
@@ -93,8 +95,11 @@ static __always_inline int infer_http(__u64 v, __u32 n)
             }
             return c == '/' ? INFER_MATCH : best;
         }
+        /* 8 letters, or 7 and a space: a longer unknown method (PROPFIND, PROPPATCH)
+         * may still follow. Emitted for user space's parser to judge; a stream that is
+         * not HTTP fails the next chunks' inference and is given up as usual. */
+        return best > INFER_PREFIX ? best : INFER_PREFIX;
     }
-    return best;
 }
 
 /* HTTP/2's first bytes: the preface, or (settings != 0) a server's first SETTINGS. */
@@ -113,6 +118,13 @@ static __always_inline int infer_http2(__u64 v, __u32 n, int settings)
     if (bad)
         return INFER_NO;
     return n >= 8 ? INFER_HTTP2 : INFER_PREFIX;
+}
+
+/* Do the bytes of direction d (DIR_*) on a connection of this role come from the
+ * server? Either direction when the role is unknown. */
+static __always_inline int server_bytes(__u8 d, __u8 role)
+{
+    return d == DIR_EGRESS ? role != ROLE_CLIENT : role != ROLE_SERVER;
 }
 
 /* What the first n (<= 8) bytes v of a stream say: INFER_NO, INFER_PREFIX, INFER_MATCH

@@ -81,6 +81,8 @@ static __always_inline int traced_tgid(__u32 tgid)
     __u64 *select = config.lookup(&k);
     if (!select || !(*select & SELECT_ENABLED))
         return 0;
+    if ((*select & SELECT_PID_IGNORE) && pid_ignored.lookup(&tgid))
+        return 0;
     if (*select & SELECT_PID_FILTER)
         return pid_filter.lookup(&tgid) != 0;
     return 1;
@@ -398,7 +400,7 @@ static __always_inline int infer_chunk(struct conn_t *conn, __u8 dir, const void
         conn->head[d] |= (v & byte_mask(take)) << ((hl & 7) * 8);
         hl += take;
         conn->head_len[d] = hl;
-        r = infer_proto(conn->head[d], hl, d == DIR_EGRESS && conn->role != ROLE_CLIENT);
+        r = infer_proto(conn->head[d], hl, server_bytes(d, conn->role));
         if (r == INFER_NO)
             conn->head_len[d] = 0xff;
         /* through map memory: the verifier then forgets which of the inference's many
@@ -955,3 +957,26 @@ TRACEPOINT_PROBE(tcp, tcp_rcv_space_adjust)
     return 0;
 }
 #endif
+
+/* ---- process lifecycle: discovery judges programs, not pids (SELECT_PID_IGNORE) ---- */
+
+TRACEPOINT_PROBE(sched, sched_process_exec)
+{
+    __u32 tgid = bpf_get_current_pid_tgid() >> 32;
+    __u64 ts = bpf_ktime_get_ns();
+    pid_ignored.delete(&tgid); /* a new program: traced until user space judges it */
+    select_execs.update(&tgid, &ts);
+#ifdef WITH_OPENSSL
+    tls_execs.update(&tgid, &ts);
+#endif
+    return 0;
+}
+
+TRACEPOINT_PROBE(sched, sched_process_exit)
+{
+    __u64 id = bpf_get_current_pid_tgid();
+    __u32 tgid = id >> 32;
+    if ((__u32)id == tgid) /* the group leader: the pid may be reused from now on */
+        pid_ignored.delete(&tgid);
+    return 0;
+}
