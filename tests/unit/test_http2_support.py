@@ -98,7 +98,7 @@ class H2Pair:
                    (":path", path), *extra]
         self.client.send_headers(sid, headers, end_stream=end and not body)
         if body:
-            self.client.send_data(sid, body, end_stream=end)
+            send_data(self.client, sid, body, end_stream=end)
         self.flush()
         return sid
 
@@ -108,7 +108,7 @@ class H2Pair:
             sid, [(":status", str(status)), *extra], end_stream=not body and not trailers
         )
         if body:
-            self.server.send_data(sid, body, end_stream=not trailers, pad_length=pad_length)
+            send_data(self.server, sid, body, end_stream=not trailers, pad_length=pad_length)
         if trailers:
             self.server.send_headers(sid, trailers, end_stream=True)
         self.flush()
@@ -127,6 +127,19 @@ class H2Pair:
         self.server.send_headers(sid, [("grpc-status", str(status))], end_stream=True)
         self.flush()
         return sid
+
+
+def send_data(conn, sid: int, body: bytes, *, end_stream: bool, pad_length=None) -> None:
+    """DATA frames of at most 16384 bytes (h2 does not split), the last one padded."""
+    size = 16384
+    for i in range(0, len(body), size):
+        last = i + size >= len(body)
+        piece = body[i : i + size]
+        if last and pad_length is not None and len(piece) + pad_length + 1 > size:
+            conn.send_data(sid, piece[:size // 2])
+            piece = piece[size // 2 :]
+        conn.send_data(sid, piece, end_stream=end_stream and last,
+                       pad_length=pad_length if last else None)
 
 
 def make_context(**options) -> SessionContext:

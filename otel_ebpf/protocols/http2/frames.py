@@ -332,16 +332,27 @@ class FrameReader:
         if state == DEAD or state == RESYNC or not size:
             return  # (RESYNC: nothing to lose, still looking for a frame start)
         remaining = self.remaining
+        if state == DATA_BODY:
+            # Inside a DATA payload (data, then `pad` bytes of padding): exact sizes.
+            pad = self.pad
+            if size > remaining + pad:
+                self.lose(ts, "gap_in_frames")  # a frame header was among the lost bytes
+                return
+            data_part = size if size < remaining else remaining
+            self.session.on_data_gap(self, self.sid, data_part)
+            self.remaining = remaining - data_part
+            if data_part == remaining:
+                self.pad = 0
+                self.remaining = pad - (size - data_part)
+                self.state = SKIP
+                if not self.remaining:
+                    self._frame_done(ts)
+            return
         if state == HEADER or state == PREFACE_STATE or size > remaining:
             self.lose(ts, "gap_in_frames")  # a frame header was among the lost bytes
             return
         # Inside the current frame's payload: its boundary is still known.
         self.remaining = remaining - size
-        if state == DATA_BODY:
-            self.session.on_data_gap(self, self.sid, size)
-            if remaining == size:
-                self._data_body_done(ts)
-            return
         if state == DATA_PADLEN:
             # The pad length is unknown: the split between data and padding is too.
             self.session.on_data_uncertain(self, self.sid)

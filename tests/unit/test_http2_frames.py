@@ -1,0 +1,237 @@
+"""HTTP/2 framing under capture conditions: any chunking, gaps inside payloads and
+across frame headers, resynchronisation, connections seen mid-stream, memory bounds."""
+
+from __future__ import annotations
+
+from otel_ebpf.exchange import Outcome, Role
+from otel_ebpf.protocols.http2 import PREFACE
+from otel_ebpf.protocols.http2.frames import DATA, END_HEADERS, END_STREAM, HEADERS, SETTINGS
+from tests.unit.test_http2_support import (
+    EGRESS,
+    INGRESS,
+    TO_CLIENT,
+    TO_SERVER,
+    Chunk,
+    H2Pair,
+    encode_block,
+    frame,
+    make_session,
+    replay,
+    ts_of,
+)
+
+
+def _mixed_transcript() -> H2Pair:
+    """Unary, padded, interleaved, reset and gRPC streams on one connection."""
+    pair = H2Pair()
+    a = pair.request("/one", extra=[("user-agent", "ua/1"), ("x-b3", "abc")])
+    pair.respond(a, body=b"hello", extra=[("server", "t")])
+    b = pair.request("/two", method="POST", body=b"p" * 70, end=False)
+    c = pair.request("/three", extra=[("user-agent", "ua/1")])
+    pair.client.send_data(b, b"q" * 30, end_stream=True, pad_length=9)
+    pair.server.send_headers(c, [(":status", "404")])
+    pair.server.send_headers(b, [(":status", "200"), ("server", "t")])
+    pair.server.send_data(b, b"r" * 500, pad_length=20)
+    pair.server.send_data(c, b"nf", end_stream=True)
+    pair.server.send_data(b, b"s" * 5, end_stream=True)
+    pair.flush()
+    d = pair.request("/reset-me")
+    pair.client.reset_stream(d, error_code=8)
+    pair.flush()
+    pair.grpc_call("/pkg.Svc/Call", [b"a", b"bb"], [b"c", b"dd", b"eee"], status=3)
+    return pair
+
+
+def _summary(out):
+    return [(e.stream_id, e.method, e.target, e.status_code, e.request_body_size,
+             e.response_body_size, e.outcome, e.error_reason, e.rpc, e.start_time_unix_nano,
+             e.end_time_unix_nano, e.user_agent) for e in out]
+
+
+def test_every_split_point_and_one_byte_feeds_give_the_same_exchanges():
+    pair = _mixed_transcript()
+    for role in (Role.SERVER, Role.CLIENT):
+        expected = _summary(replay(make_session(role), pair.chunks, role))
+        assert len(expected) == 5
+        assert [e[6] for e in expected] == [Outcome.OK] * 3 + [Outcome.STREAM_RESET, Outcome.OK]
+        assert _summary(replay(make_session(role), pair.chunks, role, step=1)) == expected
+        longest = max(len(c.data) for c in pair.chunks)
+        for split in range(1, longest):
+            got = _summary(replay(make_session(role), pair.chunks, role, split=split))
+            assert got == expected, split
+
+
+def test_gap_inside_data_payload_keeps_sync_and_exact_sizes():
+    pair = H2Pair()
+    sid = pair.request("/upload", method="POST", body=b"u" * 10000)
+    pair.respond(sid, body=b"d" * 9000, pad_length=100)
+    second = pair.request("/after", extra=[("user-agent", "ua/2")])
+    pair.respond(second, body=b"ok")
+    session = make_session()
+    out = replay(session, pair.chunks, capture_limit=4096)
+    assert [(e.target, e.request_body_size, e.response_body_size, e.outcome, e.user_agent)
+            for e in out] == [
+        ("/upload", 10000, 9000, Outcome.OK, None),
+        ("/after", 0, 2, Outcome.OK, "ua/2"),
+    ]
+    assert session.ctx.stats._counters["http2.sync_lost"] == 0
+
+
+def test_gap_across_frame_headers_truncates_the_streams_of_that_direction_and_resyncs():
+    pair = H2Pair()
+    big = pair.request("/big")
+    other = pair.request("/other")
+    # 20000 bytes: DATA frames of 16384 and 3616 in one write; the second frame header is
+    # beyond the 4096 captured bytes.
+    pair.respond(big, body=b"b" * 20000)
+    lost_at = len(pair.chunks) - 1
+    pair.respond(other, body=b"o")
+    after = pair.request("/after-resync", extra=[("user-agent", "ua/3")])
+    pair.respond(after, body=b"fine", extra=[("server", "s")])
+    session = make_session()
+    out = replay(session, pair.chunks, capture_limit=4096)
+    assert [(e.target, e.outcome, e.error_reason, e.status_code, e.end_time_unix_nano)
+            for e in out[:2]] == [
+        ("/big", Outcome.TRUNCATED, "gap_in_frames", 200, ts_of(lost_at)),
+        ("/other", Outcome.TRUNCATED, "gap_in_frames", None, ts_of(lost_at)),
+    ]
+    assert [(e.target, e.outcome, e.status_code, e.response_body_size, e.user_agent)
+            for e in out[2:]] == [("/after-resync", Outcome.OK, 200, 4, "ua/3")]
+    counters = session.ctx.stats._counters
+    assert counters["http2.sync_lost"] == 1 and counters["http2.resyncs"] == 1
+    assert session.disabled is None
+
+
+def test_gap_across_request_frames_marks_open_requests_truncated():
+    pair = H2Pair()
+    sid = pair.request("/stream-up", method="POST", body=b"x" * 20000, end=False)
+    pair.client.send_data(sid, b"y" * 10, end_stream=True)
+    pair.flush()
+    pair.respond(sid, body=b"done")
+    (ex,) = replay(make_session(), pair.chunks, capture_limit=4096)
+    assert (ex.outcome, ex.error_reason, ex.status_code, ex.response_body_size) == (
+        Outcome.TRUNCATED, "gap_in_frames", 200, 4)
+
+
+def test_gap_inside_a_header_block_loses_its_fields_and_resets_hpack():
+    pair = H2Pair()
+    first = pair.request("/first", extra=[("user-agent", "ua/1"), ("x-pad", "p" * 200)])
+    pair.respond(first)
+    mark = len(pair.chunks)
+    second = pair.request("/second", extra=[("user-agent", "ua/1"), ("x-pad", "p" * 200)])
+    pair.respond(second)
+    third = pair.request("/third", extra=[("user-agent", "ua/1")])
+    pair.respond(third)
+    session = make_session()
+    replay(session, pair.chunks[:mark])
+    # The first request's header block is captured whole; of the second only 12 bytes
+    # (frame header + 3 bytes), the rest of the block is a gap inside its payload.
+    chunk = pair.chunks[mark]
+    assert chunk.side == TO_SERVER
+    session.feed(INGRESS, chunk.data[:12], ts_of(mark), 1)
+    session.gap(INGRESS, len(chunk.data) - 12, ts_of(mark))
+    out = replay(session, pair.chunks[mark + 1:], start=mark + 1)
+    assert [(e.stream_id, e.method, e.target, e.user_agent, e.outcome, e.error_reason)
+            for e in session.ctx.out] == [
+        (first, "GET", "/first", "ua/1", Outcome.OK, None),
+        (second, "", "", None, Outcome.TRUNCATED, "gap_in_headers"),
+        # user-agent was in the dynamic table: now unknown, left out (not guessed).
+        (third, "GET", "/third", None, Outcome.OK, None),
+    ]
+    assert out is session.ctx.out
+    counters = session.ctx.stats._counters
+    assert counters["http2.lost_header_blocks"] == 1
+    assert counters["http2.hpack_unknown_fields"] >= 1
+    assert counters["http2.sync_lost"] == 0
+
+
+def test_mid_stream_attach_decodes_what_the_static_table_and_literals_allow():
+    pair = H2Pair()
+    truth = {}
+    for i in range(3):
+        sid = pair.request(f"/warm{i}", extra=[("user-agent", "ua/9"), ("x-tenant", "t1")])
+        truth[sid] = f"/warm{i}"
+        pair.respond(sid, extra=[("server", "srv")])
+    mark = len(pair.chunks)
+    for i in range(3):
+        sid = pair.request(f"/late{i}", extra=[("user-agent", "ua/9"), ("x-new", "v")])
+        truth[sid] = f"/late{i}"
+        pair.respond(sid, body=b"x" * i)
+    for role in (Role.SERVER, Role.CLIENT, Role.UNKNOWN):
+        session = make_session(role, strict=False)
+        feed_role = Role.CLIENT if role == Role.CLIENT else Role.SERVER
+        out = replay(session, pair.chunks[mark:], feed_role, start=mark)
+        assert [(e.target, e.method, e.status_code, e.response_body_size, e.user_agent, e.host)
+                for e in out] == [(f"/late{i}", "GET", 200, i, None, None) for i in range(3)]
+        assert all(truth[e.stream_id] == e.target for e in out)
+        # :authority and user-agent were indexed before the attach, every time.
+        assert session.ctx.stats._counters["http2.hpack_unknown_fields"] >= 6
+        assert session.conn.role == feed_role
+
+
+def test_mid_stream_first_chunk_inside_a_frame_is_skipped_until_a_frame_start():
+    pair = H2Pair()
+    sid = pair.request("/a", method="POST", body=b"z" * 3000)
+    pair.respond(sid)
+    mark = len(pair.chunks)
+    sid2 = pair.request("/b")
+    pair.respond(sid2)
+    session = make_session(strict=False)
+    # Mid-stream: the first bytes seen are the tail of the POST body's DATA frame.
+    body_chunk = next(c for c in pair.chunks if c.side == TO_SERVER and len(c.data) > 3000)
+    session.feed(INGRESS, body_chunk.data[-1000:], 1, 1)
+    out = replay(session, pair.chunks[mark:], start=mark)
+    assert [(e.target, e.status_code) for e in out] == [("/b", 200)]
+    assert session.ctx.stats._counters["http2.skipped_bytes"] == 1000
+
+
+def test_protocol_errors_lose_sync_instead_of_guessing():
+    block = encode_block([(":method", "GET"), (":scheme", "http"), (":path", "/x")])
+    client = PREFACE + frame(SETTINGS, 0, 0, b"")
+    client += frame(HEADERS, END_STREAM, 1, block[:2])  # no END_HEADERS...
+    client += frame(DATA, 0, 1, b"oops")  # ...but no CONTINUATION follows
+    session = make_session()
+    replay(session, [Chunk(TO_SERVER, client)])
+    assert session.ctx.stats._counters["http2.sync_lost"] == 1
+    assert session.streams == {}
+    # The next chunk that starts with a frame header resyncs.
+    nxt = frame(HEADERS, END_HEADERS | END_STREAM, 3, encode_block(
+        [(":method", "GET"), (":scheme", "http"), (":path", "/y")]))
+    session.feed(INGRESS, nxt, 5000, 1)
+    session.feed(EGRESS, frame(HEADERS, END_HEADERS | END_STREAM, 3,
+                               encode_block([(":status", "200")])), 6000, 2)
+    assert [(e.target, e.outcome) for e in session.ctx.out] == [("/y", Outcome.OK)]
+
+
+def test_a_client_direction_without_the_preface_is_not_http2():
+    session = make_session()
+    session.feed(INGRESS, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n", 1, 1)
+    assert session.disabled == "not_http2"
+    assert session.ctx.stats._counters["conntrack.disabled.not_http2"] == 1
+
+
+def test_header_block_over_max_header_bytes_is_skipped_not_buffered():
+    pair = H2Pair()
+    sid = pair.request("/huge", extra=[("x-big", "v" * 3000)])
+    pair.respond(sid)
+    session = make_session(max_header_bytes=1024)
+    peak = 0
+    for i, chunk in enumerate(pair.chunks):
+        direction = INGRESS if chunk.side == TO_SERVER else EGRESS
+        for j in range(len(chunk.data)):
+            session.feed(direction, chunk.data[j : j + 1], ts_of(i), 1)
+            peak = max(peak, session.buffered())
+    assert peak <= 1024
+    (ex,) = session.ctx.out
+    assert (ex.outcome, ex.error_reason, ex.status_code) == (Outcome.TRUNCATED, "gap_in_headers", 200)
+    assert session.ctx.stats._counters["http2.header_block_too_large"] == 1
+
+
+def test_buffer_limit_disables_the_session():
+    pair = H2Pair()
+    pair.request("/x", extra=[("x-big", "v" * 600)])
+    session = make_session(max_buffer_bytes=256)
+    replay(session, pair.chunks, step=100)
+    assert session.disabled == "buffer_limit"
+    assert session.ctx.stats._counters["conntrack.disabled.buffer_limit"] == 1
+    assert session.buffered() == 0
