@@ -56,13 +56,12 @@ import socket
 import threading
 from collections.abc import Callable, Iterable, Iterator
 from typing import TYPE_CHECKING
-from wsgiref.simple_server import WSGIRequestHandler
 
 if TYPE_CHECKING:
     from prometheus_client.metrics_core import Metric
 
-# prometheus_client and opentelemetry-proto are imported where used: a daemon run
-# without --prometheus-listen does not pay for them in memory.
+# prometheus_client, opentelemetry-proto and wsgiref (which pulls in ssl) are imported
+# where used: a daemon run without --prometheus-listen does not pay for them in memory.
 
 log = logging.getLogger(__name__)
 
@@ -408,21 +407,20 @@ class _OtlpCollector:
         return iter(families(self._fetch()))
 
 
-class _QuietHandler(WSGIRequestHandler):
-    def log_message(self, format: str, *args: object) -> None:  # noqa: A002
-        pass  # one line per scrape would flood the daemon's log
-
-
 class PrometheusEndpoint:
     """`/metrics` on `listen`, served from daemon threads; the daemon loop calls
     `serve_scrapes()` every pass and `close()` at shutdown."""
 
     def __init__(self, listen: str, build_request: Callable[[], bytes],
                  wait_s: float = SCRAPE_WAIT_S) -> None:
-        from wsgiref.simple_server import make_server
+        from wsgiref.simple_server import WSGIRequestHandler, make_server
 
         from prometheus_client import CollectorRegistry, make_wsgi_app
         from prometheus_client.exposition import ThreadingWSGIServer
+
+        class QuietHandler(WSGIRequestHandler):
+            def log_message(self, format: str, *args: object) -> None:  # noqa: A002
+                pass  # one line per scrape would flood the daemon's log
 
         host, port = parse_listen(listen)
         self.bridge = MetricsBridge(build_request, wait_s)
@@ -432,7 +430,7 @@ class PrometheusEndpoint:
             "address_family": socket.AF_INET6 if ":" in host else socket.AF_INET})
         try:
             self._server = make_server(host, port, make_wsgi_app(registry), server_cls,
-                                       handler_class=_QuietHandler)
+                                       handler_class=QuietHandler)
         except OSError as exc:
             raise PrometheusError(
                 "%s: cannot listen on %s:%d: %s; choose a free address (%s)"
