@@ -322,6 +322,9 @@ class Daemon:
         capture = Capture(capture_options, stats)
         self._capture = capture
         capture.start(on_event, {EventKind.EXCHANGE: fast.on_record})
+        if discovery.active:
+            # From now on a process judged not reported is silenced in the kernel.
+            processes.on_excluded = lambda info: self._silence(capture, processes, info)
         tls = self._start_tls(capture)
         if health is not None:
             health.set_ready(True)
@@ -359,6 +362,9 @@ class Daemon:
                 if health is not None:
                     health.mark_alive()
                 lap("expire")
+            if discovery.active:
+                self._rejudge_execs(capture, processes)  # one map walk when none exec'd
+                lap("discovery_execs")
             if tls is not None:
                 tls.tick()  # probes programs exec'd since the last pass (cheap: ~4 us idle)
                 lap("tls_tick")
@@ -403,6 +409,31 @@ class Daemon:
         for exchange in exchanges:
             self.stats.add("http.exchanges")
             self._emit(exchange)
+
+    def _silence(self, capture: Capture, processes: ProcessResolver, info) -> None:
+        """A process discovery does not report: the kernel stops tracing it (its exec or
+        exit lifts that). If it exited before the entry went in (the exit probe ran
+        first), the entry is taken out again: its pid may be reused."""
+        if info.start_ticks < 0:  # known by its kernel name only: already gone
+            return
+        if capture.ignore_pid(info.pid) and processes.start_ticks(info.pid) != info.start_ticks:
+            capture.unignore_pid(info.pid)
+
+    def _rejudge_execs(self, capture: Capture, processes: ProcessResolver) -> None:
+        """Processes that exec'd: judged again if they now run another program (their
+        first event after the exec may have been resolved already: then nothing to do)."""
+        for pid in capture.take_execs():
+            info = processes.cached(pid)
+            if info is None:
+                continue
+            if processes.program_changed(pid):
+                self.stats.add("discovery.rejudged_execs")
+                processes.forget(pid)
+                capture.unignore_pid(pid)  # until judged again, at its next event
+                if self._telemetry is not None:
+                    self._telemetry.forget(pid)  # its resource changes
+            elif not info.selected:
+                self._silence(capture, processes, info)  # the exec probe lifted it
 
     def _start_kubernetes(self):
         """The pod index (k8s.* attributes and labels by container id), when running in

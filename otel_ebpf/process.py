@@ -153,6 +153,9 @@ class ProcessResolver:
         # Which processes are reported (None: all); pod_labels: container id -> labels.
         self._discovery = discovery if discovery is not None and discovery.active else None
         self._pod_labels = pod_labels
+        # Called with each process judged not reported (the daemon silences it in the
+        # kernel); set once capture has started.
+        self.on_excluded: Callable[[ProcessInfo], object] | None = None
         # The same redactor (same sensitive names) as the exchange outputs use.
         self._redact = redact or _default_redactor
         self._redact_command_line = redact_command_line
@@ -239,12 +242,38 @@ class ProcessResolver:
         log.debug("pid %d (%s): %s, %s", info.pid, info.executable_name,
                   "reported" if verdict.selected else "not reported", verdict.reason)
         overrides = verdict.overrides()
+        if not verdict.selected and self.on_excluded is not None:
+            self.on_excluded(info)
         if not overrides and verdict.selected:
             return info
         info.resource_attributes.update(overrides)
         return ProcessInfo(info.pid, str(info.resource_attributes["service.name"]),
                            info.executable_name, info.resource_attributes, info.start_ticks,
                            verdict.selected)
+
+    def cached(self, pid: int) -> ProcessInfo | None:
+        """The cached ProcessInfo of pid, without resolving it."""
+        return self._cache.get(pid)
+
+    def start_ticks(self, pid: int) -> int | None:
+        """The kernel start time of pid (None when gone): with pid, the process's identity."""
+        return self._start_ticks(pid)
+
+    def program_changed(self, pid: int) -> bool:
+        """Whether pid now runs another program (executable or arguments) than its cached
+        ProcessInfo says: after an exec. False when not cached, gone or unreadable."""
+        info = self._cache.get(pid)
+        if info is None or info.start_ticks < 0:
+            return False
+        try:
+            proc = psutil.Process(pid)  # as _build reads them, so that they compare
+            exe, argv = proc.exe(), proc.cmdline()
+        except (psutil.Error, OSError):
+            return False
+        attrs = info.resource_attributes
+        args = self._command_args(argv) if argv else []
+        return (exe != attrs.get("process.executable.path", exe)
+                or (args or None) != attrs.get("process.command_args"))
 
     def forget(self, pid: int) -> None:
         self._cache.pop(pid, None)

@@ -126,6 +126,12 @@ BPF_PERCPU_ARRAY(counters, __u64, CNT_MAX);
 #define SELECT_ENABLED 1
 #define SELECT_PID_FILTER 2
 #define SELECT_PORT_FILTER 4
+/* With SELECT_PID_IGNORE the tgids in pid_ignored are not traced: processes service
+ * discovery (otel_ebpf/discovery.py) judged not to report, written by user space when it
+ * first sees them. sched_process_exec / _exit (syscalls.c) delete a process's entry, so
+ * a new program or a reused pid is judged anew; exec'd tgids are listed in select_execs
+ * (LRU) for user space to re-resolve. */
+#define SELECT_PID_IGNORE 8
 /* config[CFG_FAST_PATH] != 0: connections accepted/connected from now on may be served
  * by the kernel fast path (http1_fast.h); 0 (default) keeps every one on the chunk
  * stream. Read at accept/connect only. */
@@ -137,6 +143,8 @@ BPF_HASH(pid_filter, __u32, __u8, 4096);
 #define MAX_PORT_FILTER 1024
 #endif
 BPF_HASH(port_filter, __u16, __u8, MAX_PORT_FILTER);
+BPF_HASH(pid_ignored, __u32, __u8, 16384);
+BPF_TABLE("lru_hash", __u32, __u64, select_execs, 4096);
 
 static __always_inline void counter_add(__u32 idx, __u64 n)
 {

@@ -8,6 +8,8 @@ Contract:
     capture.loss_counters()      # {"ringbuf_full": n, "truncated_bytes": n, ...}
     capture.set_pid_filter(pids) # None/empty = every process (the daemon never)
     capture.set_port_filter(ports) # None/empty = every port
+    capture.ignore_pid(pid), unignore_pid(pid), take_execs()
+                                 # discovery's deny-list (otel_ebpf/discovery.py)
     capture.tracked_connections(), connection_keys(), prune_connections()
     capture.attach_uprobe(path, offset, program, retprobe) -> fd; detach_probes(fds)
                                  # the OpenSSL uprobes (capture/tls.py)
@@ -95,6 +97,7 @@ CFG_FAST_PATH = 1
 SELECT_ENABLED = 1
 SELECT_PID_FILTER = 2
 SELECT_PORT_FILTER = 4
+SELECT_PID_IGNORE = 8
 MAX_PORT_FILTER = 1024  # port_filter entries (bpf/include/maps.h)
 STATS_INTERVAL_S = 1.0
 # Longest one poll() keeps draining a busy ring buffer before it returns to the loop.
@@ -426,7 +429,7 @@ class Capture:
         for key in keep:
             table.update(key, b"\x01")
         # Also switches tracing on: the kernel side traces nothing until this first call.
-        self._select = (SELECT_ENABLED | (self._select & SELECT_PORT_FILTER)
+        self._select = (SELECT_ENABLED | (self._select & (SELECT_PORT_FILTER | SELECT_PID_IGNORE))
                         | (SELECT_PID_FILTER if wanted else 0))
         self._set_config(CFG_SELECT, self._select)
 
@@ -452,6 +455,39 @@ class Capture:
         for key in table.keys():  # ... so nothing selected is dropped meanwhile
             if key not in keep:
                 table.delete(key)
+
+    def ignore_pid(self, pid: int) -> bool:
+        """Stop tracing this tgid (discovery judged it not reported) until it execs or
+        exits; False when the kernel's table is full (user space still drops its
+        exchanges) or the map is absent."""
+        table = self.maps.get("pid_ignored")
+        if table is None:
+            return False
+        try:
+            table.update(_U32.pack(pid), b"\x01")
+        except OSError:
+            self.stats.add("discovery.kernel_ignore_failed")
+            return False
+        if not self._select & SELECT_PID_IGNORE:
+            self._select |= SELECT_PID_IGNORE
+            self._set_config(CFG_SELECT, self._select)
+        return True
+
+    def unignore_pid(self, pid: int) -> None:
+        table = self.maps.get("pid_ignored")
+        if table is not None:
+            table.delete(_U32.pack(pid))
+
+    def take_execs(self) -> list[int]:
+        """tgids that exec'd since the last call (the kernel lists them in select_execs),
+        so that their process is resolved and judged again; [] without the map."""
+        table = self.maps.get("select_execs")
+        if table is None:
+            return []
+        keys = table.keys()
+        for key in keys:
+            table.delete(key)
+        return [_U32.unpack(key[:4])[0] for key in keys]
 
     def poll(self, timeout_ms: int) -> int:
         """Wait up to timeout_ms for the ring buffer, then drain it; returns events handled.
