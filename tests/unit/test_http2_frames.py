@@ -9,7 +9,6 @@ from otel_ebpf.protocols.http2.frames import DATA, END_HEADERS, END_STREAM, HEAD
 from tests.unit.test_http2_support import (
     EGRESS,
     INGRESS,
-    TO_CLIENT,
     TO_SERVER,
     Chunk,
     H2Pair,
@@ -223,7 +222,8 @@ def test_header_block_over_max_header_bytes_is_skipped_not_buffered():
             peak = max(peak, session.buffered())
     assert peak <= 1024
     (ex,) = session.ctx.out
-    assert (ex.outcome, ex.error_reason, ex.status_code) == (Outcome.TRUNCATED, "gap_in_headers", 200)
+    assert (ex.outcome, ex.error_reason, ex.status_code) == (
+        Outcome.TRUNCATED, "gap_in_headers", 200)
     assert session.ctx.stats._counters["http2.header_block_too_large"] == 1
 
 

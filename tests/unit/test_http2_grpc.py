@@ -29,7 +29,8 @@ def test_unary_call_with_status_in_trailers(role):
     out = replay(make_session(role), pair.chunks, role)
     assert _rpc(out) == [RpcCall("grpc", "helloworld.Greeter", "SayHello", 0, 1, 1)]
     (ex,) = out
-    assert (ex.method, ex.target, ex.status_code, ex.outcome) == ("POST", SAY_HELLO, 200, Outcome.OK)
+    assert (ex.method, ex.target, ex.status_code, ex.outcome) == (
+        "POST", SAY_HELLO, 200, Outcome.OK)
     assert (ex.request_body_size, ex.response_body_size) == (5 + 4, 5 + 10)
 
 

@@ -68,3 +68,16 @@ def test_a_block_that_does_not_decode_is_lost_and_resets_the_table():
     assert decoder.decode(b"\x00\x85\xff\xff\xff\xff\xff\x01a") == (None, 0)  # bad Huffman
     fields, unknown = decoder.decode(encoder.encode(REQUEST))
     assert unknown == 4 and fields == _pairs(REQUEST[:2])
+
+
+def test_the_block_cache_never_serves_a_result_from_another_table_state():
+    decoder = HeaderBlockDecoder(65536)
+    newest = bytes([0x80 | 62])  # "the most recently inserted entry"
+    encoder = Encoder()
+    decoder.decode(encoder.encode([("x-one", "1")]))
+    assert decoder.decode(newest) == ([(b"x-one", b"1")], 0)
+    assert decoder.decode(newest) == ([(b"x-one", b"1")], 0)  # from the cache
+    decoder.decode(encoder.encode([("x-two", "2")]))
+    assert decoder.decode(newest) == ([(b"x-two", b"2")], 0)
+    decoder.lost_block()
+    assert decoder.decode(newest) == ([], 1)

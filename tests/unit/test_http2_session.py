@@ -49,7 +49,8 @@ def test_unary_exchange_fields_and_timing(role):
     out = replay(session, pair.chunks, role)
     assert len(out) == 1
     ex = out[0]
-    assert (ex.method, ex.target, ex.host, ex.scheme) == ("POST", "/items?id=7", "example.com", "http")
+    assert (ex.method, ex.target, ex.host, ex.scheme) == (
+        "POST", "/items?id=7", "example.com", "http")
     assert (ex.user_agent, ex.traceparent, ex.tracestate) == ("curl/8.5", TRACEPARENT, "k=v")
     assert (ex.status_code, ex.request_body_size, ex.response_body_size) == (201, 321, 1234)
     assert (ex.protocol_version, ex.stream_id, ex.rpc, ex.outcome) == ("2", 1, None, Outcome.OK)
@@ -77,7 +78,8 @@ def test_role_unknown_is_inferred_from_the_preface():
 
 def test_interleaved_streams_are_reported_each_with_its_own_sizes():
     pair = H2Pair()
-    sids = [pair.request(f"/s{i}", method="PUT", body=b"q" * (100 + i), end=False) for i in range(3)]
+    sids = [pair.request(f"/s{i}", method="PUT", body=b"q" * (100 + i), end=False)
+            for i in range(3)]
     # Request bodies and responses interleaved, answered in reverse order.
     for i, sid in enumerate(sids):
         pair.client.send_data(sid, b"r" * (10 * i + 1), end_stream=True)

@@ -50,7 +50,8 @@ def grpc_messages(*payloads: bytes) -> bytes:
 
 
 def frame(ftype: int, flags: int, sid: int, payload: bytes) -> bytes:
-    return len(payload).to_bytes(3, "big") + bytes((ftype, flags)) + sid.to_bytes(4, "big") + payload
+    header = len(payload).to_bytes(3, "big") + bytes((ftype, flags)) + sid.to_bytes(4, "big")
+    return header + payload
 
 
 class H2Pair:
@@ -146,8 +147,8 @@ def make_context(**options) -> SessionContext:
     return SessionContext(ConntrackOptions(**options), Stats(), 0)
 
 
-def make_session(role: Role = Role.SERVER, *, strict: bool = True, ctx: SessionContext | None = None,
-                 **options) -> Http2Session:
+def make_session(role: Role = Role.SERVER, *, strict: bool = True,
+                 ctx: SessionContext | None = None, **options) -> Http2Session:
     conn = ConnectionInfo(100, role)
     conn.local_address, conn.local_port = "10.0.0.1", 8080
     conn.remote_address, conn.remote_port = "10.0.0.2", 40000

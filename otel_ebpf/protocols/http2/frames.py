@@ -43,7 +43,8 @@ PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 _PREFACE_LEN = len(PREFACE)
 
 # Frame types (RFC 9113 6).
-DATA, HEADERS, PRIORITY, RST_STREAM, SETTINGS, PUSH_PROMISE, PING, GOAWAY, WINDOW_UPDATE, CONTINUATION = range(10)
+(DATA, HEADERS, PRIORITY, RST_STREAM, SETTINGS, PUSH_PROMISE, PING, GOAWAY, WINDOW_UPDATE,
+ CONTINUATION) = range(10)
 # Flags.
 END_STREAM = 0x1
 ACK = 0x1
@@ -222,7 +223,8 @@ class FrameReader:
     def feed(self, data: bytes, ts: int, tid: int) -> None:
         n = len(data)
         pos = 0
-        if not self.started:
+        first = not self.started
+        if first:
             self.started = True
             if self.state == RESYNC and PREFACE.startswith(data[:_PREFACE_LEN]):
                 self.state = PREFACE_STATE  # a new connection after all (role unknown)
@@ -232,7 +234,8 @@ class FrameReader:
                 self._skip(n)
                 return
             self.skipped = 0
-            self.session.on_resynced(self)
+            if not first:  # (a mid-stream connection's first chunk is not a recovery)
+                self.session.on_resynced(self)
             state = self.state = HEADER
         while pos < n:
             if state == HEADER:
@@ -279,7 +282,8 @@ class FrameReader:
                     else:
                         if not payload:
                             payload = self.payload = bytearray()
-                        payload += data[pos : pos + (take if take < want else want)]  # type: ignore[operator]
+                        end = pos + (take if take < want else want)
+                        payload += data[pos:end]  # type: ignore[operator]
                         if not self.session.check_buffer(self):
                             return
                 pos += take

@@ -52,6 +52,11 @@ class _ObserverTable(HeaderTable):
     def __init__(self) -> None:
         super().__init__()
         self.unknown_lookups = 0
+        self.generation = 0  # bumped by every change of the entries (see the block cache)
+
+    def add(self, name: bytes, value: bytes) -> None:
+        self.generation += 1
+        super().add(name, value)
 
     def get_by_index(self, index: int) -> tuple[bytes, bytes]:
         if index > _STATIC_LENGTH:
@@ -76,14 +81,27 @@ class _ObserverTable(HeaderTable):
 
     def reset(self) -> None:
         """Forget every entry: insertions were lost, all dynamic indices become unknown."""
+        self.generation += 1
         self.dynamic_entries.clear()
         self._current_size = 0
 
 
-class HeaderBlockDecoder:
-    """Decodes the header blocks of one direction, in order; see the module docstring."""
+# Decoded blocks remembered per direction (see HeaderBlockDecoder.decode).
+BLOCK_CACHE_SIZE = 32
 
-    __slots__ = ("_decoder", "_table")
+
+class HeaderBlockDecoder:
+    """Decodes the header blocks of one direction, in order; see the module docstring.
+
+    Block cache: in steady traffic most header blocks repeat byte for byte and only
+    refer to table entries (an all-indexed block: same request, same response). Such a
+    block does not change the table, so while the table is unchanged its decoding is the
+    same: `decode` keeps the last few results, keyed by the block's bytes, until any
+    table change (insertion, reset). This skips hpack's per-field Python work, most of
+    the per-exchange cost.
+    """
+
+    __slots__ = ("_decoder", "_table", "_cache", "_cache_generation")
 
     def __init__(self, max_header_list_size: int) -> None:
         decoder = Decoder(max_header_list_size=max_header_list_size)
@@ -93,13 +111,22 @@ class HeaderBlockDecoder:
         decoder.max_allowed_table_size = 1 << 32
         self._decoder = decoder
         self._table = table
+        self._cache: dict[bytes, tuple[list[tuple[bytes, bytes]], int]] = {}
+        self._cache_generation = 0
 
     def decode(self, block: bytes) -> tuple[list[tuple[bytes, bytes]] | None, int]:
         """-> (fields with known names as raw bytes pairs, count of unknown fields).
 
-        None when the block does not decode at all (the table is then reset).
+        None when the block does not decode at all (the table is then reset). The list
+        returned may be shared with later calls: callers must not change it.
         """
         table = self._table
+        generation = table.generation
+        cache = self._cache
+        if self._cache_generation == generation:
+            cached = cache.get(block)
+            if cached is not None:
+                return cached
         before = table.unknown_lookups
         try:
             fields = self._decoder.decode(block, raw=True)
@@ -110,9 +137,20 @@ class HeaderBlockDecoder:
             table.reset()
             return None, 0
         if table.unknown_lookups == before:
-            return fields, 0  # type: ignore[return-value]
-        known = [f for f in fields if f[0] != UNKNOWN]
-        return known, len(fields) - len(known)  # type: ignore[return-value]
+            result = (fields, 0)
+        else:
+            known = [f for f in fields if f[0] != UNKNOWN]
+            result = (known, len(fields) - len(known))
+        if table.generation != generation or self._cache_generation != generation:
+            # The table changed (this block inserted entries): earlier results are stale,
+            # and this block is not all-indexed, so it is not worth keeping either.
+            cache.clear()
+            self._cache_generation = table.generation
+        else:
+            if len(cache) >= BLOCK_CACHE_SIZE:
+                cache.clear()
+            cache[block] = result  # type: ignore[assignment]
+        return result  # type: ignore[return-value]
 
     def lost_block(self) -> None:
         """A header block (or part of one) was not seen: its insertions are unknown."""

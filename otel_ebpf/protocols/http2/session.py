@@ -578,7 +578,8 @@ class Http2Session:
     ) -> None:
         s = self.streams.get(sid)
         if s is None:
-            self.count("http2.unpaired_responses")
+            if sid & 1:  # (even ids are server pushes: not reported)
+                self.count("http2.unpaired_responses")
             return
         if fields is None:
             if not s.responded:
