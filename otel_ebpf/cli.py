@@ -12,6 +12,7 @@ Exit codes: 0 success; 1 unexpected runtime error; 2 bad usage or configuration;
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import os
 import sys
@@ -259,6 +260,11 @@ def cmd_top(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         print(f"otel-ebpf: configuration error: {exc}", file=sys.stderr)
         return EXIT_CONFIG_ERROR
+    # top is a viewer, often beside a running daemon with the same configuration: it
+    # must not take that daemon's health file or listening ports.
+    config = dataclasses.replace(
+        config, health=dataclasses.replace(config.health, file=None, listen=None),
+        prometheus=dataclasses.replace(config.prometheus, listen=None), spool=None)
     console = None
     if args.once:
         _setup_logging(config.log_level)
