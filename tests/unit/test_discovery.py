@@ -4,6 +4,7 @@ resolver and the daemon's output apply them (real processes: this one and childr
 from __future__ import annotations
 
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -341,3 +342,38 @@ def test_python_executable_is_what_exe_name_sees():
     info = ProcessResolver(Stats(), discovery=discovery(
         [{"exe_name": os.path.basename(os.path.realpath(sys.executable))}])).get(os.getpid())
     assert info.selected
+
+
+def test_program_changed_after_an_exec(tmp_path):
+    """The daemon judges a process again when, after an exec, it runs another program."""
+    trigger = tmp_path / "go"
+    p = subprocess.Popen(["sh", "-c", 'while [ ! -e "$0" ]; do sleep 0.02; done; exec sleep 30',
+                          str(trigger)])
+    try:
+        resolver = ProcessResolver(Stats(), discovery=discovery([{"exe_name": "sleep"}]))
+        deadline = time.monotonic() + 5
+        sh = os.path.realpath(shutil.which("sh"))
+        while time.monotonic() < deadline:  # until the fork has exec'd sh (and its argv)
+            try:
+                if os.readlink("/proc/%d/exe" % p.pid) == sh and open(
+                        "/proc/%d/cmdline" % p.pid, "rb").read().startswith(b"sh\0"):
+                    break
+            except OSError:
+                pass
+            time.sleep(0.01)
+        before = resolver.get(p.pid)
+        assert not before.selected  # sh
+        assert not resolver.program_changed(p.pid)
+        trigger.write_text("")
+        while time.monotonic() < deadline and resolver.program_changed(p.pid) is False:
+            time.sleep(0.01)
+        assert resolver.program_changed(p.pid)
+        resolver.forget(p.pid)
+        after = resolver.get(p.pid)
+        assert after.selected and after.executable_name == "sleep"
+        assert after.start_ticks == before.start_ticks  # same process, another program
+        assert not resolver.program_changed(p.pid)
+    finally:
+        p.kill()
+        p.wait()
+    assert not resolver.program_changed(p.pid)  # gone: nothing to judge
