@@ -235,3 +235,35 @@ def test_buffer_limit_disables_the_session():
     assert session.disabled == "buffer_limit"
     assert session.ctx.stats._counters["conntrack.disabled.buffer_limit"] == 1
     assert session.buffered() == 0
+
+
+def test_trailers_of_a_stream_begun_before_the_attach_do_not_open_a_stream():
+    session = make_session(strict=False)
+    session.feed(INGRESS, frame(HEADERS, END_HEADERS | END_STREAM, 7,
+                                encode_block([("x-checksum", "c")])), 1, 1)
+    session.feed(EGRESS, frame(HEADERS, END_HEADERS | END_STREAM, 7,
+                               encode_block([(":status", "200")])), 2, 2)
+    assert session.ctx.out == [] and session.streams == {}
+    counters = session.ctx.stats._counters
+    assert counters["http2.unpaired_trailers"] == 1 and counters["http2.unpaired_responses"] == 1
+
+
+def test_bad_padding_loses_sync():
+    block = encode_block([(":method", "POST"), (":scheme", "http"), (":path", "/")])
+    client = PREFACE + frame(SETTINGS, 0, 0, b"") + frame(HEADERS, END_HEADERS, 1, block)
+    client += frame(DATA, 0x08, 1, bytes([200]) + b"short")  # pad length beyond the frame
+    session = make_session()
+    replay(session, [Chunk(TO_SERVER, client)])
+    assert session.ctx.stats._counters["http2.sync_lost"] == 1
+    assert list(session.streams) == [1] and session.streams[1].truncated == "bad_padding"
+
+
+def test_role_unknown_the_preface_direction_is_the_client_and_frames_never_pass_as_it():
+    session = make_session(Role.UNKNOWN)
+    session.feed(INGRESS, frame(SETTINGS, 0, 0, b""), 1, 1)  # the server's first frame
+    session.feed(EGRESS, PREFACE + frame(SETTINGS, 0, 0, b""), 2, 2)
+    assert session.conn.role == Role.CLIENT and session.disabled is None
+    session = make_session(Role.SERVER)
+    # A preface where the server's frames are due is read as a (far too long) frame.
+    session.feed(EGRESS, PREFACE + frame(SETTINGS, 0, 0, b""), 1, 2)
+    assert session.ctx.stats._counters["http2.sync_lost"] == 1

@@ -305,7 +305,8 @@ class FrameReader:
                 self.remaining -= 1
                 if pad > self.remaining:
                     self.lose(ts, "bad_padding")
-                    return
+                    state = self.state
+                    continue
                 self.pad = pad
                 self.remaining -= pad
                 self._data_body_started(ts)
@@ -320,8 +321,9 @@ class FrameReader:
                 pos = take
                 if p == _PREFACE_LEN:
                     self.preface_pos = 0
-                    state = self.state = HEADER
+                    self.state = HEADER
                     self.session.on_preface(self)
+                    state = self.state  # (DEAD if the session gave up)
                 else:
                     self.preface_pos = p
             else:  # DEAD, or RESYNC entered while handling this chunk: wait for the next

@@ -511,6 +511,15 @@ class Http2Session:
             return
         if sid <= self.last_request_sid:
             return  # trailers of a stream already reported
+        found = dict(fields) if fields is not None else None
+        if found is not None and not (
+            b":method" in found or b":path" in found or b":scheme" in found
+            or b":authority" in found
+        ):
+            # No pseudo-header: the trailers of a stream whose request we did not see
+            # (it began before the attach or in lost bytes), not a new request.
+            self.count("http2.unpaired_trailers")
+            return
         self.last_request_sid = sid
         if len(streams) >= self.ctx.max_pending and not self._drop_timed_out():
             self.count("http2.streams_over_limit")
@@ -518,10 +527,9 @@ class Http2Session:
         s = _Stream(sid, start_ts, tid)
         if end_stream:
             s.request_ended = True
-        if fields is None:
+        if fields is None or found is None:
             s.truncated = "gap_in_headers"
         else:
-            found = dict(fields)
             method = found.get(b":method")
             path = found.get(b":path")
             if method is not None:
