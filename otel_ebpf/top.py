@@ -204,8 +204,8 @@ SORT_KEYS: dict[str, tuple[Callable[[Row], object], bool]] = {
 SORT_BY_KEY = {"r": "rps", "t": "total", "e": "errors", "4": "4xx", "5": "5xx",
                "o": "timeouts", "x": "other", "m": "p50", "p": "p99", "n": "route",
                "s": "service"}
-KEY_HELP = "r rps  t total  e errors  4 4xx  5 5xx  o timeouts  m p50  p p99  n route  " \
-    "s service  q quit"
+KEY_HELP = "r rps  t total  e errors  4 4xx  5 5xx  o timeouts  x other  m p50  p p99  " \
+    "n route  s service  q quit"
 
 
 class TopModel:
