@@ -159,8 +159,10 @@ def drive_traffic(port: int) -> None:
         assert curl(f"http://127.0.0.1:{port}/missing-{i}.txt").stdout == "404"
 
 
-def test_prometheus_scrapes_the_daemon_without_a_collector(tmp_path):
-    """--exporter none: no collector anywhere, and Prometheus still gets exact numbers."""
+@pytest.mark.parametrize("exporter", ["none", "jsonl"])
+def test_prometheus_scrapes_the_daemon_without_a_collector(tmp_path, exporter):
+    """No collector anywhere, and Prometheus still gets exact numbers: with --exporter
+    none, and beside the jsonl output (both outputs see every exchange)."""
     prometheus_or_fail()
     port, metrics_port = free_port(), free_port()
     www = tmp_path / "www"
@@ -168,7 +170,7 @@ def test_prometheus_scrapes_the_daemon_without_a_collector(tmp_path):
     (www / "hello.txt").write_bytes(b"hello world\n" * 100)
     with python_http_server(www, port) as server, \
             Daemon(tmp_path, "--port", str(port), "--prometheus-listen",
-                   "127.0.0.1:%d" % metrics_port, exporter="none") as daemon, \
+                   "127.0.0.1:%d" % metrics_port, exporter=exporter) as daemon, \
             PrometheusServer(tmp_path, "127.0.0.1:%d" % metrics_port) as prom:
         drive_traffic(port)
 
@@ -215,6 +217,10 @@ def test_prometheus_scrapes_the_daemon_without_a_collector(tmp_path):
         assert [t["health"] for t in health] == ["up"], health
         daemon.stop()
     assert daemon.proc.returncode == 0, daemon.log[-3000:]
+    if exporter == "jsonl":
+        served = [e for e in daemon.exchanges()
+                  if e["kind"] == "SERVER" and e["process.pid"] == server.pid]
+        assert len(served) == N_OK + N_MISSING
 
 
 def test_prometheus_and_otlp_read_one_aggregation(tmp_path):
