@@ -1,4 +1,4 @@
-"""HTTP/2 at the kernel capture: real peers, real eBPF (needs root).
+"""HTTP/2 at the kernel capture and through the daemon: real peers, real eBPF (root).
 
 What the kernel must hand user space for an HTTP/2 connection (bpf/protocol_infer.h):
 its CONN_OPEN says Protocol.HTTP2, and its DATA records carry both directions whole
@@ -15,6 +15,10 @@ the vectored path), nginx with http2 on TLS driven by `curl --http2` (OpenSSL wi
 fd tied to the SSL*), Node.js http2 over TLS (memory BIOs: fd-less OpenSSL streams).
 Every peer runs under the kernel pid filter from its first instruction (gate()), so
 other work on the host cannot disturb the counts.
+
+Then the daemon (`otel-ebpf run`, jsonl output): N requests sent by each real client
+(nghttp, curl h2c and TLS, grpcio unary/streaming/error/deadline, Node h2c and TLS),
+exactly N records reported on each side with the right attributes.
 """
 
 from __future__ import annotations
@@ -335,8 +339,9 @@ def test_grpcio_unary_and_streaming(recorder, tmp_path):
 
 
 @contextlib.contextmanager
-def nginx_h2(recorder, tmp_path: Path, certs) -> Iterator[tuple[int, int]]:
-    """nginx with http2: over TLS with certs (ALPN h2), else h2c with prior knowledge."""
+def nginx_h2(recorder, tmp_path: Path, certs, gated: bool = True) -> Iterator[tuple[int, int]]:
+    """nginx with http2: over TLS with certs (ALPN h2), else h2c with prior knowledge;
+    gated=False: a plain process (the daemon traces every process)."""
     port = free_port()
     ndir = tmp_path / "nginx"
     (ndir / "www").mkdir(parents=True)
@@ -364,9 +369,12 @@ def nginx_h2(recorder, tmp_path: Path, certs) -> Iterator[tuple[int, int]]:
         }}
     ''').format(d=ndir, port=port, ssl=" ssl" if certs else "",
                 certs="ssl_certificate %s; ssl_certificate_key %s;" % certs if certs else ""))
-    nginx = need("nginx")
-    with server(recorder, [nginx, "-c", str(conf), "-p", str(ndir), "-g", "daemon off;"],
-                port, tmp_path / "nginx.log") as pid:
+    args = [need("nginx"), "-c", str(conf), "-p", str(ndir), "-g", "daemon off;"]
+    if not gated:
+        with plain_server(tmp_path, args, port) as proc:
+            yield proc.pid, port
+        return
+    with server(recorder, args, port, tmp_path / "nginx.log") as pid:
         yield pid, port
 
 
@@ -435,3 +443,184 @@ def test_node_http2_over_tls(recorder, tmp_path):
     client = whole_streams([e for e in events if e.tgid == cpid], Source.OPENSSL)
     server_ = whole_streams([e for e in events if e.tgid == spid], Source.OPENSSL)
     check_pair(client, server_, N, N)
+
+
+# ---- the daemon: N sent, N reported ------------------------------------------------------
+# `otel-ebpf run` as users run it (fast path on, TLS on, jsonl output); each test sends N
+# requests with one real client and counts the records of its own peers' pids.
+
+@pytest.fixture(scope="module")
+def daemon(bpf_available, tmp_path_factory) -> Iterator:
+    from .peers import Daemon
+
+    with Daemon(tmp_path_factory.mktemp("h2daemon")) as d:
+        yield d
+
+
+def reported(daemon, pids: set[int], kind: str, count: int, timeout: float = 20.0) -> list[dict]:
+    """The daemon's records of `pids` of this kind once `count` arrived, plus one more
+    second for duplicates or phantoms that must not be there."""
+    deadline = time.monotonic() + timeout
+    def mine():
+        return [x for x in daemon.exchanges() if x["process.pid"] in pids and x["kind"] == kind]
+    while time.monotonic() < deadline and len(mine()) < count:
+        time.sleep(0.1)
+    time.sleep(1.0)
+    found = mine()
+    if len(found) != count:
+        print("MISMATCH %s %s: %d of %d\n%s" % (kind, pids, len(found), count,
+                                               "\n".join(map(str, found))))
+        print(daemon.log[-3000:])
+    return found
+
+
+def plain_server(tmp_path: Path, args: list[str], port: int) -> contextlib.AbstractContextManager:
+    from .peers import process
+
+    return process(args, port=port, log_path=tmp_path / "server.log")
+
+
+def check_http(records: list[dict], n: int, port: int, scheme: str, user_agent: str | None,
+               body: int) -> None:
+    assert len(records) == n
+    assert sorted(int(x["url.query"]) for x in records) == list(range(n))
+    for x in records:
+        assert (x["http.request.method"], x["url.path"], x["http.response.status_code"],
+                x["network.protocol.version"], x["url.scheme"]) == (
+            "GET", "/index.html", 200, "2", scheme), x
+        assert port is None or x["server.port"] == port, x
+        assert x["http.response.body.size"] == body and x["http.request.body.size"] == 0, x
+        if user_agent:
+            assert x["user_agent.original"].startswith(user_agent), x
+        assert "otel_ebpf.outcome" not in x, x
+    # one record per stream: (process, connection's client port, stream id) all distinct
+    assert len({(x["process.pid"], x.get("client.port"), x["otel_ebpf.stream_id"])
+                for x in records}) == n
+
+
+def test_daemon_counts_nghttp(daemon, tmp_path):
+    www = tmp_path / "www"
+    www.mkdir()
+    (www / "index.html").write_bytes(b"hello over h2\n")
+    port = free_port()
+    with plain_server(tmp_path, [need("nghttpd"), "--no-tls", "-a", "127.0.0.1", "-d", str(www),
+                                 str(port)], port) as srv:
+        client = subprocess.run([need("nghttp"), "-n"] + ["http://127.0.0.1:%d/index.html?%d"
+                                                          % (port, i) for i in range(N)],
+                                capture_output=True, timeout=60)
+        assert client.returncode == 0, client.stderr
+        # nghttp has exited: its pid is the one on its records
+        servers = reported(daemon, {srv.pid}, "SERVER", N)
+        clients = [x for x in daemon.exchanges()
+                   if x["kind"] == "CLIENT" and x.get("server.port") == port]
+    check_http(servers, N, port, "http", "nghttp2/", len(b"hello over h2\n"))
+    check_http(clients, N, port, "http", "nghttp2/", len(b"hello over h2\n"))
+    assert {x["process.executable.name"] for x in clients} == {"nghttp"}
+
+
+def test_daemon_counts_curl_h2c_and_tls_to_nginx(daemon, tmp_path):
+    certs = self_signed_certificate(tmp_path / "certs")
+    body = len(b"hello from nginx over h2\n")
+    for tls in (False, True):
+        with nginx_h2(None, tmp_path / ("tls" if tls else "h2c"), certs if tls else None,
+                      gated=False) as (spid, port):
+            n = N if tls else 5  # curl 7.88 cannot reuse a prior-knowledge connection
+            scheme = "https" if tls else "http"
+            calls = ([["--http2", "--cacert", str(certs[0])] + sum(
+                [["-o", "/dev/null", "https://127.0.0.1:%d/index.html?%d" % (port, i)]
+                 for i in range(n)], [])] if tls else
+                [["--http2-prior-knowledge", "-o", "/dev/null",
+                  "http://127.0.0.1:%d/index.html?%d" % (port, i)] for i in range(n)])
+            for extra in calls:
+                subprocess.run([need("curl"), "-sS", *extra], check=True, timeout=60)
+            servers = reported(daemon, {spid}, "SERVER", n)
+            clients = [x for x in daemon.exchanges()
+                       if x["kind"] == "CLIENT" and x.get("server.port") == port]
+        check_http(servers, n, port, scheme, "curl/", body)
+        check_http(clients, n, port, scheme, "curl/", body)
+
+
+def test_daemon_counts_grpcio(daemon, tmp_path):
+    """Unary, server- and client-streaming, an error status, an expiring deadline: one
+    SERVER and one CLIENT record per call, with the call's rpc.* attributes."""
+    port = free_port()
+    plan = {"SayHello": N, "ListFeatures": 2, "RecordRoute": 3, "Lookup": 1, "Crash": 1,
+            "Slow": 1}
+    with plain_server(tmp_path, [sys.executable, str(GREETER), "serve", str(port)], port) as srv:
+        client = subprocess.Popen([sys.executable, str(GREETER), "call", str(port),
+                                   ",".join("%s:%d" % kv for kv in plan.items())],
+                                  stdout=subprocess.PIPE, text=True)
+        out, _ = client.communicate(timeout=60)
+        assert client.returncode == 0
+        total = sum(plan.values())
+        servers = reported(daemon, {srv.pid}, "SERVER", total, timeout=30.0)
+        clients = reported(daemon, {client.pid}, "CLIENT", total)
+    assert out.count('"OK"') == N + 5 and "NOT_FOUND" in out and "INTERNAL" in out \
+        and "DEADLINE_EXCEEDED" in out
+    for records in (servers, clients):
+        assert len(records) == total
+        by_method: dict = defaultdict(list)
+        for x in records:
+            assert (x["rpc.system"], x["rpc.service"], x["network.protocol.version"]) == (
+                "grpc", "helloworld.Greeter", "2"), x
+            by_method[x["rpc.method"]].append(x)
+        assert {m: len(v) for m, v in by_method.items()} == plan
+        for x in by_method["SayHello"]:
+            assert x["rpc.grpc.status_code"] == 0 and x["otel_ebpf.rpc.response_messages"] == 1
+        for x in by_method["ListFeatures"]:
+            assert x["rpc.grpc.status_code"] == 0 and x["otel_ebpf.rpc.response_messages"] == 5
+        for x in by_method["RecordRoute"]:
+            assert x["rpc.grpc.status_code"] == 0 and x["otel_ebpf.rpc.request_messages"] == 7
+        assert by_method["Lookup"][0]["rpc.grpc.status_code"] == 5  # NOT_FOUND
+        assert by_method["Crash"][0]["rpc.grpc.status_code"] == 13  # INTERNAL
+    # the deadline: the server answers DEADLINE_EXCEEDED, the client has reset the stream
+    slow_server, = [x for x in servers if x["rpc.method"] == "Slow"]
+    assert slow_server["rpc.grpc.status_code"] == 4
+    slow_client, = [x for x in clients if x["rpc.method"] == "Slow"]
+    assert slow_client.get("rpc.grpc.status_code", 4) == 4 or \
+        slow_client.get("otel_ebpf.outcome") == "stream_reset", slow_client
+
+
+NODE_H2 = textwrap.dedent('''
+    const http2 = require("http2");
+    const fs = require("fs");
+    const [mode, tls, port, cert, key, n] = process.argv.slice(2);
+    const opts = tls === "tls" ? {cert: fs.readFileSync(cert), key: fs.readFileSync(key)} : {};
+    if (mode === "serve") {
+      const make = tls === "tls" ? http2.createSecureServer : http2.createServer;
+      make(opts, (req, res) => { res.end("hello over node h2"); }).listen(parseInt(port), "127.0.0.1");
+    } else {
+      const url = (tls === "tls" ? "https" : "http") + "://127.0.0.1:" + port;
+      const session = http2.connect(url, tls === "tls" ? {ca: fs.readFileSync(cert)} : {});
+      let i = 0;
+      const next = () => {
+        if (i === parseInt(n)) { session.close(); return; }
+        const req = session.request({":path": "/index.html?" + i++});
+        req.on("data", () => {});
+        req.on("end", next);
+        req.end();
+      };
+      next();
+    }
+''')
+
+
+@pytest.mark.parametrize("tls", ["h2c", "tls"])
+def test_daemon_counts_node_http2(daemon, tmp_path, tls):
+    certs = self_signed_certificate(tmp_path / "certs")
+    script = tmp_path / "node_h2.js"
+    script.write_text(NODE_H2)
+    node = need("node")
+    port = free_port()
+    common = [tls, str(port), str(certs[0]), str(certs[1])]
+    with plain_server(tmp_path, [node, str(script), "serve", *common, "0"], port) as srv:
+        time.sleep(1.0)  # the daemon probes node's OpenSSL within ~100 ms of its exec
+        client = subprocess.Popen([node, str(script), "call", *common, str(N)])
+        assert client.wait(60) == 0
+        servers = reported(daemon, {srv.pid}, "SERVER", N)
+        clients = reported(daemon, {client.pid}, "CLIENT", N)
+    scheme = "https" if tls == "tls" else "http"
+    body = len(b"hello over node h2")
+    check_http(servers, N, port if tls == "h2c" else None, scheme, None, body)
+    # Node's TLS runs on memory BIOs: its fd-less streams have no addresses
+    check_http(clients, N, port if tls == "h2c" else None, scheme, None, body)
