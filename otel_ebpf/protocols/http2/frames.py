@@ -231,7 +231,7 @@ class FrameReader:
         state = self.state
         if state == RESYNC:
             if not plausible_chunk(data, self.max_frame):
-                self._skip(n)
+                self._skip(n, ts)
                 return
             self.skipped = 0
             if not first:  # (a mid-stream connection's first chunk is not a recovery)
@@ -328,15 +328,18 @@ class FrameReader:
                     self.preface_pos = p
             else:  # DEAD, or RESYNC entered while handling this chunk: wait for the next
                 if state == RESYNC:
-                    self._skip(n - pos)
+                    self._skip(n - pos, ts)
                 return
 
     def gap(self, size: int, ts: int) -> None:
         """`size` bytes of this direction were not captured."""
         self.started = True
         state = self.state
-        if state == DEAD or state == RESYNC or not size:
-            return  # (RESYNC: nothing to lose, still looking for a frame start)
+        if state == DEAD or not size:
+            return
+        if state == RESYNC:  # still looking for a frame start; these bytes are unseen too
+            self.session.on_unseen(self, ts, "gap_in_frames")
+            return
         remaining = self.remaining
         if state == DATA_BODY:
             # Inside a DATA payload (data, then `pad` bytes of padding): exact sizes.
@@ -541,8 +544,10 @@ class FrameReader:
         self.hpack.lost_block()  # header blocks may have been among the lost bytes
         self.session.on_sync_lost(self, ts, reason)
 
-    def _skip(self, count: int) -> None:
+    def _skip(self, count: int, ts: int) -> None:
+        """Bytes passed over while resynchronising: frames of open streams may be there."""
         self.skipped += count
         self.session.count("http2.skipped_bytes", count)
+        self.session.on_unseen(self, ts, "gap_in_frames")
         if self.skipped > self.max_resync:
             self.session.not_http2(self)

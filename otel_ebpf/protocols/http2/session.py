@@ -346,14 +346,22 @@ class Http2Session:
             reader.direction,
             reason,
         )
-        if reader.requests is None:
+        self.on_unseen(reader, ts, reason)
+
+    def on_unseen(self, reader: FrameReader, ts: int, reason: str) -> None:
+        """Frames of this direction went unseen (lost framing, or bytes skipped or lost
+        while resynchronising): any open stream may have had frames among them."""
+        if reader.requests is None or not self.streams:
             return
         streams = self.streams
         if reader.requests:
+            # The request may have ended unseen: its size is uncertain. The response
+            # direction still tells when the stream ends.
             for s in streams.values():
                 if not s.request_ended and s.truncated is None:
                     s.truncated = reason
             return
+        # The response's end may have been among them: nothing later can be trusted.
         for s in list(streams.values()):
             del streams[s.sid]
             if not s.timed_out:
@@ -590,10 +598,10 @@ class Http2Session:
                 self.count("http2.unpaired_responses")
             return
         if fields is None:
-            if not s.responded:
-                s.responded = True  # (or an interim 1xx: it cannot be told)
-                if s.truncated is None:
-                    s.truncated = "gap_in_headers"
+            # The response head (or an interim 1xx: it cannot be told) or the trailers.
+            s.responded = True
+            if s.truncated is None:
+                s.truncated = "gap_in_headers"
         elif not s.responded:
             found = dict(fields)
             status = found.get(b":status")
