@@ -23,7 +23,9 @@ Gaps: inside a payload the frame boundary stays known, so the gap only costs tha
 payload's content: DATA sizes stay exact (counted from the frame length), a header
 block loses its fields (the HPACK table is reset: its insertions are unknown), an
 RST_STREAM loses its error code. A gap across a frame header (or the preface) loses
-the framing: the session is told (`on_sync_lost`) and the reader resyncs.
+the framing: the session is told (`on_sync_lost`) and the reader resyncs; bytes
+skipped or lost while resyncing are reported too (`on_unseen`): they may hold frames of
+open streams.
 
 Header blocks: HEADERS or PUSH_PROMISE plus CONTINUATION frames until END_HEADERS are
 joined (padding and priority fields removed); a block is delivered whole, with the

@@ -20,9 +20,11 @@ block). 1xx responses are skipped; a second response header block is the trailer
 - OK; TRUNCATED when bytes of the stream were lost: its header block ("gap_in_headers"),
   a DATA pad length ("gap_in_data_padding"), or the framing of a direction
   ("gap_in_frames" and the other reasons of FrameReader.lose).
-  Losing the framing of the response direction ends every open stream at once as
-  TRUNCATED (their end may have been in the lost bytes); losing the request
-  direction's marks the open requests TRUNCATED, reported when their response ends.
+  When frames of a direction go unseen (its framing lost, or bytes skipped or lost
+  while it resynchronises): for the response direction every open stream ends at once
+  as TRUNCATED (its end may have been among them); for the request direction the open
+  requests are marked TRUNCATED and reported when their response ends. A lost header
+  block (request head, response head or trailers) makes its stream TRUNCATED.
 - STREAM_RESET: an RST_STREAM from either peer before the stream completed
   (error_reason: the error code name, lower case).
 - GOAWAY: the server's GOAWAY names a last stream id below the stream's (not
