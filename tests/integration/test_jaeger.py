@@ -40,7 +40,7 @@ def jaeger_binary():
     return JAEGER_BIN
 
 
-def daemon_env(jaeger: Jaeger, protocol: str) -> dict[str, str]:
+def daemon_env(protocol: str) -> dict[str, str]:
     return {
         "OTEL_EXPORTER_OTLP_PROTOCOL": protocol,
         "OTEL_BSP_SCHEDULE_DELAY": "200",  # ms: spans reach Jaeger quickly
@@ -58,7 +58,7 @@ def test_two_tier_flow_reads_back_from_jaeger(tmp_path, jaeger_binary, protocol)
         endpoint = jaeger.otlp_grpc_endpoint if protocol == "grpc" else jaeger.otlp_http_endpoint
         with Daemon(tmp_path, "--port", str(front_port), "--port", str(nginx_port),
                     "--otlp-endpoint", endpoint, "--otlp-protocol", protocol,
-                    env=daemon_env(jaeger, protocol), exporter="otlp") as daemon:
+                    env=daemon_env(protocol), exporter="otlp") as daemon:
             since_ns = time.time_ns()
             callers = {}  # trace id -> (request number, the caller's span id)
             for i in range(N):
