@@ -340,3 +340,19 @@ def _complete(received: bytes, responses: int) -> bool:
         if pos > len(received):
             return False
     return True
+
+
+def go_grpc_greeter() -> Path:
+    """The grpc-go Greeter (tests/peers/go-grpc: `serve PORT`, `call PORT N`), built by
+    scripts/bootstrap.sh --test-peers into the cache under its source's hash."""
+    import hashlib
+
+    src = REPO / "tests" / "peers" / "go-grpc"
+    rev = hashlib.sha256(b"".join((src / name).read_bytes()
+                                  for name in ("go.mod", "go.sum", "main.go"))).hexdigest()[:12]
+    cache = Path(os.environ.get("OTEL_EBPF_CACHE", "/var/cache/otel-ebpf"))
+    binary = cache / ("go-grpc-greeter-%s" % rev) / "greeter"
+    if not os.access(binary, os.X_OK):
+        raise FileNotFoundError("%s is missing: run scripts/bootstrap.sh --test-peers (it builds "
+                                "tests/peers/go-grpc)" % binary)
+    return binary

@@ -12,12 +12,14 @@ start with the connection preface; a server's egress starts with its SETTINGS fr
 Peers: nghttpd (h2c) driven by nghttp and by `curl --http2-prior-knowledge`, grpcio's
 server and client (tests/integration/grpc_greeter.py; C-core writes with sendmsg, so
 the vectored path), nginx with http2 on TLS driven by `curl --http2` (OpenSSL with the
-fd tied to the SSL*), Node.js http2 over TLS (memory BIOs: fd-less OpenSSL streams).
+fd tied to the SSL*), Node.js http2 over TLS (memory BIOs: fd-less OpenSSL streams),
+grpc-go (tests/peers/go-grpc, built by bootstrap: SETTINGS before the preface).
 Every peer runs under the kernel pid filter from its first instruction (gate()), so
 other work on the host cannot disturb the counts.
 
 Then the daemon (`otel-ebpf run`, jsonl output): N requests sent by each real client
-(nghttp, curl h2c and TLS, grpcio unary/streaming/error/deadline, Node h2c and TLS),
+(nghttp, curl h2c and TLS, grpcio unary/streaming/error/deadline, Node h2c and TLS,
+grpc-go unary),
 exactly N records reported on each side with the right attributes.
 """
 
@@ -338,6 +340,29 @@ def test_grpcio_unary_and_streaming(recorder, tmp_path):
     check_pair(client, server_, N + 5, 2 * (N + 4) + 1)
 
 
+def go_greeter() -> str:
+    from .peers import go_grpc_greeter
+
+    try:
+        return str(go_grpc_greeter())
+    except FileNotFoundError as exc:
+        pytest.fail(str(exc))
+
+
+def test_go_grpc(recorder, tmp_path):
+    """grpc-go writes its SETTINGS before it reads the preface, on both ends."""
+    greeter = go_greeter()
+    port = free_port()
+    with server(recorder, [greeter, "serve", str(port)], port, tmp_path / "go.log") as spid:
+        cpid, out = run_client(recorder, [greeter, "call", str(port), str(N)])
+        recorder.settle()
+        events, fast = recorder.of({spid, cpid})
+    assert out.split("\n")[:-1] == ["hello world %d" % i for i in range(N)]
+    assert_no_fast_path(fast)
+    check_pair(whole_streams([e for e in events if e.tgid == cpid], Source.SYSCALL),
+               whole_streams([e for e in events if e.tgid == spid], Source.SYSCALL), N, 2 * N)
+
+
 @contextlib.contextmanager
 def nginx_h2(recorder, tmp_path: Path, certs, gated: bool = True) -> Iterator[tuple[int, int]]:
     """nginx with http2: over TLS with certs (ALPN h2), else h2c with prior knowledge;
@@ -624,3 +649,21 @@ def test_daemon_counts_node_http2(daemon, tmp_path, tls):
     check_http(servers, N, port if tls == "h2c" else None, scheme, None, body)
     # Node's TLS runs on memory BIOs: its fd-less streams have no addresses
     check_http(clients, N, port if tls == "h2c" else None, scheme, None, body)
+
+
+def test_daemon_counts_go_grpc(daemon, tmp_path):
+    greeter = go_greeter()
+    port = free_port()
+    with plain_server(tmp_path, [greeter, "serve", str(port)], port) as srv:
+        client = subprocess.Popen([greeter, "call", str(port), str(N)], stdout=subprocess.DEVNULL)
+        assert client.wait(60) == 0
+        servers = reported(daemon, {srv.pid}, "SERVER", N)
+        clients = reported(daemon, {client.pid}, "CLIENT", N)
+    for records in (servers, clients):
+        assert len(records) == N
+        for x in records:
+            assert (x["rpc.system"], x["rpc.service"], x["rpc.method"], x["rpc.grpc.status_code"],
+                    x["network.protocol.version"], x["server.port"]) == (
+                "grpc", "helloworld.Greeter", "SayHello", 0, "2", port), x
+            assert (x["otel_ebpf.rpc.request_messages"], x["otel_ebpf.rpc.response_messages"]) == (1, 1)
+        assert len({x["otel_ebpf.stream_id"] for x in records}) == N
