@@ -22,6 +22,24 @@ new. What is lost is counted in Stats and logged at most once per 10 s:
   export.payloads_sent / export.spans_sent / export.points_sent
   export.spans_rejected / export.points_rejected   partial success reported by the server
   export.queue_payloads / export.queue_bytes       gauges: what waits for the collector
+
+With a spool (export.spool.*, otel_ebpf/spool.py; on by default in the daemon) nothing
+is given up for a collector that is down or slow, and memory stays flat:
+
+- the in-memory queue shrinks to a buffer of SPOOLED_MEMORY_PAYLOADS / _BYTES;
+- the first retryable failure of a payload puts it at the spool's head and starts an
+  outage: from then on the export thread moves whatever the capture thread queues to the
+  spool's tail (compression and disk writes stay off the capture thread), and sends
+  from the spool's head, retrying each payload until it is delivered, refused for good,
+  or dropped by the spool's own bounds (max_bytes, max_age_s); a success ends the outage;
+- a collector that is merely slow fills the buffer; the capture thread then moves the
+  buffer to the spool itself (the only disk write it ever does);
+- order holds because the spool only ever holds payloads older than memory's, and the
+  spool is sent first;
+- shutdown waits at most SPOOL_SHUTDOWN_FLUSH_S for memory to drain, then writes what
+  is left (a send still hanging included: at least once, never lost) to the spool for
+  the next start, which sends it first. Delivery from the spool is at least once: a
+  payload is deleted after the collector acknowledged it.
 """
 
 from __future__ import annotations
@@ -368,6 +386,10 @@ class OtlpExporter:
         # does not finish in time (None while a spooled one is sent: it is on disk).
         self._sending: tuple[str, bytes, int, float] | None = None
         self._spool_closed = False  # set by shutdown: the worker must not touch the spool
+        self._outage = False  # the last send failed: memory goes to the spool as it comes
+        # Held across every spool write, taken while holding _cond: writes land in the
+        # order their payloads left memory, even when one is done outside _cond.
+        self._spool_write = threading.Lock()
         self._cond = threading.Condition()
         self._stop = threading.Event()  # interrupts backoff sleeps at shutdown
         self._closed = False
@@ -419,12 +441,15 @@ class OtlpExporter:
             if self._closed:
                 dropped.append(entry)
             elif spool is not None and (
-                    len(spool) or len(self._queue) >= self._max_payloads
+                    len(self._queue) >= self._max_payloads
                     or self._queued_bytes + len(payload) > self._max_bytes):
-                # Behind what is already spooled (delivery stays in order), or beyond the
-                # small memory buffer: to disk. A payload goes to memory only while the
-                # spool is empty, so memory always holds the oldest.
-                spool.append(signal, payload, items, entry[3])
+                # The memory buffer is full (the export thread did not keep up moving it to
+                # disk): it and this payload go to the spool's tail here. Memory is always
+                # newer than the spool, so the order holds.
+                with self._spool_write:
+                    spool.extend([*self._queue, entry])
+                self._queue.clear()
+                self._queued_bytes = 0
                 self._cond.notify_all()
             elif len(payload) > self._max_bytes:
                 dropped.append(entry)
@@ -505,15 +530,21 @@ class OtlpExporter:
         self._thread.join(max(0.1, deadline - time.monotonic()))
         with self._cond:
             left = list(self._queue)
-            if self._sending is not None:  # a send still hanging: keep it (at least once)
-                left.insert(0, self._sending)
-                self._sending = None
+            hanging = self._sending  # a send still hanging: keep it (at least once)
+            self._sending = None
+            if hanging is not None:
+                left.insert(0, hanging)
             self._queue.clear()
             self._queued_bytes = 0
             if spool is not None:
+                self._spool_write.acquire()  # a write by the export thread finishes first
                 self._spool_closed = True
+                self._spool_write.release()
                 if left:
-                    spool.prepend(left)
+                    # The hanging payload is older than the spool, memory newer.
+                    if hanging is not None:
+                        spool.prepend([hanging])
+                    spool.extend(left[1:] if hanging is not None else left)
                     log.info("OTLP export: %d payload(s) not sent at shutdown were spooled to "
                              "%s for the next start", len(left), spool.directory)
                     left = []
@@ -557,8 +588,13 @@ class OtlpExporter:
                     self._cond.wait()
                 if self._stop.is_set():
                     return
+                if self._outage and self._queue:
+                    # The collector is failing: memory goes to disk here, on this thread,
+                    # so the capture thread only ever appends to memory.
+                    self._spool_memory()
+                    continue
                 self._in_flight += 1
-                if self._queue:  # memory holds the oldest whenever it holds anything
+                if not (spool is not None and len(spool)):  # the spool holds the oldest
                     entry = self._queue.popleft()
                     self._queued_bytes -= len(entry[1])
                     self._sending = entry
@@ -580,19 +616,52 @@ class OtlpExporter:
                     self._in_flight -= 1
                     self._cond.notify_all()
 
+    def _spool_memory(self, head: list[tuple[str, bytes, int, float]] = ()) -> None:
+        """`head` to the spool's head (older than what is there), memory to its tail
+        (newer). Called with _cond held; the disk write (compression, SQLite) is done
+        without it, so the capture thread is never held up by it."""
+        if (not self._queue and not head) or self._spool_closed:
+            return
+        tail = list(self._queue)
+        self._queue.clear()
+        self._queued_bytes = 0
+        self._spool_write.acquire()
+        self._cond.release()
+        try:
+            if head:
+                self._spool.prepend(head)  # type: ignore[union-attr]
+            if tail:
+                self._spool.extend(tail)  # type: ignore[union-attr]
+        finally:
+            self._spool_write.release()
+            self._cond.acquire()
+            self._cond.notify_all()  # a shutdown may wait for memory to be empty
+
     def _spill(self, failed: tuple[str, bytes, int, float]) -> None:
-        """The collector failed: the payload that failed and the memory queue go to the
-        spool, ahead of what is there (they are older), so they survive a restart and
-        memory stays flat for the rest of the outage."""
+        """The collector failed a payload from memory: it goes to the spool's head (it is
+        the oldest), so it survives a restart and is retried from there."""
         with self._cond:
             if self._spool_closed:  # shutdown outwaited this send and spooled it already
                 return
-            entries = [failed, *self._queue]
-            self._queue.clear()
-            self._queued_bytes = 0
+            self._outage = True
             self._sending = None
-            self._spool.prepend(entries)  # type: ignore[union-attr]
+            self._spool_memory(head=[failed])
             self._cond.notify_all()
+
+    def _pause(self, delay_s: float) -> bool:
+        """Wait before a retry; True when shutdown interrupted it. With a spool, what the
+        capture thread queues meanwhile is moved to disk as it comes."""
+        if self._spool is None:
+            return self._stop.wait(delay_s)
+        deadline = time.monotonic() + delay_s
+        with self._cond:
+            while not self._stop.is_set():
+                self._spool_memory()
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    return False
+                self._cond.wait(remaining)
+        return True
 
     def _deliver_spooled(self, spooled) -> None:
         """Send the spool's oldest payload until it is delivered: a spooled payload is
@@ -635,10 +704,13 @@ class OtlpExporter:
                         "collector answers", signal, transport.endpoint, exc,
                         self._spool.directory)
                     self._spill((signal, payload, items, created))
-                    self._stop.wait(delay)  # the spooled copy is retried after the backoff
+                    self._pause(delay)  # the spooled copy is retried after the backoff
                     return "spilled"
                 if spooled and self._stop.is_set():
                     return "stopped"  # it stays in the spool
+                if spooled:
+                    with self._cond:
+                        self._outage = True
                 if not spooled and (self._stop.is_set() or time.monotonic() - started + delay
                                     > opts.retry_max_elapsed_s):
                     self._stats.add("export.failures")
@@ -652,7 +724,7 @@ class OtlpExporter:
                 self._stats.add("export.retries")
                 log.debug("OTLP %s export to %s: %s; retrying in %.2f s",
                           signal, transport.endpoint, exc, delay)
-                if self._stop.wait(delay):
+                if self._pause(delay):
                     if spooled:
                         return "stopped"
                     self._stats.add("export.failures")
@@ -669,6 +741,7 @@ class OtlpExporter:
                 )
                 return "failed"
             break
+        self._outage = False
         self._stats.add("export.payloads_sent")
         self._stats.add("export.%s_sent" % _ITEM_NAME[signal], items)
         rejected, message = _partial_success(signal, body)

@@ -237,6 +237,10 @@ class Spool:
         """Write one payload at the tail; then drop from the head what exceeds the bounds."""
         self._write([(signal, payload, items, created)], at_head=False)
 
+    def extend(self, entries: Iterable[tuple[str, bytes, int, float]]) -> None:
+        """`append` for several payloads, oldest first, in one transaction."""
+        self._write(list(entries), at_head=False)
+
     def prepend(self, entries: Iterable[tuple[str, bytes, int, float]]) -> None:
         """Write payloads, oldest first, *ahead* of everything spooled: the exporter's
         in-memory queue (older than the spool by construction) when it spills."""
@@ -246,7 +250,7 @@ class Spool:
         """The next payload to send (left in the spool until `remove`); corrupt rows and
         rows past max age are deleted and counted on the way."""
         with self._lock:
-            while self._count:
+            while self._count and self._db is not None:  # closed: a late export thread
                 try:
                     self._expire()
                     row = self._db.execute(  # type: ignore[union-attr]
@@ -268,6 +272,8 @@ class Spool:
     def remove(self, payload_id: int) -> None:
         """Forget a payload once it was delivered (or given up for good)."""
         with self._lock:
+            if self._db is None:
+                return
             row = self._db.execute("SELECT size FROM payloads WHERE id = ?",  # type: ignore[union-attr]
                                    (payload_id,)).fetchone()
             if row is not None:
@@ -276,6 +282,8 @@ class Spool:
     def contains(self, payload_id: int) -> bool:
         """False once the payload was dropped (cap, age) while the exporter retried it."""
         with self._lock:
+            if self._db is None:
+                return False
             return self._db.execute("SELECT 1 FROM payloads WHERE id = ?",  # type: ignore[union-attr]
                                     (payload_id,)).fetchone() is not None
 
@@ -320,7 +328,10 @@ class Spool:
             return
         with self._lock:
             db = self._db
-            assert db is not None, "spool used after close()"
+            if db is None:  # closed (shutdown): the exporter spools before it closes
+                for r in rows:
+                    self._count_drop("write_error", r[0], r[1])
+                return
             try:
                 db.execute("BEGIN IMMEDIATE")
                 if at_head and self._count:
