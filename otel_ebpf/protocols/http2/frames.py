@@ -150,6 +150,7 @@ class FrameReader:
         "block_lost",
         "in_block",
         "max_frame",
+        "limit_frames",
         "max_header",
         "max_resync",
         "skipped",
@@ -202,8 +203,10 @@ class FrameReader:
         self.block_lost = False
         self.in_block = False  # a HEADERS/PUSH_PROMISE without END_HEADERS was seen
         # Largest frame the peer may send: raised by the receiver's SETTINGS. Checked on
-        # in-sync frames only when the SETTINGS exchange was seen (strict).
+        # in-sync frames only when every SETTINGS was seen (strict; not after an h2c
+        # upgrade, whose first settings travel in the HTTP2-Settings request header).
         self.max_frame = DEFAULT_MAX_FRAME
+        self.limit_frames = strict
         self.max_header = max_header
         self.max_resync = max_resync
         self.skipped = 0  # bytes skipped in the current resync
@@ -382,7 +385,7 @@ class FrameReader:
         if self.in_block and (ftype != CONTINUATION or sid != self.block_sid):
             self.lose(ts, "continuation_expected")
             return
-        if self.strict and length > self.max_frame:
+        if self.limit_frames and length > self.max_frame:
             self.lose(ts, "frame_too_large")
             return
         self.ftype = ftype

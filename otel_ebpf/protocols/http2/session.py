@@ -237,6 +237,8 @@ class Http2Session:
         connection preface, the server's SETTINGS.
         """
         session = cls(conn, ctx, strict=True)
+        for reader in session.readers:
+            reader.limit_frames = False  # the client's HTTP2-Settings were not decoded
         s = _Stream(1, request.start_ts, request.tid)
         s.method = request.method
         s.target = request.target
