@@ -421,3 +421,51 @@ def test_in_an_outage_the_export_thread_writes_the_spool_not_the_caller(tmp_path
     assert ex.force_flush(10)
     ex.shutdown(1)
     assert collector.accepted == [b"first"] + [b"p%02d" % i for i in range(20)]
+
+
+# ---- configuration -----------------------------------------------------------------------
+
+
+def test_config_default_is_on_in_the_state_directory_and_flags_override(tmp_path):
+    from otel_ebpf.cli import build_parser, run_overrides
+    from otel_ebpf.config import load
+
+    empty = tmp_path / "c.yaml"
+    empty.write_text("")
+    spool = load(str(empty), {"STATE_DIRECTORY": "/var/lib/otel-ebpf"}, {}).spool
+    assert spool == SpoolOptions(directory="/var/lib/otel-ebpf/spool",
+                                 max_bytes=256 * 1024 * 1024, max_age_s=86400.0,
+                                 directory_source="$STATE_DIRECTORY (systemd StateDirectory=)")
+    args = build_parser().parse_args(["run", "--spool-dir", str(tmp_path / "s")])
+    spool = load(str(empty), {}, run_overrides(args)).spool
+    assert spool.directory == str(tmp_path / "s")
+    assert spool.directory_source == "export.spool.directory"
+    assert load(str(empty), {}, run_overrides(build_parser().parse_args(
+        ["run", "--no-spool"]))).spool is None
+    env = {"OTEL_EBPF_EXPORT_SPOOL_MAX_BYTES": "1048576", "OTEL_EBPF_EXPORT_SPOOL_MAX_AGE_S": "90"}
+    spool = load(str(empty), env, {}).spool
+    assert (spool.max_bytes, spool.max_age_s) == (1048576, 90.0)
+
+
+@pytest.mark.parametrize("key, value, message", [
+    ("OTEL_EBPF_EXPORT_SPOOL_MAX_BYTES", "10",
+     "export.spool.max_bytes: '10' is too small (from OTEL_EBPF_EXPORT_SPOOL_MAX_BYTES); "
+     "use a whole number >= 65536"),
+    ("OTEL_EBPF_EXPORT_SPOOL_MAX_AGE_S", "0",
+     "export.spool.max_age_s: '0' is too small (from OTEL_EBPF_EXPORT_SPOOL_MAX_AGE_S); "
+     "use a number >= 1"),
+    ("OTEL_EBPF_EXPORT_SPOOL_ENABLED", "maybe",
+     "export.spool.enabled: 'maybe' is not a boolean"),
+    ("OTEL_EBPF_EXPORT_SPOOL_DIRECTORY", "{tmp}/a-file/spool",  # under a regular file
+     "export.spool.directory: '{tmp}/a-file/spool' is not a directory this user can create "
+     "or write (from OTEL_EBPF_EXPORT_SPOOL_DIRECTORY); give a writable directory"),
+])
+def test_config_errors_name_the_key_and_what_is_allowed(tmp_path, key, value, message):
+    from otel_ebpf.config import ConfigError, load
+
+    empty = tmp_path / "c.yaml"
+    empty.write_text("")
+    (tmp_path / "a-file").write_text("")
+    with pytest.raises(ConfigError) as info:
+        load(str(empty), {key: value.replace("{tmp}", str(tmp_path))}, {})
+    assert message.replace("{tmp}", str(tmp_path)) in str(info.value)
