@@ -87,7 +87,11 @@ class Agent:
         argv += extra_args or []
         # gRPC (HTTP/2) for our own export traffic: an HTTP/1 exporter would be traced
         # by the daemon itself when it runs host-wide (--scope host).
-        self.env = {"PYTHONUNBUFFERED": "1", **(env or {})}
+        # Each run's own export spool: what one run could not send must not reach the
+        # next run's collector.
+        self.env = {"PYTHONUNBUFFERED": "1",
+                    "OTEL_EBPF_EXPORT_SPOOL_DIRECTORY": str(workdir / (name + "-spool")),
+                    **(env or {})}
         if exporter == "otlp":
             if not endpoint:
                 raise BenchmarkError("Agent: the otlp exporter needs an endpoint")
