@@ -188,6 +188,8 @@ class Spool:
             if version not in (0, FORMAT_VERSION):
                 raise sqlite3.DatabaseError("spool format %d is not %d (written by another "
                                             "version of otel-ebpf)" % (version, FORMAT_VERSION))
+            if version == 0:  # a new file: free pages can be given back (see _delete_row)
+                db.execute("PRAGMA auto_vacuum=INCREMENTAL")
             db.execute("PRAGMA journal_mode=WAL")
             db.execute("PRAGMA synchronous=NORMAL")
             # The WAL is truncated back to this after a checkpoint: disk stays near the cap.
@@ -384,10 +386,15 @@ class Spool:
         return float(row[0]) if row and isinstance(row[0], (int, float)) else None
 
     def _delete_row(self, payload_id: int, size: int) -> None:
-        self._db.execute("DELETE FROM payloads WHERE id = ?", (payload_id,))  # type: ignore[union-attr]
+        db = self._db
+        db.execute("DELETE FROM payloads WHERE id = ?", (payload_id,))  # type: ignore[union-attr]
         self._count = max(0, self._count - 1)
         self._bytes = max(0, self._bytes - size)
         self._oldest_created = self._head_created() if self._count else None
+        if not self._count:
+            # The outage is over: give the disk back (the file keeps its peak size else).
+            # executescript: it runs to completion (a plain execute frees one page).
+            db.executescript("PRAGMA incremental_vacuum;")  # type: ignore[union-attr]
 
     def _drop_head(self, reason: str) -> None:
         row = self._db.execute(  # type: ignore[union-attr]

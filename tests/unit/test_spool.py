@@ -102,6 +102,19 @@ def test_max_age_drops_oldest_and_reports_the_oldest_age(tmp_path):
     assert stats.snapshot()["export.spool.oldest_age_s"] == 0
 
 
+def test_the_file_shrinks_back_once_the_spool_is_drained(tmp_path):
+    spool = Spool(tmp_path)
+    for _ in range(100):
+        spool.append(TRACES, os.urandom(50_000), 1, time.time())
+    spool.close()
+    full = (tmp_path / DB_NAME).stat().st_size
+    assert full > 5_000_000
+    spool = Spool(tmp_path)
+    assert len(drain(spool)) == 100
+    spool.close()
+    assert (tmp_path / DB_NAME).stat().st_size < full / 20
+
+
 def test_reopened_after_a_restart_it_holds_what_was_written(tmp_path):
     spool = Spool(tmp_path)
     for i in range(23):
