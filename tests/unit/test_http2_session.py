@@ -298,3 +298,16 @@ def test_sniff():
     assert not sniff(b"HTTP/1.1 200 OK\r\n")
     assert not sniff(frame(SETTINGS, 1, 0, b""))  # an ACK is not a first frame
     assert not sniff(b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc")  # TLS ClientHello
+
+
+def test_client_goaway_ends_nothing_at_once_but_names_the_close():
+    pair = H2Pair()
+    sid = pair.request("/pending")
+    pair.client.close_connection(error_code=0xB)  # ENHANCE_YOUR_CALM, about pushes only
+    pair.flush()
+    session = make_session()
+    out = replay(session, pair.chunks)
+    assert out == [] and list(session.streams) == [sid]
+    session.close(10**9, Outcome.CONNECTION_CLOSED, "connection_closed")
+    assert [(e.stream_id, e.outcome, e.error_reason) for e in out] == [
+        (sid, Outcome.GOAWAY, "enhance_your_calm")]
