@@ -262,6 +262,18 @@ def rows(results: dict) -> list[tuple[str, str, str, str]]:
                     "p99 <= %.1f s" % limit, _verdict(f["p99_s"] <= limit)))
         out.append(("4 spans received / exchanges", "%d / %d" % (f["spans"], f["exchanges"]),
                     "", ""))
+    if not failed("http2", "5. http2"):
+        h = sec["http2"]
+        for proto, label in (("http1", "HTTP/1.1 wrk->nginx"), ("http2", "HTTP/2 h2load->nginx"),
+                             ("grpc", "gRPC h2load->grpc-go")):
+            p = h[proto]
+            out.append(("5 %s req/s untraced / traced-none (ratio)" % label,
+                        "%.0f / %.0f (%s)" % (p["untraced_rps"], p["traced_rps"],
+                                              _fmt(p["traced_vs_untraced"])), "(info)", ""))
+            out.append(("5 %s daemon CPU per exchange; exchanges / requests" % label,
+                        "%s; %d / %d (loss events %d)" % (
+                            _fmt(p["daemon_us_per_exchange"], " us"), p["exchanges"],
+                            p["requests"], p["loss_events"]), "(info)", ""))
     return out
 
 

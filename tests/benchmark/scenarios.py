@@ -604,8 +604,10 @@ def freshness(plan: Plan, workdir: Path) -> dict:
     return result
 
 
+from tests.benchmark.http2 import http2  # noqa: E402 (section 5, its own module)
+
 SECTIONS = {"overhead": overhead, "capacity": capacity, "memory": memory,
-            "freshness": freshness}
+            "freshness": freshness, "http2": http2}
 
 
 def run_section(name: str, plan: Plan, workdir: Path) -> dict:
