@@ -35,7 +35,7 @@ def test_benchmark_smoke(bpf_available, tmp_path):
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-5000:]
     results = json.loads(out.read_text())
     sections = results["sections"]
-    assert set(sections) == {"overhead", "capacity", "memory", "freshness"}
+    assert set(sections) == {"overhead", "capacity", "memory", "freshness", "http2"}
     for name, section in sections.items():
         assert "error" not in section, (name, section.get("error"))
 
@@ -78,3 +78,12 @@ def test_benchmark_smoke(bpf_available, tmp_path):
     assert fresh["exchanges"] > 0
     assert fresh["spans"] == fresh["exchanges"], fresh
     assert fresh["min_s"] > 0, "a span arrived before its exchange ended: clock conversion?"
+
+    h2 = sections["http2"]
+    for proto in ("http1", "http2", "grpc"):
+        traced = h2["rounds"][0][proto]["traced"]
+        assert traced["requests"] > 0 and traced["rps"] > 0, (proto, traced)
+        problem = _silent_loss({"requests": traced["requests"],
+                                "exchanges": traced["daemon_exchanges"],
+                                "loss": traced["daemon_loss"]})
+        assert problem is None, (proto, problem)
