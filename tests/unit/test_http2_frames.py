@@ -332,3 +332,22 @@ def test_random_bytes_never_raise():
                 session.gap(rng.randrange(2), rng.randrange(1, 100), 1)
         session.expire(10**12, 1)
         session.close(10**12, Outcome.CONNECTION_CLOSED, "connection_closed")
+
+
+def test_long_resync_disables_only_a_direction_never_seen_in_sync():
+    junk = b"\xff" * 1000  # never a frame header (length far beyond 16 KiB)
+    session = make_session(strict=False, max_resync_bytes=4000)
+    for i in range(5):
+        session.feed(INGRESS, junk, i, 1)
+    assert session.disabled == "not_http2"
+    session = make_session(max_resync_bytes=4000)
+    pair = H2Pair()
+    replay(session, pair.chunks[:1])  # the preface and SETTINGS: in sync
+    session.gap(INGRESS, 10, 5)  # across a frame header: lost
+    for i in range(10):
+        session.feed(INGRESS, junk, 10 + i, 1)
+    assert session.disabled is None
+    sid = pair.request("/still-decoded")
+    pair.respond(sid)
+    out = replay(session, pair.chunks[1:], start=100)
+    assert [e.target for e in out] == ["/still-decoded"]

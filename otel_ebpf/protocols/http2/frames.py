@@ -154,6 +154,7 @@ class FrameReader:
         "max_header",
         "max_resync",
         "skipped",
+        "synced",
     )
 
     def __init__(
@@ -210,6 +211,9 @@ class FrameReader:
         self.max_header = max_header
         self.max_resync = max_resync
         self.skipped = 0  # bytes skipped in the current resync
+        # Frames were read in this direction: it is HTTP/2, so however long a resync
+        # takes (a large transfer written in partial writes) the session is kept.
+        self.synced = strict
 
     def buffered(self) -> int:
         size = len(self.hbuf) + len(self.payload)
@@ -239,6 +243,7 @@ class FrameReader:
                 self._skip(n, ts)
                 return
             self.skipped = 0
+            self.synced = True
             if not first:  # (a mid-stream connection's first chunk is not a recovery)
                 self.session.on_resynced(self)
             state = self.state = HEADER
@@ -554,5 +559,5 @@ class FrameReader:
         self.skipped += count
         self.session.count("http2.skipped_bytes", count)
         self.session.on_unseen(self, ts, "gap_in_frames")
-        if self.skipped > self.max_resync:
+        if self.skipped > self.max_resync and not self.synced:
             self.session.not_http2(self)
