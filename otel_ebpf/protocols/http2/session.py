@@ -39,6 +39,14 @@ bytes <= max_buffer_bytes (the session is disabled beyond, "buffer_limit"); head
 blocks <= max_header_bytes (a larger one is skipped as lost, not buffered); HPACK
 tables <= hpack_decoder.MAX_TABLE_SIZE per direction.
 
+Counters (Stats): http2.sync_lost, http2.resyncs, http2.skipped_bytes (framing);
+http2.lost_header_blocks, http2.header_block_too_large, http2.hpack_errors,
+http2.hpack_unknown_fields (headers); http2.unpaired_responses, http2.unpaired_trailers
+(streams begun before the attach), http2.streams_over_limit, http2.push_promises,
+http2.goaway_lost, http2.malformed_frames; grpc.message_framing_lost; and, as HTTP/1,
+http.outcome.<outcome>, http.late_responses, http.dropped_pending,
+http.parse_failures, conntrack.disabled.<reason>, conntrack.role_inferred.
+
 Connections seen mid-stream: fields the HPACK decoder cannot know are left out
 (counted in `http2.hpack_unknown_fields`); a request whose :method or :path could not
 be decoded is reported with "" for it. Streams that began before the attach are not
