@@ -118,7 +118,7 @@ int tls_enter_write_ex(struct pt_regs *ctx) { return tls_enter(ctx, PT_REGS_PARM
 static __always_inline int tls_gate(struct tls_conn_t *t, const void *buf, __u64 size,
                                     int settings)
 {
-    if (t->proto == PROTO_HTTP1 || t->proto == PROTO_HTTP2)
+    if (t->proto == PROTO_HTTP1 || t->proto == PROTO_HTTP2) /* PROTOCOL_LIST */
         return 1;
     if (t->proto == PROTO_NOT_HTTP)
         return 0;

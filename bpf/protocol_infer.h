@@ -25,7 +25,8 @@
  * mid-stream (no frame has a pattern this cheap).
  *
  * Adding a protocol: an infer_<name>() below, one INFER_<NAME> result, and one line in
- * infer_proto(); its PROTO_* id lives in include/events.h.
+ * infer_proto() and infer_protocol_id(); its PROTO_* id lives in include/events.h; the
+ * places that decide what is emitted are marked PROTOCOL_LIST.
  */
 #ifndef OTEL_EBPF_PROTOCOL_INFER_H
 #define OTEL_EBPF_PROTOCOL_INFER_H
@@ -127,7 +128,8 @@ static __always_inline int server_bytes(__u8 d, __u8 role)
     return d == DIR_EGRESS ? role != ROLE_CLIENT : role != ROLE_SERVER;
 }
 
-/* What the first n (<= 8) bytes v of a stream say: INFER_NO, INFER_PREFIX, INFER_MATCH
+/* PROTOCOL_LIST: one line per protocol below and in infer_protocol_id().
+ * What the first n (<= 8) bytes v of a stream say: INFER_NO, INFER_PREFIX, INFER_MATCH
  * (HTTP/1.x) or INFER_HTTP2. `settings`: this is where a server's first bytes go out. */
 static __always_inline int infer_proto(__u64 v, __u32 n, int settings)
 {

@@ -534,7 +534,7 @@ static __always_inline void handle_iov(void *ctx, struct conn_key_t *key,
                                        __u64 iov, __u64 iovcnt, __u64 total)
 {
     __u8 d = dir & 1;
-    int emit = conn->proto == PROTO_HTTP1 || conn->proto == PROTO_HTTP2;
+    int emit = conn->proto == PROTO_HTTP1 || conn->proto == PROTO_HTTP2; /* PROTOCOL_LIST */
     if (conn->proto == PROTO_UNKNOWN && iovcnt > 0) {
         struct otel_iovec first = {};
         if (bpf_probe_read_user(&first, sizeof(first), (void *)iov) == 0 && first.len) {

@@ -40,7 +40,7 @@
 
 /* Application protocol of a byte stream (Protocol), as the kernel's inference
  * (bpf/protocol_infer.h) decided it; user space picks the protocol's session by it.
- * One line per protocol the kernel recognises. */
+ * PROTOCOL_LIST: one line per protocol the kernel recognises. */
 #define PROTO_UNKNOWN 0  /* not decided yet (first bytes too short to say) */
 #define PROTO_HTTP1 1    /* HTTP/1.x: a request line or a status line */
 #define PROTO_NOT_HTTP 2 /* given up: nothing of it is emitted */
