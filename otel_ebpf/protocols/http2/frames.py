@@ -124,7 +124,6 @@ class FrameReader:
         "hpack",
         "state",
         "requests",
-        "strict",
         "started",
         "hbuf",
         "hdr_ts",
@@ -132,7 +131,6 @@ class FrameReader:
         "ftype",
         "flags",
         "sid",
-        "length",
         "remaining",
         "pad",
         "payload",
@@ -171,7 +169,6 @@ class FrameReader:
         self.session = session
         self.direction = direction
         self.hpack = hpack
-        self.strict = strict
         # PREFACE when this direction is known to be the client's from its first byte,
         # HEADER for the server's, RESYNC when seen mid-stream (or role unknown).
         if not strict:
@@ -186,7 +183,6 @@ class FrameReader:
         self.ftype = 0
         self.flags = 0
         self.sid = 0
-        self.length = 0
         self.remaining = 0  # payload bytes of the current frame still to come
         self.pad = 0  # padding bytes at the end of the current DATA frame
         self.payload: bytes | bytearray = b""
@@ -396,7 +392,6 @@ class FrameReader:
         self.ftype = ftype
         self.flags = flags
         self.sid = sid
-        self.length = length
         self.remaining = length
         self.payload_lost = False
         if ftype == DATA:
