@@ -603,13 +603,19 @@ class OtlpExporter:
                     spooled = spool.oldest()  # type: ignore[union-attr]
                     if spooled is not None:
                         self._deliver_spooled(spooled)
+                    elif len(spool):  # type: ignore[arg-type]
+                        self._stop.wait(1.0)  # the spool cannot be read now: no busy loop
                 else:
                     self._deliver(*entry[:3], created=entry[3])
             except Exception:  # the worker must survive anything a transport throws
                 log.exception("OTLP export failed unexpectedly; payload dropped")
                 self._stats.add("export.failures")
                 if spooled is not None and not self._stop.is_set():
-                    spool.remove(spooled.id)  # type: ignore[union-attr]
+                    try:
+                        spool.remove(spooled.id)  # type: ignore[union-attr]
+                    except Exception:  # the spool's disk failing: keep the thread alive
+                        log.exception("export spool: cannot remove payload %d", spooled.id)
+                        self._stop.wait(1.0)
             finally:
                 with self._cond:
                     self._sending = None

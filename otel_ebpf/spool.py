@@ -144,6 +144,8 @@ class Spool:
             try:
                 self._open()
             except sqlite3.DatabaseError as exc:
+                if isinstance(exc, sqlite3.OperationalError):
+                    raise  # locked, unwritable, I/O: the file may be fine, keep it
                 self._set_aside(exc)
         except (sqlite3.Error, OSError) as exc:  # the fresh file fails too: disk, perms
             self._lock_file.close()
@@ -258,6 +260,10 @@ class Spool:
                     row = self._db.execute(  # type: ignore[union-attr]
                         "SELECT id, signal, items, created, size, crc, body FROM payloads "
                         "ORDER BY id LIMIT 1").fetchone()
+                except sqlite3.OperationalError as exc:  # I/O, locked: the file may be fine
+                    self._warn_once("read", "export spool %s: cannot read: %s; retrying",
+                                    self.path, exc)
+                    return None
                 except sqlite3.DatabaseError as exc:  # "database disk image is malformed"
                     self._set_aside(exc)
                     return None
@@ -413,6 +419,13 @@ class Spool:
     def _enforce_cap(self) -> None:
         while self._count and self._bytes > self.max_bytes:
             self._drop_head("max_bytes")
+
+    def _warn_once(self, key: str, msg: str, *args: object) -> None:
+        """A warning at most every 10 s per key."""
+        now = time.monotonic()
+        if now - self._last_warning.get(key, -1e9) >= 10.0:
+            self._last_warning[key] = now
+            log.warning(msg, *args)
 
     def _count_drop(self, reason: str, signal: object, items: object, payloads: int = 1) -> None:
         stats = self._stats
