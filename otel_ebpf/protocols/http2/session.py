@@ -58,7 +58,7 @@ from __future__ import annotations
 import logging
 from typing import TYPE_CHECKING
 
-from otel_ebpf.exchange import HttpExchange, Outcome, Role, RpcCall, build_exchange
+from otel_ebpf.exchange import Outcome, Role, RpcCall, build_exchange
 from otel_ebpf.protocols.http2.frames import PUSH_PROMISE, FrameReader
 from otel_ebpf.protocols.http2.grpc import GRPC_CONTENT_TYPE, MessageCounter, split_grpc_path
 from otel_ebpf.protocols.http2.hpack_decoder import HeaderBlockDecoder
@@ -431,7 +431,7 @@ class Http2Session:
         if requests:
             self._request_block(sid, end_stream, fields, unknown, start_ts, start_tid)
         else:
-            self._response_block(sid, end_stream, fields, unknown, end_ts)
+            self._response_block(sid, end_stream, fields, end_ts)
 
     def on_data(self, reader: FrameReader, sid: int, data: bytes, pos: int, end: int) -> None:
         s = self.streams.get(sid)
@@ -601,7 +601,6 @@ class Http2Session:
         sid: int,
         end_stream: int,
         fields: list[tuple[bytes, bytes]] | None,
-        unknown: int,
         end_ts: int,
     ) -> None:
         s = self.streams.get(sid)
@@ -746,4 +745,4 @@ class Http2Session:
         self.discard()
 
 
-__all__ = ["ERROR_CODES", "Http2Session", "HttpExchange", "error_name"]
+__all__ = ["ERROR_CODES", "Http2Session", "error_name"]
