@@ -213,7 +213,7 @@ def frames(stream: bytes) -> list[tuple[int, int, int]]:
     return out
 
 
-def whole_streams(events: list, source: Source) -> dict:
+def whole_streams(events: list, source: Source, protocol: Protocol = Protocol.HTTP2) -> dict:
     """key -> (open, {direction: bytes}) of every connection of `source` in events,
     after checking the kernel's promise: PROTO_HTTP2 in the open, streams from 0 and
     contiguous, nothing truncated here (small messages), and closed."""
@@ -226,7 +226,7 @@ def whole_streams(events: list, source: Source) -> dict:
     assert opens, "no %s connection was opened" % source.name
     out = {}
     for key, op in opens.items():
-        assert op.protocol is Protocol.HTTP2, op
+        assert op.protocol is protocol, op
         assert op.stream_start == (0, 0), op
         streams = {}
         for direction in Direction:
@@ -361,6 +361,42 @@ def test_go_grpc(recorder, tmp_path):
     assert_no_fast_path(fast)
     check_pair(whole_streams([e for e in events if e.tgid == cpid], Source.SYSCALL),
                whole_streams([e for e in events if e.tgid == spid], Source.SYSCALL), N, 2 * N)
+
+
+def test_h2c_upgrade_through_the_fast_path(recorder, tmp_path):
+    """curl --http2 on http:// asks for `Upgrade: h2c` (grpc-go's x/net h2c server
+    grants it): the kernel's fast path takes the request head, hands the connection over
+    at the 101 (a 1xx never completes an exchange) with stream_start where the request
+    began, and the HTTP/2 that follows is on the chunk stream, whole. The open says
+    HTTP1: user space switches at the 101."""
+    greeter = go_greeter()
+    port = free_port()
+    with server(recorder, [greeter, "h2c", str(port)], port, tmp_path / "h2c.log") as spid:
+        args = [need("curl"), "-sS", "--http2"]
+        for i in range(N):
+            args += ["-o", "/dev/null", "-w", "%{http_version} %{http_code}\\n",
+                     "http://127.0.0.1:%d/?%d" % (port, i)]
+        cpid, out = run_client(recorder, args)
+        recorder.settle()
+        events, fast = recorder.of({spid, cpid})
+    assert out.split("\n")[:-1] == ["2 200"] * N
+    assert_no_fast_path(fast)  # the only HTTP/1 exchange never completed as HTTP/1
+    client = whole_streams([e for e in events if e.tgid == cpid], Source.SYSCALL, Protocol.HTTP1)
+    server_ = whole_streams([e for e in events if e.tgid == spid], Source.SYSCALL, Protocol.HTTP1)
+    assert len(client) == 1
+    (c_open, c), = client.values()
+    (s_open, s), = [v for v in server_.values() if v[0].remote_port == c_open.local_port]
+    assert c[Direction.EGRESS] == s[Direction.INGRESS] and c[Direction.INGRESS] == s[Direction.EGRESS]
+    request_head, _, h2_out = c[Direction.EGRESS].partition(b"\r\n\r\n")
+    assert request_head.startswith(b"GET /?0 HTTP/1.1\r\n") and b"h2c" in request_head.lower()
+    response_head, _, h2_in = c[Direction.INGRESS].partition(b"\r\n\r\n")
+    assert response_head.startswith(b"HTTP/1.1 101 ")
+    assert h2_out.startswith(PREFACE)
+    out_frames, in_frames = frames(h2_out), frames(h2_in)
+    assert in_frames[0][:2] == (SETTINGS, 0)
+    # the first request went as HTTP/1.1 (stream 1); the rest are HTTP/2 streams 3, 5, ...
+    assert sorted({f[2] for f in out_frames if f[0] == HEADERS}) == list(range(3, 2 * N + 1, 2))
+    assert sorted({f[2] for f in in_frames if f[0] == HEADERS}) == list(range(1, 2 * N + 1, 2))
 
 
 @contextlib.contextmanager
@@ -667,3 +703,20 @@ def test_daemon_counts_go_grpc(daemon, tmp_path):
                 "grpc", "helloworld.Greeter", "SayHello", 0, "2", port), x
             assert (x["otel_ebpf.rpc.request_messages"], x["otel_ebpf.rpc.response_messages"]) == (1, 1)
         assert len({x["otel_ebpf.stream_id"] for x in records}) == N
+
+
+def test_daemon_counts_h2c_upgrade(daemon, tmp_path):
+    """curl --http2 on http://: the first request upgrades (101, then stream 1), the
+    others are HTTP/2 streams on the same connection. N sent, N reported on each side."""
+    greeter = go_greeter()
+    port = free_port()
+    with plain_server(tmp_path, [greeter, "h2c", str(port)], port) as srv:
+        args = [need("curl"), "-sS", "--http2"]
+        for i in range(N):
+            args += ["-o", "/dev/null", "http://127.0.0.1:%d/index.html?%d" % (port, i)]
+        client = subprocess.Popen(args)
+        assert client.wait(60) == 0
+        servers = reported(daemon, {srv.pid}, "SERVER", N)
+        clients = reported(daemon, {client.pid}, "CLIENT", N)
+    check_http(servers, N, port, "http", "curl/", len(b"hello h2c"))
+    check_http(clients, N, port, "http", "curl/", len(b"hello h2c"))

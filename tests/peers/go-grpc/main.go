@@ -6,16 +6,21 @@
 //
 //	greeter serve PORT        helloworld.Greeter/SayHello: "hello " + request
 //	greeter call PORT N       N unary SayHello calls on one connection, then exit
+//	greeter h2c PORT          plain HTTP (golang.org/x/net/http2/h2c): HTTP/1.1, prior-
+//	                          knowledge HTTP/2 and `Upgrade: h2c`; GET / -> "hello h2c"
 package main
 
 import (
 	"context"
 	"fmt"
 	"net"
+	"net/http"
 	"os"
 	"strconv"
 	"time"
 
+	"golang.org/x/net/http2"
+	"golang.org/x/net/http2/h2c"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/credentials/insecure"
 	"google.golang.org/grpc/encoding"
@@ -49,7 +54,7 @@ var greeter = grpc.ServiceDesc{
 func main() {
 	encoding.RegisterCodec(rawCodec{})
 	if len(os.Args) < 3 {
-		fmt.Fprintln(os.Stderr, "usage: greeter serve PORT | greeter call PORT N")
+		fmt.Fprintln(os.Stderr, "usage: greeter serve PORT | greeter call PORT N | greeter h2c PORT")
 		os.Exit(2)
 	}
 	addr := "127.0.0.1:" + os.Args[2]
@@ -63,6 +68,16 @@ func main() {
 		s := grpc.NewServer()
 		s.RegisterService(&greeter, struct{}{})
 		if err := s.Serve(lis); err != nil {
+			fmt.Fprintln(os.Stderr, err)
+			os.Exit(1)
+		}
+	case "h2c":
+		hello := http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+			w.Header().Set("Content-Length", "9")
+			w.Write([]byte("hello h2c"))
+		})
+		srv := &http.Server{Addr: addr, Handler: h2c.NewHandler(hello, &http2.Server{})}
+		if err := srv.ListenAndServe(); err != nil {
 			fmt.Fprintln(os.Stderr, err)
 			os.Exit(1)
 		}
