@@ -363,6 +363,45 @@ def test_go_grpc(recorder, tmp_path):
                whole_streams([e for e in events if e.tgid == spid], Source.SYSCALL), N, 2 * N)
 
 
+BINARY_PEER = textwrap.dedent('''
+    import socket, sys
+    # near misses of the HTTP/2 patterns, as a binary protocol might send them
+    SERVER_FIRST = bytes.fromhex("000007040000000000") + b"x" * 7  # length 7: no SETTINGS
+    CLIENT_FIRST = bytes.fromhex("000006040000000000") + bytes(6)  # SETTINGS, but a client's
+    if sys.argv[1] == "serve":
+        s = socket.create_server(("127.0.0.1", int(sys.argv[2])))
+        while True:
+            c, _ = s.accept()
+            c.sendall(SERVER_FIRST)
+            while (data := c.recv(65536)):
+                c.sendall(b"PRI * HX" + data)  # not the preface either
+            c.close()
+    else:
+        for _ in range(3):
+            c = socket.create_connection(("127.0.0.1", int(sys.argv[2])))
+            assert c.recv(16) == SERVER_FIRST
+            for i in range(6):
+                c.sendall(CLIENT_FIRST if i == 0 else b"\\x00\\x01binary%d" % i)
+                c.recv(65536)
+            c.close()
+''')
+
+
+def test_near_misses_stay_silent(recorder, tmp_path):
+    """A binary protocol whose first bytes come close to HTTP/2's (a SETTINGS-like
+    header of a bad length from the server, a real SETTINGS header from a client,
+    "PRI * HX") is given up by the kernel: not one record of it reaches user space."""
+    script = tmp_path / "binary_peer.py"
+    script.write_text(BINARY_PEER)
+    port = free_port()
+    with server(recorder, [sys.executable, str(script), "serve", str(port)], port,
+                tmp_path / "binary.log") as spid:
+        cpid, _ = run_client(recorder, [sys.executable, str(script), "call", str(port)])
+        recorder.settle()
+        events, fast = recorder.of({spid, cpid})
+    assert events == [] and fast == [], events[:5]
+
+
 def test_h2c_upgrade_through_the_fast_path(recorder, tmp_path):
     """curl --http2 on http:// asks for `Upgrade: h2c` (grpc-go's x/net h2c server
     grants it): the kernel's fast path takes the request head, hands the connection over
