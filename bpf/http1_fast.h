@@ -536,7 +536,14 @@ static __always_inline int fast_chunk(struct conn_key_t *key, struct conn_t *con
     {
         __u64 v = 0;
         __u32 n8 = opaque(cap) < 8 ? (__u32)cap : 8;
-        if (bpf_probe_read_user(&v, n8 & 15, ubuf) != 0 || infer_http(v, n8) == INFER_NO)
+        if (bpf_probe_read_user(&v, n8 & 15, ubuf) != 0)
+            return FP_TODAY;
+        /* Not a start the inference knows. On a stream already known to be HTTP/1.x it
+         * still is one (an unknown method longer than the inference's 8 bytes, such as
+         * PROPFIND): head_parse decides, and falls back when it cannot. Elsewhere the
+         * chunk stream's inference has its say (a TLS handshake, the HTTP/2 preface). */
+        if (infer_http(v, n8) == INFER_NO &&
+            (source == SOURCE_OPENSSL ? conn->tls_proto : conn->proto) != PROTO_HTTP1)
             return FP_TODAY;
     }
     if (d != rq && (f == FAST_IDLE || conn->fast_left)) {
@@ -603,6 +610,12 @@ static __always_inline int fast_chunk(struct conn_key_t *key, struct conn_t *con
         conn->fast = FAST_REQ;
         conn->fast_src = source;
         conn->fast_left = hl + body - size;
+        /* the stream is HTTP/1.x now: a later head the inference cannot name is still
+         * one (see the gate above) */
+        if (source == SOURCE_OPENSSL)
+            conn->tls_proto = PROTO_HTTP1;
+        else
+            conn->proto = PROTO_HTTP1;
         goto consumed;
     }
 
