@@ -132,6 +132,20 @@ class SessionContext:
         # in the chunk that carried it). Conntrack starts the new protocol's session.
         self.upgrades: list[tuple[Session, str, UpgradeRequest, int, bytes]] = []
 
+    def server_request_started(self, key: tuple[int, str, str, int | None]) -> None:
+        """A server request is in flight: (pid, method, scheme, local port)."""
+        active = self.active
+        active[key] = active.get(key, 0) + 1
+
+    def server_request_ended(self, key: tuple[int, str, str, int | None]) -> None:
+        """It was answered, reported or forgotten."""
+        active = self.active
+        left = active[key] - 1
+        if left:
+            active[key] = left
+        else:
+            del active[key]
+
 
 class MessageKind(IntEnum):
     """What a direction carries: requests or responses (SNIFF until role is inferred)."""

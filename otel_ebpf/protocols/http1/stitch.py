@@ -254,8 +254,7 @@ class Http1Session:
         conn = self.conn
         if conn.role == _SERVER:
             key = (conn.tgid, head.method, conn.scheme, conn.local_port)
-            active = self.ctx.active
-            active[key] = active.get(key, 0) + 1
+            self.ctx.server_request_started(key)
             p.active_key = key
         pending.append(p)
         self.req_current = p
@@ -391,12 +390,7 @@ class Http1Session:
         key = p.active_key
         if key is not None:
             p.active_key = None
-            active = self.ctx.active
-            left = active[key] - 1
-            if left:
-                active[key] = left
-            else:
-                del active[key]
+            self.ctx.server_request_ended(key)
 
     def _emit(
         self,

@@ -588,8 +588,7 @@ class Http2Session:
             s.scheme = conn.scheme
         if conn.role == _SERVER:
             key = (conn.tgid, s.method, s.scheme, conn.local_port)
-            active = self.ctx.active
-            active[key] = active.get(key, 0) + 1
+            self.ctx.server_request_started(key)
             s.active_key = key
         self.streams[s.sid] = s
         if s.sid > self.last_request_sid:
@@ -667,12 +666,7 @@ class Http2Session:
         key = s.active_key
         if key is not None:
             s.active_key = None
-            active = self.ctx.active
-            left = active[key] - 1
-            if left:
-                active[key] = left
-            else:
-                del active[key]
+            self.ctx.server_request_ended(key)
 
     def _emit(self, s: _Stream, end_ts: int, outcome: Outcome, reason: str | None) -> None:
         conn = self.conn
