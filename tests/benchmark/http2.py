@@ -11,7 +11,8 @@ Three loads, each against a real server, untraced and traced:
 drain and the decoding, nothing exported: section 1's traced-none arm), one daemon for
 the round's three traced arms, CPU and exchanges taken as deltas around each arm. Per
 protocol: throughput traced / untraced (median of rounds, arms in alternating order),
-daemon CPU per exchange (all daemon processes), exchanges seen vs. requests completed.
+daemon CPU per exchange (all daemon processes), ring-buffer records per exchange,
+exchanges seen vs. requests completed.
 HTTP/2 never takes the kernel fast path: its number is the chunk stream's cost.
 """
 
@@ -138,6 +139,10 @@ def http2(plan, workdir: Path) -> dict:
                         after = _drained(agent)
                         res["daemon_cpu_s"] = agent.cpu_s() - cpu0
                         res["daemon_exchanges"] = agent.exchanges(after) - agent.exchanges(before)
+                        # ring-buffer records decoded (chunk-stream events and fast-path
+                        # records alike): what the daemon's CPU per exchange pays for
+                        res["daemon_records"] = (after.get("capture.events", 0)
+                                                 - before.get("capture.events", 0))
                         res["daemon_loss"] = delta(loss_counters(after), loss_counters(before))
                         rec[proto]["traced"] = res
             for proto in PROTOCOLS:
@@ -155,11 +160,13 @@ def http2(plan, workdir: Path) -> dict:
         tr = statistics.median(r[proto]["traced"]["rps"] for r in rounds)
         cpu = sum(r[proto]["traced"]["daemon_cpu_s"] for r in rounds)
         seen = sum(r[proto]["traced"]["daemon_exchanges"] for r in rounds)
+        records = sum(r[proto]["traced"]["daemon_records"] for r in rounds)
         out[proto] = {
             "untraced_rps": un, "traced_rps": tr,
             "traced_vs_untraced": tr / un if un else float("nan"),
             "daemon_us_per_exchange": cpu * 1e6 / seen if seen else float("nan"),
             "exchanges": seen,
+            "records_per_exchange": records / seen if seen else float("nan"),
             "requests": sum(r[proto]["traced"]["requests"] for r in rounds),
             "loss_events": sum(v for r in rounds
                                for k, v in r[proto]["traced"]["daemon_loss"].items()

@@ -270,10 +270,12 @@ def rows(results: dict) -> list[tuple[str, str, str, str]]:
             out.append(("5 %s req/s untraced / traced-none (ratio)" % label,
                         "%.0f / %.0f (%s)" % (p["untraced_rps"], p["traced_rps"],
                                               _fmt(p["traced_vs_untraced"])), "(info)", ""))
-            out.append(("5 %s daemon CPU per exchange; exchanges / requests" % label,
-                        "%s; %d / %d (loss events %d)" % (
-                            _fmt(p["daemon_us_per_exchange"], " us"), p["exchanges"],
-                            p["requests"], p["loss_events"]), "(info)", ""))
+            out.append(("5 %s daemon CPU per exchange; records per exchange" % label,
+                        "%s; %s" % (_fmt(p["daemon_us_per_exchange"], " us"),
+                                    _fmt(p.get("records_per_exchange"))), "(info)", ""))
+            out.append(("5 %s exchanges seen / requests completed" % label,
+                        "%d / %d (loss events %d)" % (p["exchanges"], p["requests"],
+                                                      p["loss_events"]), "(info)", ""))
     return out
 
 
