@@ -69,11 +69,15 @@ struct tls_key_t {
 struct tls_conn_t {
     __u64 generation; /* synthetic stream id: ktime when this SSL* was first seen */
     __u64 pos[2];  /* plaintext positions of a synthetic (fd-less) stream, by DIR_* */
+    __u64 head[2]; /* first plaintext bytes of each direction (LE), gathered over tiny
+                    * SSL_writes for the inference, as conn_t.head for the syscalls */
     __s32 fd;      /* socket tied to this SSL*, -1 none yet */
     __u8 proto;    /* PROTO_* of the plaintext */
     __u8 fails;    /* non-HTTP plaintext chunks while PROTO_UNKNOWN */
     __u8 open_sent; /* synthetic stream: CONN_OPEN emitted, so SSL_free emits CONN_CLOSE */
-    __u8 _pad;
+    __u8 infer;    /* scratch: tls_gate's inference result (see there) */
+    __u8 head_len[2]; /* bytes in head[dir]; 0xff: head no longer useful */
+    __u8 _pad[6];
 };
 
 /* LRU: an entry whose return probe never ran (thread killed inside SSL_read) must not
@@ -112,11 +116,16 @@ int tls_enter_write(struct pt_regs *ctx) { return tls_enter(ctx, 0); }
 int tls_enter_read_ex(struct pt_regs *ctx) { return tls_enter(ctx, PT_REGS_PARM4(ctx)); }
 int tls_enter_write_ex(struct pt_regs *ctx) { return tls_enter(ctx, PT_REGS_PARM4(ctx)); }
 
-/* Is this plaintext chunk worth emitting? Per-SSL* inference, like handle_chunk's.
- * `settings`: these bytes may be a server's (server_bytes()), so its first SETTINGS
- * counts as HTTP/2; with memory BIOs (ROLE_UNKNOWN) either direction may be. */
-static __always_inline int tls_gate(struct tls_conn_t *t, const void *buf, __u64 size,
-                                    int settings)
+/* Is this plaintext chunk worth emitting? Per-SSL* inference, like infer_chunk's:
+ * a direction's first 8 bytes are gathered in head[] across chunks, so a request
+ * written one byte per SSL_write ("G", "E", "T", " ") is PREFIX, PREFIX, PREFIX, then
+ * HTTP, not four failures that give the stream up; once the head is full (or says
+ * no), each chunk is judged on its own first bytes (an SSL* older than us, caught
+ * mid-stream). `settings`: these bytes may be a server's (server_bytes()), so its
+ * first SETTINGS counts as HTTP/2; with memory BIOs (ROLE_UNKNOWN) either direction
+ * may be. */
+static __always_inline int tls_gate(struct tls_conn_t *t, __u8 dir, const void *buf,
+                                    __u64 size, int settings)
 {
     if (t->proto == PROTO_HTTP1 || t->proto == PROTO_HTTP2) /* PROTOCOL_LIST */
         return 1;
@@ -126,7 +135,24 @@ static __always_inline int tls_gate(struct tls_conn_t *t, const void *buf, __u64
     __u32 n = size < 8 ? (__u32)size : 8;
     if (bpf_probe_read_user(&v, n & 15, buf) != 0)
         return 0;
+    __u8 d = dir & 1;
+    __u8 hl = t->head_len[d];
+    if (hl < 8) {
+        __u32 room = 8 - hl;
+        __u32 take = n < room ? n : room;
+        t->head[d] |= (v & byte_mask(take)) << ((hl & 7) * 8);
+        hl += take;
+        t->head_len[d] = hl;
+        v = t->head[d];
+        n = hl;
+    }
     int r = infer_proto(v, n, settings);
+    /* through map memory: the verifier forgets which of the inference's exits r came
+     * from and walks what follows once */
+    t->infer = r;
+    r = *(volatile __u8 *)&t->infer;
+    if (r == INFER_NO && t->head_len[d] < 8)
+        t->head_len[d] = 0xff; /* the head says no: judge later chunks on their own */
     if (r >= INFER_MATCH) {
         t->proto = infer_protocol_id(r);
         return 1;
@@ -198,13 +224,17 @@ static __always_inline int tls_exit(struct pt_regs *ctx, __u8 dir, int ex)
                 t->proto = PROTO_HTTP1;
             __u64 pos = c->tls_pos[d];
             c->tls_pos[d] = pos + size; /* every plaintext byte counts, emitted or not */
-            if (!tls_gate(t, (const void *)a.buf, size, server_bytes(d, c->role)))
+            if (!tls_gate(t, d, (const void *)a.buf, size, server_bytes(d, c->role)))
                 return 0;
             /* HTTP/2: off the HTTP/1 fast path (it consumed nothing: see infer_chunk) */
             if (t->proto == PROTO_HTTP2 && c->fast == FAST_IDLE)
                 c->fast = FAST_OFF;
             c->tls_proto = t->proto;
             conn_ensure_open(ctx, &ck, c, tid, SOURCE_OPENSSL);
+            if (t->proto == PROTO_HTTP2) {
+                h2_walk_begin(&ck, c, tid, d, SOURCE_OPENSSL, (const void *)a.buf, size, pos);
+                h2_tls_tail.call(ctx, 0); /* http2_walk.h: walks and emits */
+            }
             emit_data(ctx, tgid, tid, t->fd, c->generation, c->role, d, SOURCE_OPENSSL,
                       (const void *)a.buf, size, pos);
             return 0;
@@ -215,7 +245,7 @@ static __always_inline int tls_exit(struct pt_regs *ctx, __u8 dir, int ex)
     __s32 sfd = -1 - (__s32)(a.ssl & 0x7fffffff);
     __u64 pos = t->pos[d];
     t->pos[d] = pos + size;
-    if (!tls_gate(t, (const void *)a.buf, size, 1)) /* ROLE_UNKNOWN: either way */
+    if (!tls_gate(t, d, (const void *)a.buf, size, 1)) /* ROLE_UNKNOWN: either way */
         return 0;
     if (!t->open_sent) {
         t->open_sent = 1;
