@@ -360,6 +360,9 @@ static __always_inline void conn_close(struct conn_key_t *key, struct conn_t *c,
     conns.delete(key);
 }
 
+/* ---- HTTP/2: frame headers in uncaptured bytes (h2_walk_begin, h2_tail) -------------- */
+#include "http2_walk.h"
+
 /* ---- TLS hook ----------------------------------------------------------------------- */
 #ifdef WITH_OPENSSL
 /* openssl.h must define:
@@ -438,6 +441,12 @@ static __always_inline void handle_chunk(void *ctx, struct conn_key_t *key,
             return;
     }
     conn_ensure_open(ctx, key, conn, tid, SOURCE_SYSCALL);
+    /* (no buffer: sendfile, an unreadable msghdr; the walk would have nothing to read,
+     * and its tracking only costs missing hints when stale: see http2_walk.h) */
+    if (ubuf && conn->proto == PROTO_HTTP2) {
+        h2_walk_begin(key, conn, tid, d, SOURCE_SYSCALL, ubuf, size, pos);
+        h2_tail.call(ctx, 0); /* walks the frames and emits; returns only on failure */
+    }
     emit_data(ctx, key->tgid, tid, key->fd, conn->generation, conn->role, d,
               SOURCE_SYSCALL, ubuf, size, pos);
 }
@@ -544,6 +553,9 @@ static __always_inline void handle_iov(void *ctx, struct conn_key_t *key,
     }
     if (emit)
         conn_ensure_open(ctx, key, conn, tid, SOURCE_SYSCALL);
+    /* HTTP/2 frames are not walked across segments (http2_walk.h); unconditional:
+     * a branch here doubles the verifier's walk of the segment loop */
+    conn->h2_next[d] = H2_LOST;
     __u32 zero = 0;
     struct iov_state_t *s = iov_state.lookup(&zero);
     if (!s)

@@ -82,7 +82,10 @@ struct conn_open_event {
 
 /* EVENT_DATA header; followed by captured_len bytes of data (the record is
  * variable-length: header + captured bytes, so ring-buffer traffic is proportional to
- * what was captured). size - captured_len bytes were moved but not captured. */
+ * what was captured). size - captured_len bytes were moved but not captured.
+ * On a PROTO_HTTP2 stream the captured bytes are followed by frame_hints struct
+ * h2_frame_hint entries (bpf/http2_walk.h): the frame headers the kernel read in the
+ * uncaptured part, in stream order, so user space keeps the framing across it. */
 struct data_event_hdr {
     __u8 kind;      /* EVENT_DATA */
     __u8 direction; /* DIR_* */
@@ -96,12 +99,31 @@ struct data_event_hdr {
     __u64 position;     /* offset of this chunk's first byte in its direction's stream */
     __u64 size;         /* bytes the call really moved for this chunk */
     __u32 captured_len; /* bytes that follow the header, <= MAX_CAPTURE_BYTES */
-    __u32 _pad0;
+    __u16 frame_hints;  /* struct h2_frame_hint entries after the captured bytes */
+    __u16 _pad0;
 };
 
 struct data_event {
     struct data_event_hdr hdr;
     __u8 data[MAX_CAPTURE_BYTES];
+};
+
+/* One HTTP/2 frame header the kernel read in a chunk's uncaptured part (or straddling
+ * its captured end): all 9 bytes, as on the wire, at `offset` from the chunk's first
+ * byte. Entries are unaligned in the record (they follow the captured bytes). */
+#ifndef H2_HINTS_MAX
+#define H2_HINTS_MAX 64 /* frame headers handed over per chunk; more: the walk stops */
+#endif
+struct h2_frame_hint {
+    __u32 offset;
+    __u8 header[9];
+    __u8 _pad[3];
+};
+
+/* The record as the HTTP/2 frame walk builds it: room for the hints too. */
+struct data_event_h2 {
+    struct data_event_hdr hdr;
+    __u8 data[MAX_CAPTURE_BYTES + H2_HINTS_MAX * sizeof(struct h2_frame_hint)];
 };
 
 /* EVENT_CONN_CLOSE: only for connections whose open event was emitted. */
@@ -232,6 +254,8 @@ struct pending_t {
 #define CNT_FB_CLOSED 17        /* closed mid-exchange */
 #define CNT_FB_OTHER 18         /* sendfile/recvmmsg/sendmmsg at a head, pending lost */
 #define CNT_SELECT_DROPPED 19   /* connections dropped in the kernel by port selection */
-#define CNT_MAX 20
+#define CNT_H2_WALK_LOST 20      /* HTTP/2 frame walks that fell out of step (or too many frames) */
+#define CNT_H2_FRAME_HINTS 21    /* frame headers read in uncaptured bytes, handed over */
+#define CNT_MAX 22
 
 #endif /* OTEL_EBPF_EVENTS_H */

@@ -66,6 +66,11 @@ struct conn_t {
     __u8 remote_addr[16];
     __u64 fast_left;    /* FAST_REQ/FAST_RESP: body bytes still to come */
     __u64 fast_ts;      /* FAST_RESP: when the last response bytes moved */
+    /* PROTO_HTTP2 streams (http2_walk.h): bytes from the stream's current end to the
+     * next frame header, by DIR_*, or H2_LOST; 0 at the start (frames from byte 0, the
+     * client preface is recognised and skipped). For the syscall and OpenSSL streams. */
+    __u32 h2_next[2];
+    __u32 tls_h2_next[2];
 };
 
 /* Arguments stashed at sys_enter_*, keyed by pid_tgid, consumed at sys_exit_*. */

@@ -105,6 +105,10 @@ def compile_and_attach(options, self_tgid: int) -> tuple[dict, list[int]]:
         # Vectored calls with more than max_iovecs segments continue here.
         cont = bpf.load_func(b"iov_continue", BPF.TRACEPOINT)
         bpf[b"iov_tail"][ctypes.c_int(0)] = ctypes.c_int(cont.fd)
+        # HTTP/2 chunks with frames beyond the captured bytes are walked here
+        # (bpf/http2_walk.h); without it they are emitted plain (user space sees gaps).
+        walk = bpf.load_func(b"h2_walk_syscall", BPF.TRACEPOINT)
+        bpf[b"h2_tail"][ctypes.c_int(0)] = ctypes.c_int(walk.fd)
     except Exception as exc:  # BCC raises bare Exception for compile/load/attach errors
         raise CaptureError(Capture._explain(exc, source)) from None
     programs: list[tuple[str, int]] = []
@@ -115,6 +119,9 @@ def compile_and_attach(options, self_tgid: int) -> tuple[dict, list[int]]:
         try:
             for name in names:
                 programs.append((name, bpf.load_func(name.encode(), BPF.KPROBE).fd))
+            name = "h2_walk_tls"  # the uprobes' HTTP/2 frame walk (tail call)
+            walk_tls = bpf.load_func(name.encode(), BPF.KPROBE)
+            bpf[b"h2_tls_tail"][ctypes.c_int(0)] = ctypes.c_int(walk_tls.fd)
         except Exception as exc:  # a missing function or a verifier rejection
             log.error("TLS capture disabled: loading the OpenSSL probe %s failed (%s)",
                       name, exc)

@@ -67,6 +67,7 @@ LOSS_COUNTERS: tuple[str, ...] = (
     "iovec_skipped", "mmsg_skipped", "stash_full", "conn_reset", "not_http", "read_fault",
     "fast_exchanges", "fast_fallbacks", "pending_full", "fast_fb_request", "fast_fb_response",
     "fast_fb_overrun", "fast_fb_order", "fast_fb_closed", "fast_fb_other", "select_dropped",
+    "h2_walk_lost", "h2_frame_hints",
 )
 # Stats names of the kernel counters: real losses under `capture.lost.` (summed into
 # the stats line's lost_total), by-design truncation and information beside them.
@@ -91,6 +92,8 @@ STATS_NAMES: dict[str, str] = {
     "fast_fb_closed": "capture.fast.fallback.closed",
     "fast_fb_other": "capture.fast.fallback.other",
     "select_dropped": "capture.select.dropped_connections",
+    "h2_walk_lost": "capture.http2.walk_lost",
+    "h2_frame_hints": "capture.http2.frame_hints",
 }
 CFG_SELECT = 0  # config[] index and bits, as in bpf/include/maps.h
 CFG_FAST_PATH = 1

@@ -1,0 +1,314 @@
+/* HTTP/2 frame walk: the frame headers in the bytes a DATA record does not capture.
+ *
+ * Why: a DATA record captures at most MAX_CAPTURE_BYTES of a chunk. A process that
+ * moves several frames in one call (a 100 KB response written as 16 KiB DATA frames
+ * in one write; a client reading 16 KiB at a time) leaves frame headers in the
+ * uncaptured part, and user space would lose the framing there (the exchange ends
+ * TRUNCATED with a lower-bound body size). The kernel knows where those headers are:
+ * it follows the frame lengths, and hands user space the 9 header bytes of every
+ * frame whose header is not wholly captured (struct h2_frame_hint after the captured
+ * bytes, data_event_hdr.frame_hints of them; include/events.h).
+ *
+ * Tracking: conn_t.h2_next[dir] (syscall stream) / tls_h2_next[dir] (the OpenSSL
+ * plaintext stream tied to the fd) = bytes from the stream's current end to the next
+ * frame header; 0 at the start (a client's preface is recognised at position 0 and
+ * skipped); H2_LOST when the walk fell out of step. A chunk that ends before the next
+ * header costs a subtraction in the calling program. Otherwise the caller stores the
+ * chunk in the per-CPU `h2_walk` state and tail-calls the walk program (h2_walk_syscall
+ * for the syscall tracepoints, h2_walk_tls for the OpenSSL uprobes: a tail call stays
+ * within one program type), which reads each header with bpf_probe_read_user (9 bytes),
+ * checks it (frames.py's plausible_frame, without extension types) and adds 9 + length;
+ * H2_WALK_BATCH frames per program run, then it tail-calls itself, up to H2_WALK_CALLS
+ * runs; it then emits the DATA record itself (captured bytes + hints) and stores the
+ * new h2_next. The read/write programs keep their verifier budget: the loop lives in
+ * its own program.
+ *
+ * Out of step (a header that does not validate, a header split across chunks with
+ * fewer than 3 of its bytes in the first one, more frames than the budget, more than
+ * H2_HINTS_MAX hints, a chunk the kernel cannot read: sendfile, vectored calls): the
+ * walk stops, what it found so far is handed over (user space treats the rest as a
+ * plain gap), the stream is H2_LOST (counted in CNT_H2_WALK_LOST), and the next chunk
+ * is walked from its first byte as a guess: writers usually start a call at a frame
+ * boundary. A guess may be wrong; hints are the real bytes at their positions, and user
+ * space uses a hint only at the position where its own framing expects a header.
+ *
+ * Not walked: fd-less OpenSSL streams (memory BIOs: Node.js), HTTP/2 after an h2c
+ * Upgrade (the kernel's protocol stays HTTP/1), vectored calls (each segment is its own
+ * record; the stream is marked H2_LOST).
+ */
+#ifndef OTEL_EBPF_HTTP2_WALK_H
+#define OTEL_EBPF_HTTP2_WALK_H
+
+#define H2_LOST 0xffffffffU
+#ifndef H2_WALK_BATCH
+#define H2_WALK_BATCH 32 /* frame headers read per walk program run */
+#endif
+#ifndef H2_WALK_CALLS
+#define H2_WALK_CALLS 8 /* walk program runs per chunk (tail calls) */
+#endif
+#if (H2_HINTS_MAX & (H2_HINTS_MAX - 1)) != 0 || H2_HINTS_MAX < 1 || H2_HINTS_MAX > 1024
+#error "H2_HINTS_MAX must be a power of two between 1 and 1024"
+#endif
+
+#define H2_PREFACE_8 P8('P', 'R', 'I', ' ', '*', ' ', 'H', 'T')
+
+struct h2_walk_t {
+    struct conn_key_t key;
+    __u64 generation;
+    __u64 buf;      /* the chunk, in user memory */
+    __u64 size;     /* bytes the call moved */
+    __u64 position; /* of the chunk's first byte in its stream */
+    __u64 off;      /* next frame header, from the chunk's first byte */
+    __u32 next;     /* the stream's h2_next before this chunk */
+    __u32 tid;
+    __u32 cap;      /* bytes the record captures: min(size, MAX_CAPTURE_BYTES) */
+    __u32 nhints;
+    __u8 dir;
+    __u8 source;
+    __u8 role;
+    __u8 calls;     /* walk program runs so far for this chunk */
+    __u8 done;      /* the walk reached the chunk's end */
+    __u8 lost;      /* the walk fell out of step */
+    __u8 _pad[2];
+    struct h2_frame_hint hints[H2_HINTS_MAX];
+};
+BPF_PERCPU_ARRAY(h2_walk, struct h2_walk_t, 1);
+BPF_PERCPU_ARRAY(h2_scratch, struct data_event_h2, 1);
+BPF_PROG_ARRAY(h2_tail, 1); /* [0] = h2_walk_syscall (loaded by capture/compile.py) */
+#ifdef WITH_OPENSSL
+BPF_PROG_ARRAY(h2_tls_tail, 1); /* [0] = h2_walk_tls */
+#endif
+
+/* Called where a chunk of a PROTO_HTTP2 stream is about to be emitted: store it for
+ * the walk program and mark the stream H2_LOST until the walk stores better; the
+ * caller then tail-calls the walk (which emits the record) and, should the tail call
+ * fail, emits as usual. Stores only, no branch on the chunk: the verifier then walks
+ * the caller's emission once (a branch on size here cost tls_exit_* +228k verified
+ * insns); every decision is the walk program's. */
+static __always_inline void h2_walk_begin(struct conn_key_t *key, struct conn_t *conn,
+                                          __u32 tid, __u8 dir, __u8 source,
+                                          const void *ubuf, __u64 size, __u64 position)
+{
+    __u8 d = dir & 1;
+    __u32 *track = source == SOURCE_OPENSSL ? &conn->tls_h2_next[d] : &conn->h2_next[d];
+    __u32 zero = 0;
+    struct h2_walk_t *w = h2_walk.lookup(&zero);
+    if (w) {
+        w->key = *key;
+        w->generation = conn->generation;
+        w->buf = (__u64)ubuf;
+        w->size = size;
+        w->position = position;
+        w->tid = tid;
+        w->next = *track;
+        w->dir = d;
+        w->source = source;
+        w->role = conn->role;
+        w->calls = 0;
+    }
+    *track = H2_LOST;
+}
+
+/* Could these be a frame header? frames.py plausible_frame, any length up to 2^24-1,
+ * the nine frame types of RFC 9113 only. */
+static __always_inline int h2_header_ok(__u32 len, __u8 type, __u8 flags, __u32 sid)
+{
+    if (type > 9)
+        return 0;
+    /* flags each type may carry, type t in byte t (DATA .. GOAWAY); then 8 and 9 */
+    __u64 allowed = P8(0x09, 0x2d, 0, 0, 0x01, 0x0c, 0x01, 0);
+    __u8 ok_flags = type < 8 ? (__u8)(allowed >> (type * 8)) : type == 9 ? 0x04 : 0;
+    if (flags & ~ok_flags)
+        return 0;
+    if (type == 4 || type == 6 || type == 7) { /* SETTINGS, PING, GOAWAY: stream 0 */
+        if (sid)
+            return 0;
+        if (type == 4)
+            return len % 6 == 0 && !((flags & 1) && len);
+        return type == 6 ? len == 8 : len >= 8;
+    }
+    if (type == 8) /* WINDOW_UPDATE */
+        return len == 4;
+    if (!sid)
+        return 0;
+    if (type == 2) /* PRIORITY */
+        return len == 5;
+    if (type == 3) /* RST_STREAM */
+        return len == 4;
+    return 1;
+}
+
+/* The stream's first bytes, with a client's preface possibly among them. */
+static __always_inline int position_is_start(struct h2_walk_t *w)
+{
+    return w->position == 0 && w->off == 0 && w->size >= 8;
+}
+
+/* One frame header at w->off. Returns 1 when the walk is over (done or lost). */
+static __always_inline int h2_walk_step(struct h2_walk_t *w)
+{
+    __u64 off = w->off, size = w->size;
+    if (off >= size) {
+        w->done = 1;
+        return 1;
+    }
+    __u8 h[16] = {};
+    if (off + 9 > size) {
+        /* split across this chunk's end: its length (3 bytes) says where the next
+         * one starts; the header itself is not handed over */
+        if (size - off < 3 || bpf_probe_read_user(h, 3, (void *)(w->buf + off)) != 0) {
+            w->lost = 1;
+            return 1;
+        }
+        w->off = off + 9 + ((__u32)h[0] << 16 | (__u32)h[1] << 8 | h[2]);
+        w->done = 1;
+        return 1;
+    }
+    if (bpf_probe_read_user(h, 9, (void *)(w->buf + off)) != 0) {
+        w->lost = 1;
+        return 1;
+    }
+    __u32 len = (__u32)h[0] << 16 | (__u32)h[1] << 8 | h[2];
+    __u32 sid = ((__u32)h[5] & 0x7f) << 24 | (__u32)h[6] << 16 | (__u32)h[7] << 8 | h[8];
+    if (!h2_header_ok(len, h[3], h[4], sid)) {
+        w->lost = 1;
+        return 1;
+    }
+    if (off + 9 > w->cap) { /* not wholly captured: hand it over */
+        __u32 n = w->nhints;
+        if (n >= H2_HINTS_MAX) {
+            w->lost = 1;
+            return 1;
+        }
+        struct h2_frame_hint *hint = &w->hints[n & (H2_HINTS_MAX - 1)];
+        hint->offset = (__u32)off;
+        __builtin_memcpy(hint->header, h, 9);
+        w->nhints = n + 1;
+    }
+    w->off = off + 9 + len;
+    return 0;
+}
+
+/* The walk is over: store the tracking, emit the DATA record with its hints. */
+static __always_inline void h2_walk_finish(void *ctx, struct h2_walk_t *w)
+{
+    __u8 d = w->dir & 1;
+    struct conn_key_t key = w->key;
+    struct conn_t *conn = conns.lookup(&key);
+    if (!w->done)
+        w->lost = 1; /* the frame budget ran out */
+    if (w->lost)
+        counter_add(CNT_H2_WALK_LOST, 1);
+    if (conn && conn->generation == w->generation) {
+        __u64 next = w->lost ? H2_LOST : w->off - w->size;
+        if (next >= H2_LOST)
+            next = H2_LOST;
+        if (w->source == SOURCE_OPENSSL)
+            conn->tls_h2_next[d] = (__u32)next;
+        else
+            conn->h2_next[d] = (__u32)next;
+    }
+
+    __u32 zero = 0;
+    struct data_event_h2 *ev = h2_scratch.lookup(&zero);
+    if (!ev)
+        return;
+    __u64 size = w->size;
+    ev->hdr.kind = EVENT_DATA;
+    ev->hdr.direction = d;
+    ev->hdr.source = w->source;
+    ev->hdr.role = w->role;
+    ev->hdr.tgid = key.tgid;
+    ev->hdr.tid = w->tid;
+    ev->hdr.fd = key.fd;
+    ev->hdr.generation = w->generation;
+    ev->hdr.timestamp_ns = bpf_ktime_get_ns();
+    ev->hdr.position = w->position;
+    ev->hdr.size = size;
+    ev->hdr._pad0 = 0;
+    __u32 len = w->cap;
+    len &= (MAX_CAPTURE_BYTES << 1) - 1;
+    if (len > MAX_CAPTURE_BYTES)
+        len = MAX_CAPTURE_BYTES;
+    if (len && bpf_probe_read_user(ev->data, len, (void *)w->buf) != 0) {
+        counter_add(CNT_READ_FAULT, 1);
+        len = 0;
+    }
+    ev->hdr.captured_len = len;
+    __u32 n = w->nhints;
+    n &= (H2_HINTS_MAX << 1) - 1;
+    if (n > H2_HINTS_MAX)
+        n = H2_HINTS_MAX;
+    __u32 hint_bytes = n * sizeof(struct h2_frame_hint);
+    if (hint_bytes && bpf_probe_read_kernel(ev->data + len, hint_bytes, w->hints) != 0)
+        hint_bytes = n = 0;
+    ev->hdr.frame_hints = n;
+    counter_add(CNT_H2_FRAME_HINTS, n);
+    counter_add(CNT_TRUNCATED_EVENTS, len < size);
+    counter_add(CNT_TRUNCATED_BYTES, size - len);
+    __u64 total = sizeof(struct data_event_hdr) + len + hint_bytes;
+    if (total > sizeof(struct data_event_h2))
+        return;
+    if (events.ringbuf_output(ev, total, rb_flags()) != 0)
+        counter_add(CNT_RINGBUF_FULL, 1);
+}
+
+/* One walk program run. The first: a chunk that ends before the next frame header
+ * is not walked; a client's preface at position 0 is skipped. Then frames. */
+static __always_inline void h2_walk_run(void *ctx, int tls)
+{
+    __u32 zero = 0;
+    struct h2_walk_t *w = h2_walk.lookup(&zero);
+    if (!w)
+        return;
+    if (w->calls == 0) {
+        __u64 size = w->size, next = w->next;
+        w->cap = size < MAX_CAPTURE_BYTES ? (__u32)size : MAX_CAPTURE_BYTES;
+        w->nhints = 0;
+        w->done = 0;
+        w->lost = 0;
+        w->off = next == H2_LOST ? 0 : next; /* lost: guess a frame starts the chunk */
+        if (!w->buf || size > 0x7fffffff) {
+            w->lost = 1; /* nothing to read (sendfile) */
+        } else if (next != H2_LOST && next >= size) {
+            w->done = 1; /* inside one frame's payload */
+        } else if (position_is_start(w)) {
+            __u64 v = 0;
+            if (bpf_probe_read_user(&v, 8, (void *)w->buf) == 0 && v == H2_PREFACE_8)
+                w->off = 24;
+        }
+    }
+    w->calls++;
+    if (!w->done && !w->lost) {
+#pragma clang loop unroll(disable)
+        for (int i = 0; i < H2_WALK_BATCH; i++) {
+            if (h2_walk_step(w))
+                break;
+        }
+    }
+    if (!w->done && !w->lost && w->calls < H2_WALK_CALLS) {
+#ifdef WITH_OPENSSL
+        if (tls)
+            h2_tls_tail.call(ctx, 0);
+        else
+#endif
+            h2_tail.call(ctx, 0); /* does not return when it succeeds */
+    }
+    h2_walk_finish(ctx, w);
+}
+
+int h2_walk_syscall(void *ctx)
+{
+    h2_walk_run(ctx, 0);
+    return 0;
+}
+
+#ifdef WITH_OPENSSL
+int h2_walk_tls(struct pt_regs *ctx)
+{
+    h2_walk_run(ctx, 1);
+    return 0;
+}
+#endif
+
+#endif /* OTEL_EBPF_HTTP2_WALK_H */
