@@ -24,7 +24,7 @@
  * its own program.
  *
  * Out of step (a header that does not validate, a header split across chunks with
- * fewer than 3 of its bytes in the first one, more frames than the budget, more than
+ * fewer than 3 of its bytes in the first one (its length unknown), more frames than the budget, more than
  * H2_HINTS_MAX hints, a chunk the kernel cannot read: sendfile, vectored calls): the
  * walk stops, what it found so far is handed over (user space treats the rest as a
  * plain gap), the stream is H2_LOST (counted in CNT_H2_WALK_LOST), and the next chunk
@@ -144,7 +144,9 @@ static __always_inline int position_is_start(struct h2_walk_t *w)
     return w->position == 0 && w->off == 0 && w->size >= 8;
 }
 
-/* One frame header at w->off. Returns 1 when the walk is over (done or lost). */
+/* One frame header at w->off. Returns 1 when the walk is over (done or lost). A
+ * header the chunk ends in (split across calls) is handed over with the bytes there
+ * (3 or more: its length says where the next one starts; fewer: lost), unchecked. */
 static __always_inline int h2_walk_step(struct h2_walk_t *w)
 {
     __u64 off = w->off, size = w->size;
@@ -152,41 +154,34 @@ static __always_inline int h2_walk_step(struct h2_walk_t *w)
         w->done = 1;
         return 1;
     }
+    __u64 n = size - off < 9 ? size - off : 9;
     __u8 h[16] = {};
-    if (off + 9 > size) {
-        /* split across this chunk's end: its length (3 bytes) says where the next
-         * one starts; the header itself is not handed over */
-        if (size - off < 3 || bpf_probe_read_user(h, 3, (void *)(w->buf + off)) != 0) {
-            w->lost = 1;
-            return 1;
-        }
-        w->off = off + 9 + ((__u32)h[0] << 16 | (__u32)h[1] << 8 | h[2]);
-        w->done = 1;
-        return 1;
-    }
-    if (bpf_probe_read_user(h, 9, (void *)(w->buf + off)) != 0) {
+    if (n < 3 || bpf_probe_read_user(h, n & 15, (void *)(w->buf + off)) != 0) {
         w->lost = 1;
         return 1;
     }
     __u32 len = (__u32)h[0] << 16 | (__u32)h[1] << 8 | h[2];
     __u32 sid = ((__u32)h[5] & 0x7f) << 24 | (__u32)h[6] << 16 | (__u32)h[7] << 8 | h[8];
-    if (!h2_header_ok(len, h[3], h[4], sid)) {
+    if (n == 9 && !h2_header_ok(len, h[3], h[4], sid)) {
         w->lost = 1;
         return 1;
     }
-    if (off + 9 > w->cap) { /* not wholly captured: hand it over */
-        __u32 n = w->nhints;
-        if (n >= H2_HINTS_MAX) {
+    if (off + n > w->cap) { /* not wholly captured: hand it over */
+        __u32 k = w->nhints;
+        if (k >= H2_HINTS_MAX) {
             w->lost = 1;
             return 1;
         }
-        struct h2_frame_hint *hint = &w->hints[n & (H2_HINTS_MAX - 1)];
+        struct h2_frame_hint *hint = &w->hints[k & (H2_HINTS_MAX - 1)];
         hint->offset = (__u32)off;
         __builtin_memcpy(hint->header, h, 9);
-        w->nhints = n + 1;
+        hint->header_len = n;
+        w->nhints = k + 1;
     }
     w->off = off + 9 + len;
-    return 0;
+    if (n < 9)
+        w->done = 1;
+    return n < 9;
 }
 
 /* The walk is over: store the tracking, emit the DATA record with its hints. */

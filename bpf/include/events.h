@@ -109,15 +109,18 @@ struct data_event {
 };
 
 /* One HTTP/2 frame header the kernel read in a chunk's uncaptured part (or straddling
- * its captured end): all 9 bytes, as on the wire, at `offset` from the chunk's first
- * byte. Entries are unaligned in the record (they follow the captured bytes). */
+ * its captured end): header_len bytes of it as on the wire (9; 3..8 for a header the
+ * chunk ends in, the rest being the next chunk's first bytes) at `offset` from the
+ * chunk's first byte. Entries are unaligned in the record (they follow the captured
+ * bytes). */
 #ifndef H2_HINTS_MAX
 #define H2_HINTS_MAX 64 /* frame headers handed over per chunk; more: the walk stops */
 #endif
 struct h2_frame_hint {
     __u32 offset;
     __u8 header[9];
-    __u8 _pad[3];
+    __u8 header_len;
+    __u8 _pad[2];
 };
 
 /* The record as the HTTP/2 frame walk builds it: room for the hints too. */

@@ -99,6 +99,11 @@ class DataEvent:
     position: int  # byte offset of this chunk's first byte in its direction's stream
     size: int  # bytes the call really moved (>= len(data))
     data: bytes  # the captured prefix; len(data) < size means the rest was not captured
+    # HTTP/2 streams: the frame headers the kernel read in the uncaptured part (its
+    # frame walk, bpf/http2_walk.h), 9 bytes each (fewer for a header the chunk ends
+    # in: the bytes up to its end), keyed by their first byte's distance before the
+    # chunk's end (negative: position - (chunk position + size)); None when none.
+    frames: dict[int, bytes] | None = None
 
     @property
     def key(self) -> ConnKey:

@@ -47,8 +47,11 @@ log = logging.getLogger(__name__)
 # rport, pad, local_addr[16], remote_addr[16], comm[16], stream_start[2]
 CONN_OPEN = struct.Struct("<BBBBIIiQQHHH2x16s16s16sQQ")
 # kind, direction, source, role, tgid, tid, fd, generation, timestamp, position, size,
-# captured_len, pad
-DATA_HDR = struct.Struct("<BBBBIIiQQQQI4x")
+# captured_len, frame_hints, pad; followed by captured_len bytes and frame_hints entries
+DATA_HDR = struct.Struct("<BBBBIIiQQQQIH2x")
+# struct h2_frame_hint: offset from the chunk's first byte, header bytes, how many of
+# them are real (9; fewer for a header the chunk ends in), pad
+FRAME_HINT = struct.Struct("<I9sB2x")
 # kind, source, reset, pad, tgid, tid, fd, generation, timestamp, bytes_sent, bytes_received
 CONN_CLOSE = struct.Struct("<BBBxIIiQQQQ")
 # kind, role, source, version_minor, tgid, tid, fd, generation, start_ns, end_ns,
@@ -75,6 +78,7 @@ _PROTOCOLS = tuple(sorted(Protocol))  # indexed by value: 0, 1, 2, 3, ...
 
 _EVENT_DATA = int(EventKind.DATA)
 _HDR_SIZE = DATA_HDR.size
+_HINT_SIZE = FRAME_HINT.size
 _unpack_hdr = DATA_HDR.unpack_from
 # A view type large enough for any record; only ever sliced within the record's size.
 _RECORD = ctypes.c_char * (1 << 30)
@@ -104,6 +108,19 @@ def _enum(table: tuple, value: int, what: str):
         raise DecodeError("unknown %s %d" % (what, value)) from None
 
 
+def frame_hints(buf, start: int, count: int, size: int) -> dict[int, bytes]:
+    """The `count` frame headers at buf[start:] of a DATA record of a `size`-byte chunk
+    (bpf/http2_walk.h), keyed by distance before the chunk's end (DataEvent.frames)."""
+    out = {}
+    for i in range(count):
+        offset, header, length = FRAME_HINT.unpack_from(buf, start + i * FRAME_HINT.size)
+        if offset >= size or not 0 < length <= 9 or (length < 9 and offset + length != size):
+            raise DecodeError("frame header of %d bytes at %d of a %d-byte chunk"
+                              % (length, offset, size))
+        out[offset - size] = bytes(header[:length])
+    return out
+
+
 def decode(raw: bytes) -> Event:
     """One raw ring-buffer record -> its event. Raises DecodeError on a bad record."""
     if not raw:
@@ -113,14 +130,16 @@ def decode(raw: bytes) -> Event:
         if len(raw) < DATA_HDR.size:
             raise DecodeError("data record of %d bytes is shorter than its header" % len(raw))
         (_, direction, source, _role, tgid, tid, fd, generation, ts, position, size,
-         captured) = DATA_HDR.unpack_from(raw)
+         captured, hints) = DATA_HDR.unpack_from(raw)
         end = DATA_HDR.size + captured
-        if end > len(raw) or captured > size:
-            raise DecodeError("data record claims %d captured bytes of %d, has %d"
-                              % (captured, size, len(raw) - DATA_HDR.size))
+        if end + hints * FRAME_HINT.size > len(raw) or captured > size:
+            raise DecodeError("data record claims %d captured bytes of %d and %d frame "
+                              "headers, has %d" % (captured, size, hints,
+                                                   len(raw) - DATA_HDR.size))
         return DataEvent(ts, tgid, tid, fd, generation, _enum(_DIRECTIONS, direction, "direction"),
                          _enum(_SOURCES, source, "source"), position, size,
-                         raw[DATA_HDR.size:end])
+                         raw[DATA_HDR.size:end],
+                         frame_hints(raw, end, hints, size) if hints else None)
     if kind == _EVENT_OPEN:
         if len(raw) < CONN_OPEN.size:
             raise DecodeError("open record of %d bytes, expected %d" % (len(raw), CONN_OPEN.size))
@@ -210,11 +229,15 @@ class RingReader:
                 h = _unpack_hdr(buf, offset)
                 start = offset + _HDR_SIZE
                 end = start + h[11]
-                if end > offset + size or h[11] > h[10] or h[1] > 1 or h[2] > 1:
+                hints = h[12]
+                if (end + hints * _HINT_SIZE > offset + size or h[11] > h[10] or h[1] > 1
+                        or h[2] > 1):
                     raise DecodeError("bad data record: direction %d source %d captured %d "
-                                      "size %d in %d bytes" % (h[1], h[2], h[11], h[10], size))
+                                      "size %d frame headers %d in %d bytes"
+                                      % (h[1], h[2], h[11], h[10], hints, size))
                 event = DataEvent(h[8], h[4], h[5], h[6], h[7], _DIRECTIONS[h[1]],
-                                  _SOURCES[h[2]], h[9], h[10], buf[start:end])
+                                  _SOURCES[h[2]], h[9], h[10], buf[start:end],
+                                  frame_hints(buf, end, hints, h[10]) if hints else None)
             else:
                 event = decode(bytes(buf[offset:offset + size]))
         except DecodeError as exc:

@@ -249,7 +249,10 @@ class ConnectionTable:
                 session = self._take_over(conn)
         if size > captured and session.disabled is None:
             self.stats.add("conntrack.truncated_bytes", size - captured)
-            session.gap(direction, size - captured, ev.timestamp_ns)
+            if ev.frames:  # HTTP/2 frame headers the kernel read in those bytes
+                session.gap(direction, size - captured, ev.timestamp_ns, ev.frames)
+            else:
+                session.gap(direction, size - captured, ev.timestamp_ns)
 
     def _on_open(self, ev: ConnOpenEvent) -> None:
         key = (ev.tgid, ev.fd, ev.generation)

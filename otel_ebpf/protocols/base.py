@@ -75,8 +75,10 @@ class Session(Protocol):
         """The next captured bytes of one direction (Direction.INGRESS / EGRESS), in
         stream order; ts: kernel monotonic ns when the syscall returned."""
 
-    def gap(self, direction: int, size: int, ts: int) -> None:
-        """`size` bytes of that direction moved but were not captured."""
+    def gap(self, direction: int, size: int, ts: int,
+            frames: dict[int, bytes] | None = None) -> None:
+        """`size` bytes of that direction moved but were not captured. `frames`: what
+        the kernel read of their framing (DataEvent.frames; HTTP/2 streams only)."""
 
     def close(self, ts: int, outcome: Outcome, reason: str, finish_body: bool = True) -> None:
         """The connection ended: report what is pending with that outcome."""

@@ -39,7 +39,8 @@ FIELDS = {
         "comm", "stream_start[0]", "stream_start[1]"]),
     "data_event_hdr": (reader.DATA_HDR, [
         "kind", "direction", "source", "role", "tgid", "tid", "fd", "generation",
-        "timestamp_ns", "position", "size", "captured_len"]),
+        "timestamp_ns", "position", "size", "captured_len", "frame_hints"]),
+    "h2_frame_hint": (reader.FRAME_HINT, ["offset", "header", "header_len"]),
     "conn_close_event": (reader.CONN_CLOSE, [
         "kind", "source", "reset", "tgid", "tid", "fd", "generation", "timestamp_ns",
         "bytes_sent", "bytes_received"]),
@@ -155,7 +156,8 @@ def test_constants_match_enums(c_layout):
 
 def test_kind_is_first_byte_of_every_record(c_layout):
     for struct_name in FIELDS:
-        assert c_layout["%s.kind" % struct_name] == (0, 1)
+        if struct_name != "h2_frame_hint":  # (not a record: entries inside DATA records)
+            assert c_layout["%s.kind" % struct_name] == (0, 1)
 
 
 # -- decoding -------------------------------------------------------------------------
@@ -166,7 +168,10 @@ def pack_data(data: bytes, size: int | None = None, **kw) -> bytes:
     return reader.DATA_HDR.pack(
         EventKind.DATA, kw.get("direction", 1), kw.get("source", 0), kw.get("role", 1),
         kw.get("tgid", 101), kw.get("tid", 102), kw.get("fd", 7), kw.get("gen", 555),
-        kw.get("ts", 123456789), kw.get("pos", 4096), size, len(data)) + data
+        kw.get("ts", 123456789), kw.get("pos", 4096), size, len(data),
+        len(kw.get("hints", ()))) + data + b"".join(
+            reader.FRAME_HINT.pack(offset, header, len(header))
+            for offset, header in kw.get("hints", ()))
 
 
 def test_decode_data_with_truncation():
@@ -176,6 +181,28 @@ def test_decode_data_with_truncation():
     assert ev.direction is Direction.EGRESS and ev.source is Source.SYSCALL
     assert (ev.position, ev.size, ev.data) == (4096, 1 << 20, b"HTTP/1.1 200 OK\r\n")
     assert ev.truncated and ev.key == (101, 7, 555)
+
+
+def test_decode_data_with_http2_frame_headers():
+    """Frame headers the kernel read past the captured bytes (bpf/http2_walk.h) follow
+    them; keyed by distance before the chunk's end, a split one with its bytes only."""
+    header = bytes.fromhex("004000" "00" "00" "00000001")  # DATA, 16384 bytes, stream 1
+    raw = pack_data(b"x" * 100, size=40000, hints=[(16393, header), (39995, header[:5])])
+    for ev in (reader.decode(raw), decode_in_place(raw)):
+        assert ev.data == b"x" * 100 and ev.size == 40000
+        assert ev.frames == {16393 - 40000: header, -5: header[:5]}
+    assert reader.decode(pack_data(b"x", size=9)).frames is None
+    with pytest.raises(reader.DecodeError):  # a count beyond the record
+        reader.decode(pack_data(b"x" * 100, size=40000, hints=[(16393, header)])[:-1])
+    with pytest.raises(reader.DecodeError):  # a short header not at the chunk's end
+        reader.decode(pack_data(b"x" * 100, size=40000, hints=[(16393, header[:5])]))
+
+
+def decode_in_place(raw: bytes):
+    """The reader's hot path (RingReader.on_record), not decode()."""
+    seen = []
+    reader.RingReader(seen.append, None).on_record(raw, 0, len(raw))
+    return seen[0]
 
 
 def test_decode_open_ipv4_and_v4_mapped_and_unknown():

@@ -153,8 +153,9 @@ class Http1Session:
             rest = data[at:] if at is not None else b""
             self.ctx.upgrades.append((self, token, request, direction, rest))
 
-    def gap(self, direction: int, size: int, ts: int) -> None:
-        self.framers[direction].gap(size, ts)
+    def gap(self, direction: int, size: int, ts: int,
+            frames: dict[int, bytes] | None = None) -> None:
+        self.framers[direction].gap(size, ts)  # (frames: HTTP/2 only)
 
     def buffered(self) -> int:
         ingress, egress = self.framers

@@ -27,6 +27,14 @@ the framing: the session is told (`on_sync_lost`) and the reader resyncs; bytes
 skipped or lost while resyncing are reported too (`on_unseen`): they may hold frames of
 open streams.
 
+Frame headers from the kernel: for a chunk moved in one call whose uncaptured part
+holds frame headers, the kernel hands over those headers with their positions (its
+frame walk, bpf/http2_walk.h). A gap whose headers are all known is no loss: the
+reader frames it as if captured, without payload bytes (DATA sizes and END_STREAM
+exact; a header block in it is lost as above and counted). A header is used only at
+the position where this reader's own framing expects one; the first header missing
+there is a gap across a header, as before.
+
 Header blocks: HEADERS or PUSH_PROMISE plus CONTINUATION frames until END_HEADERS are
 joined (padding and priority fields removed); a block is delivered whole, with the
 timestamp of the chunk that carried its first byte and of the chunk that ended it.
@@ -337,8 +345,60 @@ class FrameReader:
                     self._skip(n - pos, ts)
                 return
 
-    def gap(self, size: int, ts: int) -> None:
-        """`size` bytes of this direction were not captured."""
+    def gap(self, size: int, ts: int, frames: dict[int, bytes] | None = None) -> None:
+        """`size` bytes of this direction were not captured. `frames`: the frame
+        headers the kernel read in them (bpf/http2_walk.h), 9 bytes each, keyed by
+        their start's distance before the gap's end (negative; a header whose first
+        bytes were captured starts before the gap; one the gap ends in has only the
+        bytes up to there). The framing is kept across the gap
+        while a header is known wherever one is due; the first one missing is a loss."""
+        if not frames:
+            self._gap(size, ts)
+            return
+        self.started = True
+        at = 0  # bytes of the gap accounted for
+        while at < size:
+            state = self.state
+            if state == HEADER:
+                hbuf = self.hbuf
+                have = len(hbuf)
+                header = frames.get(at - have - size)
+                # (a header the chunk ends in has only the bytes up to the gap's end)
+                if (header is None or header[:have] != hbuf
+                        or len(header) < min(9, have + size - at)):
+                    self._gap(size - at, ts)  # a loss
+                    return
+                self.session.count("http2.kernel_frame_headers")
+                if size - at < 9 - have:  # the header goes on in the next chunk
+                    if not have:
+                        self.hdr_ts = ts
+                        self.hdr_tid = self.frame_tid
+                    self.hbuf = header[: have + size - at]
+                    return
+                at += 9 - have
+                if have:
+                    self.frame_ts = self.hdr_ts
+                    self.frame_tid = self.hdr_tid
+                else:
+                    self.frame_ts = ts
+                self.hbuf = b""
+                hi, lo, ftype, flags, sid = _unpack_header(header, 0)
+                self._frame(hi << 16 | lo, ftype, flags, sid & 0x7FFFFFFF, ts)
+            elif state == DATA_BODY or state == BUFFER or state == SKIP or state == DATA_PADLEN:
+                # up to the current frame's end (payload, then a DATA frame's padding)
+                to_end = self.remaining + (self.pad if state == DATA_BODY else 0)
+                take = size - at if size - at < to_end else to_end
+                if take <= 0:  # (no such state has an empty rest; never loop on one)
+                    self._gap(size - at, ts)
+                    return
+                self._gap(take, ts)
+                at += take
+            else:  # PREFACE_STATE, RESYNC, DEAD
+                self._gap(size - at, ts)
+                return
+
+    def _gap(self, size: int, ts: int) -> None:
+        """`size` bytes not captured, no frame header known in them."""
         self.started = True
         state = self.state
         if state == DEAD or not size:

@@ -267,9 +267,10 @@ class Http2Session:
         if self.disabled is None:
             self.readers[direction].feed(data, ts, tid)
 
-    def gap(self, direction: int, size: int, ts: int) -> None:
+    def gap(self, direction: int, size: int, ts: int,
+            frames: dict[int, bytes] | None = None) -> None:
         if self.disabled is None:
-            self.readers[direction].gap(size, ts)
+            self.readers[direction].gap(size, ts, frames)
 
     def buffered(self) -> int:
         ingress, egress = self.readers
