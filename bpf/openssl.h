@@ -259,6 +259,7 @@ static __always_inline int tls_exit(struct pt_regs *ctx, __u8 dir, int ex)
         ev.fd = sfd;
         ev.generation = t->generation;
         ev.timestamp_ns = bpf_ktime_get_ns();
+        bpf_get_current_comm(&ev.comm, sizeof(ev.comm)); /* names a process gone by lookup */
         if (events.ringbuf_output(&ev, sizeof(ev), rb_flags()) != 0)
             counter_add(CNT_RINGBUF_FULL, 1);
     }

@@ -31,8 +31,17 @@ it when the kernel reports an exec) makes the next lookup read and judge it agai
 A process that vanished yields None; one that denies access (environ, exe of another
 user's process without root) yields the attributes that could be read. Neither raises;
 both are counted: process.vanished, process.access_denied. Memory is bounded: at most
-`max_entries` processes are cached; `forget(pid)` on exit and `sweep()` (drops entries
-whose pid is gone or was reused, by comparing the kernel start time) keep it small.
+`max_entries` processes are cached; `forget(pid)` on exec and `sweep()` (drops entries
+whose pid was reused, by comparing the kernel start time, and those gone for longer
+than _EXITED_GRACE_S) keep it small.
+
+Short-lived processes. A one-shot client (curl) often exits before user space has
+emitted its exchanges: the kernel is ahead of us by a ring buffer. So an exited
+process keeps its identity: its cached ProcessInfo stays for _EXITED_GRACE_S after a
+sweep first finds it gone, and the kernel's task name (`note_name`, from CONN_OPEN and
+EXCHANGE records) stays until evicted by newer names or the pid is reused, so a lookup
+after that still names the process (process.executable.name = the task name) instead
+of giving None. A name noted after a failed lookup wins over the negative cache.
 """
 
 from __future__ import annotations
@@ -65,6 +74,9 @@ DISTRO_NAME = "otel-ebpf"
 _INSTANCE_NAMESPACE = uuid.UUID("6f1c2a1e-0b7a-5d3e-9a52-3e0c1f0e8b4d")
 _MAX_COMMAND_LINE = 1024  # a resource is sent with every batch: keep it small
 _NEGATIVE_TTL_S = 5.0  # how long "pid N is gone" is remembered
+# How long an exited process's cached identity outlives it: its exchanges may still be
+# in the ring buffer or in conntrack (a response read just before the exit).
+_EXITED_GRACE_S = 30.0
 
 # The container id is the 64-hex segment of the cgroup path, bare (cgroup v1:
 # /docker/<id>, /kubepods/.../<id>) or wrapped by the runtime's systemd scope (v2 or the
@@ -165,6 +177,8 @@ class ProcessResolver:
         self._proc = proc_root
         self._cache: dict[int, ProcessInfo] = {}
         self._gone: dict[int, float] = {}  # pid -> monotonic time it was found missing
+        # pid -> monotonic time a sweep first found the cached process gone (see above)
+        self._exited: dict[int, float] = {}
         # pid -> task name the kernel reported (ConnOpenEvent.comm): the identity of a
         # process that exited before /proc could be read (a one-shot curl).
         self._names: dict[int, str] = {}
@@ -190,33 +204,40 @@ class ProcessResolver:
         if info is not None:
             return info
         gone_at = self._gone.get(pid)
-        if gone_at is not None and time.monotonic() - gone_at < _NEGATIVE_TTL_S:
-            return None
-        info = self._build(pid)
+        recently_gone = gone_at is not None and time.monotonic() - gone_at < _NEGATIVE_TTL_S
+        info = None if recently_gone else self._build(pid)
         if info is None:
+            # Gone: the kernel's task name, even if it was noted after the lookup that
+            # found the process missing.
             name = self._names.get(pid)
             if name is not None:
+                self._gone.pop(pid, None)
                 info = self._from_name(pid, name)
                 self._cache[pid] = info
                 return info
-            if len(self._gone) >= self._max_entries:
-                self._gone.clear()
-            self._gone[pid] = time.monotonic()
+            if not recently_gone:
+                if len(self._gone) >= self._max_entries:
+                    self._gone.clear()
+                self._gone[pid] = time.monotonic()
             return None
         self._gone.pop(pid, None)
         if len(self._cache) >= self._max_entries:
             self.sweep()
             while len(self._cache) >= self._max_entries:  # still full: evict the oldest
-                del self._cache[next(iter(self._cache))]
+                oldest = next(iter(self._cache))
+                del self._cache[oldest]
+                self._exited.pop(oldest, None)
         self._cache[pid] = info
         return info
 
     def note_name(self, pid: int, name: str | None) -> None:
         """Remember the kernel's name for pid, used only if /proc is gone by lookup."""
         if name and pid not in self._cache:
-            if len(self._names) >= self._max_entries:
-                self._names.clear()
-            self._names[pid] = name
+            names = self._names
+            names.pop(pid, None)  # re-inserted last: the newest is evicted last
+            while len(names) >= self._max_entries:  # evict the oldest, not all at once
+                del names[next(iter(names))]
+            names[pid] = name
 
     def _from_name(self, pid: int, name: str) -> ProcessInfo:
         self._stats.add("process.identified_by_comm")
@@ -278,16 +299,29 @@ class ProcessResolver:
     def forget(self, pid: int) -> None:
         self._cache.pop(pid, None)
         self._names.pop(pid, None)
+        self._exited.pop(pid, None)
 
     def sweep(self) -> list[int]:
-        """Drop entries whose process exited or whose pid now names another process;
-        returns their pids (so that per-pid state elsewhere can be forgotten too)."""
-        stale = [pid for pid, info in self._cache.items()
-                 if self._start_ticks(pid) != info.start_ticks]
+        """Drop entries whose pid now names another process, and those of processes
+        gone for _EXITED_GRACE_S (their late exchanges keep the identity until then);
+        returns their pids (so that per-pid state elsewhere can be forgotten too). The
+        task name of an exited process is kept (see the module docstring)."""
+        now = time.monotonic()
+        stale = []
+        for pid, info in self._cache.items():
+            ticks = self._start_ticks(pid)
+            if ticks == info.start_ticks:
+                continue
+            if ticks is None:  # exited: kept for a while, for its late exchanges
+                exited_at = self._exited.setdefault(pid, now)
+                if now - exited_at < _EXITED_GRACE_S:
+                    continue
+            else:  # the pid names another process now: its name is not this one's
+                self._names.pop(pid, None)
+            stale.append(pid)
         for pid in stale:
             del self._cache[pid]
-            self._names.pop(pid, None)
-        now = time.monotonic()
+            self._exited.pop(pid, None)
         for pid in [p for p, t in self._gone.items() if now - t >= _NEGATIVE_TTL_S]:
             del self._gone[pid]
         return stale

@@ -134,7 +134,8 @@ def exchange_record(exchange: HttpExchange, executable_name: str | None,
     if exchange.stream_id is not None:
         record["otel_ebpf.stream_id"] = exchange.stream_id
     record["process.pid"] = exchange.pid
-    record["process.executable.name"] = executable_name
+    if executable_name:  # unknown: omitted, as every key (never null)
+        record["process.executable.name"] = executable_name
     if exchange.outcome is not Outcome.OK:
         record["otel_ebpf.outcome"] = exchange.outcome.value
     return record

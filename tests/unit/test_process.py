@@ -130,7 +130,7 @@ def test_child_without_otel_env_is_named_after_its_executable(child):
         other.resource_attributes["service.instance.id"]
 
 
-def test_exit_forget_and_sweep(child):
+def test_exit_forget_and_sweep(child, monkeypatch):
     stats = Stats()
     r = ProcessResolver(stats)
     p1, p2 = child({}), child({})
@@ -138,8 +138,13 @@ def test_exit_forget_and_sweep(child):
     assert len(r) == 2
     r.forget(p1.pid)
     assert len(r) == 1
+    before = r.get(p2.pid)
     p2.kill()
     p2.wait()
+    # exited: its late exchanges keep its identity for the grace period
+    assert r.sweep() == []
+    assert r.get(p2.pid) is before
+    monkeypatch.setattr("otel_ebpf.process._EXITED_GRACE_S", 0.0)
     assert r.sweep() == [p2.pid]
     assert len(r) == 0
     assert r.get(p2.pid) is None
@@ -278,7 +283,55 @@ def test_a_process_gone_before_lookup_is_named_by_the_kernel_comm():
     assert attrs["process.pid"] == child.pid
     assert attrs["host.name"]
     assert stats.get("process.identified_by_comm") == 1
-    assert child.pid in resolver.sweep()  # forgotten at the next sweep
+    assert resolver.sweep() == []  # exited: kept for its late exchanges
+
+
+def test_an_exited_process_keeps_its_kernel_name_after_the_sweep(monkeypatch):
+    """The race behind a null process.executable.name: a one-shot client's CONN_OPEN
+    was handled (name noted, process cached), a sweep ran after it exited, and its
+    exchange was emitted after that."""
+    from otel_ebpf.process import ProcessResolver
+    from otel_ebpf.stats import Stats
+
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    try:
+        resolver = ProcessResolver(Stats())
+        resolver.note_name(child.pid, "curl")
+        live = resolver.get(child.pid)
+        assert live is not None and live.start_ticks > 0
+    finally:
+        child.kill()
+        child.wait()
+    monkeypatch.setattr("otel_ebpf.process._EXITED_GRACE_S", 0.0)
+    assert resolver.sweep() == [child.pid]  # the full identity is gone ...
+    info = resolver.get(child.pid)  # ... the kernel's name is not
+    assert info is not None and info.executable_name == "curl"
+    assert info.resource_attributes["process.executable.name"] == "curl"
+
+
+def test_a_name_noted_after_a_failed_lookup_beats_the_negative_cache():
+    from otel_ebpf.process import ProcessResolver
+    from otel_ebpf.stats import Stats
+
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()
+    resolver = ProcessResolver(Stats())
+    assert resolver.get(child.pid) is None  # gone, and remembered as gone
+    resolver.note_name(child.pid, "curl")
+    info = resolver.get(child.pid)
+    assert info is not None and info.executable_name == "curl"
+
+
+def test_kernel_names_are_evicted_oldest_first():
+    from otel_ebpf.process import ProcessResolver
+    from otel_ebpf.stats import Stats
+
+    resolver = ProcessResolver(Stats(), max_entries=3)
+    base = 2 ** 22 + 100  # above pid_max: never live, so resolved by name only
+    for i in range(4):
+        resolver.note_name(base + i, "p%d" % i)
+    assert resolver.get(base) is None  # the oldest made room
+    assert [resolver.get(base + i).executable_name for i in (1, 2, 3)] == ["p1", "p2", "p3"]
 
 
 def _wait_argv(p: subprocess.Popen) -> None:
