@@ -80,6 +80,8 @@ _MAX_CACHED_PATH = 256
 _MAX_SIZES = 4096
 _MAX_CONNECTIONS = 16384
 _MAX_CONNECTION_BLOCK = 512  # bytes: the memory bound is 16384 x 512 (~8 MiB)
+_OTHER_METHOD_FIELD = enc._ld(9, enc.encode_key_value("http.request.method", "_OTHER"))
+_OTHER_NAME_FIELD = enc.span_name_field("HTTP")  # semconv: unknown methods name no route
 _RPC = "rpc"  # first element of the RPC keys in the shared connection/endpoint caches
 
 
@@ -141,8 +143,8 @@ class IdGenerator:
 
 class SpanEncoder:
     __slots__ = ("_redact", "_ids", "_attr", "_names", "_status", "_max_names",
-                 "_requests", "_endpoints", "_peers", "_connections", "_paths", "_sizes",
-                 "_calls", "_counts")
+                 "_requests", "_other_requests", "_endpoints", "_peers", "_connections",
+                 "_paths", "_sizes", "_calls", "_counts")
 
     def __init__(self, redact: QueryRedactor, ids: IdGenerator | None = None) -> None:
         self._redact = redact
@@ -159,9 +161,16 @@ class SpanEncoder:
         # Whole attribute blocks: per (method, route, status, outcome, role), per origin
         # and per peer socket. Bounded, cleared when full.
         self._requests: dict[tuple, tuple[bytes, bytes, bytes, str | None, str]] = {}
+        # Requests with a method outside KNOWN_METHODS: keyed without the method (a
+        # client invents as many as it likes), the method_original field added per span.
+        self._other_requests: dict[tuple, tuple[bytes, bytes, str | None]] = {}
         self._endpoints: dict[tuple, bytes] = {}
         self._peers: dict[tuple, bytes] = {}
-        self._connections: dict[tuple, bytes] = {}  # endpoint + peer, per connection
+        # endpoint + peer block per socket (role, local and remote address and port), with
+        # the other inputs of the block (Host, user agent, scheme, version) it was made
+        # from: a connection whose Host or user agent changes replaces its one entry, so
+        # the cache holds one entry per connection however many Hosts a client invents.
+        self._connections: dict[tuple, tuple] = {}
         # gRPC: per (service, method, grpc-status, outcome, role) the same kind of
         # cached block as _requests; per (request, response) message counts, fields.
         self._calls: dict[tuple, tuple[bytes, bytes, bytes, str | None]] = {}
@@ -239,12 +248,16 @@ class SpanEncoder:
             address, port = ex.remote_address, ex.remote_port
         else:
             address, port = ex.local_address, ex.local_port
+        # Encoded fresh, not through the (key, value) cache: this block is cached
+        # whole, and a Host port or user agent a client invents must not evict the
+        # low-cardinality fields from that cache.
+        fresh = self._attr
         if address is not None:
-            parts.append(self._attr.fresh("server.address", address))
+            parts.append(fresh.fresh_str("server.address", address))
         if port is not None:
-            parts.append(cached("server.port", port))
+            parts.append(fresh.fresh_int("server.port", port))
         if ex.user_agent is not None:
-            parts.append(self._attr.fresh("user_agent.original", ex.user_agent))
+            parts.append(fresh.fresh_str("user_agent.original", ex.user_agent))
         return b"".join(parts)
 
     def _peer_block(self, address: str | None, port: int | None, is_client: bool) -> bytes:
@@ -270,12 +283,37 @@ class SpanEncoder:
         key = (method, route, code, outcome, is_client)
         info = self._requests.get(key)
         if info is None:
-            info = self._request_block(method, route, code, outcome, is_client) + (
-                method if method in KNOWN_METHODS else "_OTHER",)
+            if method not in KNOWN_METHODS:
+                return self._other_request_info(method, route, code, outcome, is_client)
+            info = self._request_block(method, route, code, outcome, is_client) + (method,)
             if len(self._requests) >= 4096:
                 self._requests.clear()
             self._requests[key] = info
         return info
+
+    def _other_request_info(
+        self, method: str, route: str | None, code: int | None, outcome: Outcome,
+        is_client: bool,
+    ) -> tuple[bytes, bytes, bytes, str | None, str]:
+        """request_info() of a method outside KNOWN_METHODS: the fields after
+        http.request.method_original are cached per (route, status, outcome, role); the
+        method_original field itself is encoded per span, and nothing keyed by the
+        method is kept (no cache can be flooded by invented methods)."""
+        key = (route, code, outcome, is_client)
+        other = self._other_requests.get(key)
+        if other is None:
+            # The block of a known method minus its method field: same fields, same order.
+            attrs, _name, status, error_type = self._request_block(
+                "GET", route, code, outcome, is_client)
+            other = (attrs[len(self._attr.get("http.request.method", "GET")):], status,
+                     error_type)
+            if len(self._other_requests) >= 4096:
+                self._other_requests.clear()
+            self._other_requests[key] = other
+        attrs = b"".join((_OTHER_METHOD_FIELD,
+                          self._attr.fresh_str("http.request.method_original", method),
+                          other[0]))
+        return attrs, _OTHER_NAME_FIELD, other[1], other[2], "_OTHER"
 
     def encode(self, ex: HttpExchange, route: str | None, path: str | None = None,
                query: str | None = None, request: tuple | None = None) -> bytes | None:
@@ -309,13 +347,16 @@ class SpanEncoder:
             status = self._status_field(True, ex.error_reason)
 
         # Connection-level attributes (origin: scheme, version, server.*, user agent;
-        # peer: client.*, network.peer.*), one bytes per keep-alive connection. The key
-        # holds everything either block is computed from.
-        ckey = (is_client, ex.scheme, ex.protocol_version, ex.host, ex.user_agent,
-                ex.local_address, ex.local_port, ex.remote_address, ex.remote_port)
-        connection = self._connections.get(ckey)
-        if connection is None:
-            connection = self._connection_block(ex, is_client, ckey)
+        # peer: client.*, network.peer.*), one entry per socket, checked against every
+        # other input of the blocks.
+        skey = (is_client, ex.local_address, ex.local_port, ex.remote_address,
+                ex.remote_port)
+        entry = self._connections.get(skey)
+        if (entry is not None and entry[0] == ex.host and entry[1] == ex.user_agent
+                and entry[2] == ex.scheme and entry[3] == ex.protocol_version):
+            connection = entry[4]
+        else:
+            connection = self._connection_block(ex, is_client, skey)
 
         if path is None:
             path = url_path(ex)
@@ -366,7 +407,7 @@ class SpanEncoder:
             return b"".join((b"\x12", bytes(((n & 0x7F) | 0x80, n >> 7)), payload))
         return b"".join((b"\x12", enc.varint(n), payload))
 
-    def _connection_block(self, ex: HttpExchange, is_client: bool, ckey: tuple) -> bytes:
+    def _connection_block(self, ex: HttpExchange, is_client: bool, skey: tuple) -> bytes:
         """Origin and peer attribute blocks of one connection, each from its own
         bounded cache (a new connection to a known origin reuses the origin block)."""
         host = ex.host
@@ -394,9 +435,10 @@ class SpanEncoder:
         block = endpoint + peer
         if len(block) <= _MAX_CONNECTION_BLOCK:  # long user agents/hosts: not kept twice
             connections = self._connections
-            if len(connections) >= _MAX_CONNECTIONS:
+            if skey not in connections and len(connections) >= _MAX_CONNECTIONS:
                 connections.clear()
-            connections[ckey] = block
+            connections[skey] = (ex.host, ex.user_agent, ex.scheme, ex.protocol_version,
+                                 block)
         return block
 
     def _path_field(self, path: str) -> bytes:
@@ -483,11 +525,14 @@ class SpanEncoder:
         attrs, name_field, status = info[0], info[1], info[2]
         if outcome is not _OK and ex.error_reason:
             status = self._status_field(True, ex.error_reason)
-        ckey = (_RPC, is_client, ex.scheme, ex.protocol_version, ex.host,
-                ex.local_address, ex.local_port, ex.remote_address, ex.remote_port)
-        connection = self._connections.get(ckey)
-        if connection is None:
-            connection = self._rpc_connection_block(ex, is_client, ckey)
+        skey = (_RPC, is_client, ex.local_address, ex.local_port, ex.remote_address,
+                ex.remote_port)
+        entry = self._connections.get(skey)
+        if (entry is not None and entry[0] == ex.host and entry[2] == ex.scheme
+                and entry[3] == ex.protocol_version):
+            connection = entry[4]
+        else:
+            connection = self._rpc_connection_block(ex, is_client, skey)
         counts_key = (rpc.request_messages, rpc.response_messages)
         counts = self._counts.get(counts_key)
         if counts is None:
@@ -516,7 +561,7 @@ class SpanEncoder:
         ))
         return b"".join((b"\x12", enc.varint(len(payload)), payload))
 
-    def _rpc_connection_block(self, ex: HttpExchange, is_client: bool, ckey: tuple) -> bytes:
+    def _rpc_connection_block(self, ex: HttpExchange, is_client: bool, skey: tuple) -> bytes:
         """server.*, network.protocol.version, client.* and network.peer.* of one gRPC
         connection (as _connection_block, without the HTTP-only url.scheme and
         user_agent.original)."""
@@ -545,7 +590,7 @@ class SpanEncoder:
         block = endpoint + peer
         if len(block) <= _MAX_CONNECTION_BLOCK:
             connections = self._connections
-            if len(connections) >= _MAX_CONNECTIONS:
+            if skey not in connections and len(connections) >= _MAX_CONNECTIONS:
                 connections.clear()
-            connections[ckey] = block
+            connections[skey] = (ex.host, None, ex.scheme, ex.protocol_version, block)
         return block
