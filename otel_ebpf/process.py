@@ -231,8 +231,9 @@ class ProcessResolver:
         return info
 
     def note_name(self, pid: int, name: str | None) -> None:
-        """Remember the kernel's name for pid, used only if /proc is gone by lookup."""
-        if name and pid not in self._cache:
+        """Remember the kernel's name for pid, used only if /proc is gone by lookup (the
+        latest one: a pid reused by another program gets its own)."""
+        if name:
             names = self._names
             names.pop(pid, None)  # re-inserted last: the newest is evicted last
             while len(names) >= self._max_entries:  # evict the oldest, not all at once

@@ -106,7 +106,7 @@ def test_allow_listed_request_headers_come_from_the_head():
     assert ex.request_headers == (("content-length", "3"),)
 
 
-def test_first_sight_of_a_process_is_noted_once_with_its_task_name():
+def test_each_connection_notes_its_process_once_with_its_task_name():
     notes = []
     out = []
     decoder = KernelExchangeDecoder(out.append, Stats(), 0, note_process=lambda *a: notes.append(a))
@@ -114,6 +114,10 @@ def test_first_sight_of_a_process_is_noted_once_with_its_task_name():
     for _ in range(3):
         decoder.on_record(raw, 0, len(raw))
     assert notes == [(100, "curl")] and len(out) == 3
+    # pid 100 again, on another connection: another program may have it now
+    raw = pack_exchange(HEAD, comm=b"wget", ports=(8080, 40001))
+    decoder.on_record(raw, 0, len(raw))
+    assert notes == [(100, "curl"), (100, "wget")] and len(out) == 4
 
 
 @pytest.mark.parametrize("raw", [

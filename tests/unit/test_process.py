@@ -322,6 +322,17 @@ def test_a_name_noted_after_a_failed_lookup_beats_the_negative_cache():
     assert info is not None and info.executable_name == "curl"
 
 
+def test_the_latest_kernel_name_of_a_pid_counts():
+    from otel_ebpf.process import ProcessResolver
+    from otel_ebpf.stats import Stats
+
+    resolver = ProcessResolver(Stats())
+    pid = 2 ** 22 + 50  # above pid_max: never live
+    resolver.note_name(pid, "sh")
+    resolver.note_name(pid, "curl")  # the pid reused, or the exec'd program
+    assert resolver.get(pid).executable_name == "curl"
+
+
 def test_kernel_names_are_evicted_oldest_first():
     from otel_ebpf.process import ProcessResolver
     from otel_ebpf.stats import Stats

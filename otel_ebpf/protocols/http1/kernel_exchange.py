@@ -74,7 +74,7 @@ class KernelExchangeDecoder:
     """Turns EVENT_EXCHANGE records into HttpExchange records (see the module doc)."""
 
     __slots__ = ("_emit", "_stats", "_offset", "_ports", "_capture", "_note_process",
-                 "_addresses", "_conns", "_seen_pids", "_resolve", "exchanges", "filtered")
+                 "_addresses", "_conns", "_resolve", "exchanges", "filtered")
 
     def __init__(
         self,
@@ -91,14 +91,15 @@ class KernelExchangeDecoder:
         self._offset = clock_offset_ns
         self._ports = ports or None
         self._capture = frozenset(h.lower().encode("latin-1") for h in capture_request_headers)
-        # Called once per process first seen here, with the kernel's task name: the
-        # resolver reads /proc while the process most likely still exists.
+        # Called once per connection first seen here, with the kernel's task name: the
+        # resolver reads /proc while the process most likely still exists. Per
+        # connection, not per pid: a pid reused by another program (pid_max may be
+        # 32768) is named afresh.
         self._note_process = note_process
         self._addresses: dict[tuple[int, bytes], str | None] = {}
         # (tgid, fd, generation, local port, remote port) -> addresses or _FILTERED.
         # Bounded: cleared when full (a connection then costs one more lookup).
         self._conns: dict[tuple[int, int, int, int, int], tuple] = {}
-        self._seen_pids: set[int] = set()
         # (pid, fd) -> addresses, for timed-out requests (their records were never made)
         self._resolve = resolve_addresses
         self.exchanges = 0  # emitted (pushed into Stats by the daemon)
@@ -170,8 +171,8 @@ class KernelExchangeDecoder:
         if ports is not None and lport not in ports and rport not in ports:
             conns[(tgid, fd, gen, lport, rport)] = _FILTERED
             return _FILTERED
-        if tgid not in self._seen_pids:
-            self._first_sight(tgid, comm)
+        if self._note_process is not None:
+            self._note_process(tgid, comm.split(b"\0", 1)[0].decode("utf-8", "replace") or None)
         local = self._address(family, laddr) if lport else None
         remote = self._address(family, raddr) if rport else None
         conn = conns[(tgid, fd, gen, lport, rport)] = (
@@ -187,14 +188,6 @@ class KernelExchangeDecoder:
                 addresses.clear()
             text = addresses[(family, raw)] = format_address(family, raw)
         return text
-
-    def _first_sight(self, tgid: int, comm: bytes) -> None:
-        seen = self._seen_pids
-        if len(seen) >= 65536:  # bounded: a pid seen again is only noted again
-            seen.clear()
-        seen.add(tgid)
-        if self._note_process is not None:
-            self._note_process(tgid, comm.split(b"\0", 1)[0].decode("utf-8", "replace") or None)
 
     def expire(self, pending: list[tuple[int, int, bytes]], now_monotonic_ns: int,
                timeout_ns: int) -> list[tuple[int, int]]:
