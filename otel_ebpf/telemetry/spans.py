@@ -73,12 +73,13 @@ _QUERY_HEAD = [
     for n in range(_QUERY_INLINE_MAX)
 ]
 # Bounded caches of encode(): whole url.path fields (paths up to _MAX_CACHED_PATH
-# characters), body-size field pairs and per-connection attribute blocks (up to
-# _MAX_CONNECTION_BLOCK bytes); each is cleared when full.
+# characters), body-size field pairs, peer address fields and per-connection attribute
+# blocks (one per socket, up to _MAX_CONNECTION_BLOCK bytes); each is cleared when full.
 _MAX_PATHS = 4096
 _MAX_CACHED_PATH = 256
 _MAX_SIZES = 4096
 _MAX_CONNECTIONS = 16384
+_MAX_PEERS = 4096  # peer addresses (client.address/network.peer.address fields)
 _MAX_CONNECTION_BLOCK = 512  # bytes: the memory bound is 16384 x 512 (~8 MiB)
 _OTHER_METHOD_FIELD = enc._ld(9, enc.encode_key_value("http.request.method", "_OTHER"))
 _OTHER_NAME_FIELD = enc.span_name_field("HTTP")  # semconv: unknown methods name no route
@@ -261,13 +262,23 @@ class SpanEncoder:
         return b"".join(parts)
 
     def _peer_block(self, address: str | None, port: int | None, is_client: bool) -> bytes:
-        """client.* (server spans) and network.peer.*: constant over a connection."""
+        """client.* (server spans) and network.peer.*: constant over a connection.
+        The address fields are cached per peer address (a few per service); the ports
+        are encoded each time: a peer's port is new with every connection, and this is
+        only called for a connection the per-socket cache does not hold."""
         parts = []
         if address is not None:
-            address_value = enc.encode_any_value(address)
-            if not is_client:
-                parts.append(enc.field_key_any(9, "client.address", address_value))
-            parts.append(enc.field_key_any(9, "network.peer.address", address_value))
+            pkey = (address, is_client)
+            fields = self._peers.get(pkey)
+            if fields is None:
+                address_value = enc.encode_any_value(address)
+                fields = enc.field_key_any(9, "network.peer.address", address_value)
+                if not is_client:
+                    fields = enc.field_key_any(9, "client.address", address_value) + fields
+                if len(self._peers) >= _MAX_PEERS:
+                    self._peers.clear()
+                self._peers[pkey] = fields
+            parts.append(fields)
         if port is not None:
             if not is_client:
                 parts.append(self._attr.fresh_int("client.port", port))
@@ -425,13 +436,7 @@ class SpanEncoder:
             if len(self._endpoints) >= 4096:
                 self._endpoints.clear()
             self._endpoints[ekey] = endpoint
-        pkey = (ex.remote_address, ex.remote_port, is_client)
-        peer = self._peers.get(pkey)
-        if peer is None:
-            peer = self._peer_block(ex.remote_address, ex.remote_port, is_client)
-            if len(self._peers) >= 16384:
-                self._peers.clear()
-            self._peers[pkey] = peer
+        peer = self._peer_block(ex.remote_address, ex.remote_port, is_client)
         block = endpoint + peer
         if len(block) <= _MAX_CONNECTION_BLOCK:  # long user agents/hosts: not kept twice
             connections = self._connections
@@ -580,13 +585,7 @@ class SpanEncoder:
             if len(self._endpoints) >= 4096:
                 self._endpoints.clear()
             self._endpoints[ekey] = endpoint
-        pkey = (ex.remote_address, ex.remote_port, is_client)
-        peer = self._peers.get(pkey)
-        if peer is None:
-            peer = self._peer_block(ex.remote_address, ex.remote_port, is_client)
-            if len(self._peers) >= 16384:
-                self._peers.clear()
-            self._peers[pkey] = peer
+        peer = self._peer_block(ex.remote_address, ex.remote_port, is_client)
         block = endpoint + peer
         if len(block) <= _MAX_CONNECTION_BLOCK:
             connections = self._connections
