@@ -57,6 +57,8 @@ def varint(n: int) -> bytes:
         return _SMALL_VARINTS[n]
     if 0 < n < 16384:
         return bytes(((n & 0x7F) | 0x80, n >> 7))
+    if 0 < n < 2097152:  # three bytes: ports above 16383, most body sizes
+        return bytes(((n & 0x7F) | 0x80, ((n >> 7) & 0x7F) | 0x80, n >> 14))
     if n < 0:
         n &= 0xFFFFFFFFFFFFFFFF
     out = bytearray()

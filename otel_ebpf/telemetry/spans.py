@@ -367,7 +367,7 @@ class SpanEncoder:
                 and entry[2] == ex.scheme and entry[3] == ex.protocol_version):
             connection = entry[4]
         else:
-            connection = self._connection_block(ex, is_client, skey)
+            connection = self._connection_block(ex, is_client, skey, entry)
 
         if path is None:
             path = url_path(ex)
@@ -418,7 +418,8 @@ class SpanEncoder:
             return b"".join((b"\x12", bytes(((n & 0x7F) | 0x80, n >> 7)), payload))
         return b"".join((b"\x12", enc.varint(n), payload))
 
-    def _connection_block(self, ex: HttpExchange, is_client: bool, skey: tuple) -> bytes:
+    def _connection_block(self, ex: HttpExchange, is_client: bool, skey: tuple,
+                          entry: tuple | None) -> bytes:
         """Origin and peer attribute blocks of one connection, each from its own
         bounded cache (a new connection to a known origin reuses the origin block)."""
         host = ex.host
@@ -436,14 +437,17 @@ class SpanEncoder:
             if len(self._endpoints) >= 4096:
                 self._endpoints.clear()
             self._endpoints[ekey] = endpoint
-        peer = self._peer_block(ex.remote_address, ex.remote_port, is_client)
+        # The peer block depends on the socket only: kept from the socket's entry when a
+        # new Host or user agent replaces it.
+        peer = entry[5] if entry is not None else self._peer_block(
+            ex.remote_address, ex.remote_port, is_client)
         block = endpoint + peer
         if len(block) <= _MAX_CONNECTION_BLOCK:  # long user agents/hosts: not kept twice
             connections = self._connections
             if skey not in connections and len(connections) >= _MAX_CONNECTIONS:
                 connections.clear()
             connections[skey] = (ex.host, ex.user_agent, ex.scheme, ex.protocol_version,
-                                 block)
+                                 block, peer)
         return block
 
     def _path_field(self, path: str) -> bytes:
@@ -537,7 +541,7 @@ class SpanEncoder:
                 and entry[3] == ex.protocol_version):
             connection = entry[4]
         else:
-            connection = self._rpc_connection_block(ex, is_client, skey)
+            connection = self._rpc_connection_block(ex, is_client, skey, entry)
         counts_key = (rpc.request_messages, rpc.response_messages)
         counts = self._counts.get(counts_key)
         if counts is None:
@@ -566,7 +570,8 @@ class SpanEncoder:
         ))
         return b"".join((b"\x12", enc.varint(len(payload)), payload))
 
-    def _rpc_connection_block(self, ex: HttpExchange, is_client: bool, skey: tuple) -> bytes:
+    def _rpc_connection_block(self, ex: HttpExchange, is_client: bool, skey: tuple,
+                              entry: tuple | None) -> bytes:
         """server.*, network.protocol.version, client.* and network.peer.* of one gRPC
         connection (as _connection_block, without the HTTP-only url.scheme and
         user_agent.original)."""
@@ -585,11 +590,15 @@ class SpanEncoder:
             if len(self._endpoints) >= 4096:
                 self._endpoints.clear()
             self._endpoints[ekey] = endpoint
-        peer = self._peer_block(ex.remote_address, ex.remote_port, is_client)
+        # The peer block depends on the socket only: kept from the socket's entry when a
+        # new Host or user agent replaces it.
+        peer = entry[5] if entry is not None else self._peer_block(
+            ex.remote_address, ex.remote_port, is_client)
         block = endpoint + peer
         if len(block) <= _MAX_CONNECTION_BLOCK:
             connections = self._connections
             if skey not in connections and len(connections) >= _MAX_CONNECTIONS:
                 connections.clear()
-            connections[skey] = (ex.host, None, ex.scheme, ex.protocol_version, block)
+            connections[skey] = (ex.host, None, ex.scheme, ex.protocol_version, block,
+                                 peer)
         return block

@@ -13,7 +13,8 @@ from otel_ebpf import __version__
 from otel_ebpf.telemetry import otlp_encode as enc
 
 
-@pytest.mark.parametrize("n", [0, 1, 127, 128, 300, 2**32, 2**63 - 1])
+@pytest.mark.parametrize("n", [0, 1, 127, 128, 300, 16383, 16384, 40000, 2097151, 2097152,
+                               2**32, 2**63 - 1])
 def test_varint_roundtrip_through_protobuf(n):
     kv = KeyValue.FromString(enc.encode_key_value("k", n))
     assert kv.key == "k" and kv.value.int_value == n
