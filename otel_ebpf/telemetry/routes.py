@@ -19,14 +19,18 @@ Order of rules:
    template, which is what it honestly is). Configured patterns never overflow: their
    number is bounded by the configuration.
 
-The templating of step 2 is a pure function of the path, cached in a bounded LRU
-keyed by the raw path; step 3 is one set lookup per call.
+The templating of step 2 is a pure function of the path, cached by raw path in two
+generations of plain dicts (at most `cache_size` entries together): new results go into
+the young one; when it holds half the bound it becomes the old one and the previous
+old one is dropped; a path found in the old generation moves to the young one. That
+keeps what repeats (like an LRU) at one dict lookup per hit and no bookkeeping per
+miss, which is what a flood of never-seen paths (every request a miss) costs. Step 3
+is one set lookup per call.
 """
 
 from __future__ import annotations
 
 import re
-from collections import OrderedDict
 from collections.abc import Iterable
 
 OVERFLOW_ROUTE = "/*"
@@ -125,7 +129,8 @@ class _Pattern:
 class RouteResolver:
     """path -> http.route, with configured patterns, default templating and overflow."""
 
-    __slots__ = ("_patterns", "_max_routes", "_cache", "_cache_size", "_per_pid")
+    __slots__ = ("_patterns", "_max_routes", "_young", "_old", "_generation_size",
+                 "_per_pid")
 
     def __init__(
         self,
@@ -135,9 +140,10 @@ class RouteResolver:
     ) -> None:
         self._patterns = [_Pattern(p) for p in patterns]
         self._max_routes = max_routes
-        self._cache_size = cache_size
-        # raw path -> (route, from_pattern)
-        self._cache: OrderedDict[str, tuple[str, bool]] = OrderedDict()
+        # raw path -> (route, from_pattern), two generations of cache_size // 2 each
+        self._generation_size = max(1, cache_size // 2)
+        self._young: dict[str, tuple[str, bool]] = {}
+        self._old: dict[str, tuple[str, bool]] = {}
         self._per_pid: dict[int, set[str]] = {}
 
     def _compute(self, path: str) -> tuple[str, bool]:
@@ -149,16 +155,17 @@ class RouteResolver:
         return template_path(path), False
 
     def route(self, pid: int, path: str) -> str:
-        cache = self._cache
-        hit = cache.get(path)
+        hit = self._young.get(path)
         if hit is None:
-            hit = self._compute(path)
+            hit = self._old.get(path)
+            if hit is None:
+                hit = self._compute(path)
             if len(path) <= _MAX_CACHED_PATH:
-                cache[path] = hit
-                if len(cache) > self._cache_size:
-                    cache.popitem(last=False)
-        else:
-            cache.move_to_end(path)
+                young = self._young
+                if len(young) >= self._generation_size:
+                    self._old = young
+                    young = self._young = {}
+                young[path] = hit
         route, from_pattern = hit
         if from_pattern:
             return route
@@ -171,6 +178,10 @@ class RouteResolver:
             return OVERFLOW_ROUTE
         seen.add(route)
         return route
+
+    def cached_paths(self) -> int:
+        """Entries in the templating cache (both generations; for tests and stats)."""
+        return len(self._young) + len(self._old)
 
     def forget(self, pid: int) -> None:
         self._per_pid.pop(pid, None)

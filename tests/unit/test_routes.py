@@ -68,10 +68,24 @@ def test_cache_is_bounded():
     r = RouteResolver(cache_size=16)
     for i in range(23):
         r.route(1, "/n/%d" % i)
-    assert len(r._cache) == 16
+    assert r.cached_paths() == 8 + 7  # the old generation full, the young one filling
+    for i in range(1000):
+        r.route(1, "/m/%d" % i)
+        assert r.cached_paths() <= 16
     assert r.route(1, "/n/999") == "/n/{id}"
     r.route(1, "/long/" + "x" * 600)
-    assert all(len(p) <= 512 for p in r._cache)
+    assert all(len(p) <= 512 for p in [*r._young, *r._old])
+
+
+def test_cache_keeps_what_repeats_through_a_flood_of_new_paths():
+    r = RouteResolver(cache_size=16)
+    r.route(1, "/hot")
+    for i in range(100):  # 100 never-seen paths, the hot one asked for every 4th
+        r.route(1, "/cold/%x" % (i * 7919))
+        if i % 4 == 0:
+            r.route(1, "/hot")
+        assert "/hot" in r._young or "/hot" in r._old
+    assert r.route(1, "/hot") == "/hot"
 
 
 def test_redaction_keeps_everything_else_byte_for_byte():
