@@ -31,6 +31,9 @@ SIZES = {"100k": 100_000, "1m": 1_048_576}
 # The servers' ports, and the daemon selects only them (--port): on a busy machine the
 # traffic of every other process would share the ring buffer and could overflow it.
 PORTS = {"h2c": free_port(), "tls": free_port(), "nghttp": free_port(), "nginx": free_port()}
+# h2load moves 20 MB in a fraction of a second (some 10 MB of 4 KiB records): a ring
+# buffer that holds them all, so a daemon slowed by a busy machine loses none.
+RINGBUF_KIB = 65536
 
 
 @pytest.fixture(scope="module")
@@ -38,7 +41,8 @@ def daemon(bpf_available, tmp_path_factory) -> Iterator:
     from .peers import Daemon
 
     ports = sum((["--port", str(port)] for port in PORTS.values()), [])
-    with Daemon(tmp_path_factory.mktemp("h2large"), *ports) as d:
+    with Daemon(tmp_path_factory.mktemp("h2large"), *ports,
+                env={"OTEL_EBPF_CAPTURE_RINGBUF_KIB": str(RINGBUF_KIB)}) as d:
         yield d
 
 
