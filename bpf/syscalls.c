@@ -26,7 +26,8 @@
  *
  * Compile-time flags (loader.py): MAX_CAPTURE_BYTES, MAX_CONNS, RINGBUF_PAGES,
  * MAX_IOVECS, MAX_PORT_FILTER, SELF_TGID (the daemon, never traced), HAVE_SOCK_LENGTH,
- * HAVE_TCP_RCV_SPACE_ADJUST, HAVE_INET_SOCK_SET_STATE, OTEL_REGS_FALLBACK, WITH_OPENSSL.
+ * HAVE_TCP_RCV_SPACE_ADJUST, HAVE_INET_SOCK_SET_STATE, OTEL_REGS_FALLBACK, WITH_OPENSSL,
+ * HAVE_TASK_STORAGE (the argument stash: include/maps.h).
  */
 #include <uapi/linux/ptrace.h>
 
@@ -616,10 +617,10 @@ static __always_inline int data_exit(void *ctx, long ret, __u8 op, __u8 dir, int
 {
     __u64 id = bpf_get_current_pid_tgid();
     struct stash_t st = {};
-    struct stash_t *sp = active.lookup(&id);
+    struct stash_t *sp = stash_get(id);
     if (sp) {
         st = *sp;
-        active.delete(&id);
+        stash_drop(id, sp);
     }
     if (!sp || st.op == OP_NONE) {
         if (ret <= 0 || !recover_args(id, op, flags_arg, &st))
@@ -751,7 +752,7 @@ static __always_inline int stash_args_flags(__u8 op, __s32 fd, __u64 buf, __u64 
     st.buf = buf;
     st.count = count_;
     st.peek = (flags & OTEL_MSG_PEEK) != 0;
-    if (active.update(&id, &st) != 0)
+    if (stash_put(id, &st) != 0)
         counter_add(CNT_STASH_FULL, 1);
     return 0;
 }
@@ -811,10 +812,10 @@ static __always_inline int accept_exit(long ret)
 {
     __u64 id = bpf_get_current_pid_tgid();
     struct stash_t st = {};
-    struct stash_t *sp = active.lookup(&id);
+    struct stash_t *sp = stash_get(id);
     if (sp) {
         st = *sp;
-        active.delete(&id);
+        stash_drop(id, sp);
     }
     if (!sp || st.op == OP_NONE) { /* blocked in accept() since before we attached */
         if (ret < 0 || !recover_args(id, OP_ACCEPT, 0, &st))
@@ -856,11 +857,11 @@ TRACEPOINT_PROBE(syscalls, sys_enter_connect)
 TRACEPOINT_PROBE(syscalls, sys_exit_connect)
 {
     __u64 id = bpf_get_current_pid_tgid();
-    struct stash_t *sp = active.lookup(&id);
+    struct stash_t *sp = stash_get(id);
     if (!sp)
         return 0;
     struct stash_t st = *sp;
-    active.delete(&id);
+    stash_drop(id, sp);
     if (st.op != OP_CONNECT)
         return 0;
     /* non-blocking connect returns EINPROGRESS and the fd is the connection */
@@ -896,7 +897,7 @@ TRACEPOINT_PROBE(syscalls, sys_enter_close)
 static __always_inline void note_sock(__u64 sk, __u16 family, __u16 protocol)
 {
     __u64 id = bpf_get_current_pid_tgid();
-    struct stash_t *sp = active.lookup(&id);
+    struct stash_t *sp = stash_get(id);
     if (!sp) {
         /* entered before we attached: keep what we learn for the exit (OP_NONE) */
         if (!traced_tgid(id >> 32))
@@ -907,7 +908,7 @@ static __always_inline void note_sock(__u64 sk, __u16 family, __u16 protocol)
         st.sk = sk;
         st.sk_family = family;
         st.sk_protocol = protocol;
-        active.update(&id, &st);
+        stash_put(id, &st);
         return;
     }
     if (sp->sk)

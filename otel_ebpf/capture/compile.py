@@ -95,6 +95,10 @@ def compile_and_attach(options, self_tgid: int) -> tuple[dict, list[int]]:
     # are recovered from the saved user registers: x86_64 ABI, kernel >= 5.15.
     features["OTEL_REGS_FALLBACK"] = (platform.machine() == "x86_64"
                                       and kernel_version() >= (5, 15))
+    # The per-thread syscall stash in task local storage (bpf/include/maps.h): tracing
+    # programs may use it from 5.11, with the kernel's BTF (bpf_get_current_task_btf).
+    features["HAVE_TASK_STORAGE"] = (kernel_version() >= (5, 11)
+                                     and os.path.exists("/sys/kernel/btf/vmlinux"))
     capture = Capture(options)
     capture.self_tgid = self_tgid
     source = bpf_source_dir() / MAIN_SOURCE

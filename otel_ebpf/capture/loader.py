@@ -268,6 +268,8 @@ class Capture:
             flags.append("-DWITH_OPENSSL")
         if features.get("OTEL_REGS_FALLBACK"):
             flags.append("-DOTEL_REGS_FALLBACK")
+        if features.get("HAVE_TASK_STORAGE"):
+            flags.append("-DHAVE_TASK_STORAGE")
         return flags
 
     def start(self, on_event: Callable[[Event], object],
