@@ -39,7 +39,8 @@ def _field(head: bytes, name: bytes) -> tuple[int, int]:
 def pack_exchange(head: bytes, *, role: Role = Role.SERVER, source: Source = Source.SYSCALL,
                   status: int = 200, req_size: int = 0, resp_size: int = 5,
                   start: int = 1_000, end: int = 2_000, tgid: int = 100, tid: int = 100,
-                  ports: tuple[int, int] = (8080, 40000), comm: bytes = b"nginx") -> bytes:
+                  ports: tuple[int, int] = (8080, 40000), comm: bytes = b"nginx",
+                  fd: int = 7, gen: int = 1) -> bytes:
     method_len = head.index(b" ")
     target_off = method_len + 1
     target_len = head.index(b" ", target_off) - target_off
@@ -50,7 +51,7 @@ def pack_exchange(head: bytes, *, role: Role = Role.SERVER, source: Source = Sou
     for name in (b"host", b"user-agent", b"traceparent", b"tracestate"):
         fields += _field(head, name)
     return reader.EXCHANGE_HDR.pack(
-        EventKind.EXCHANGE, role, source, minor, tgid, tid, 7, 1, start, end, req_size,
+        EventKind.EXCHANGE, role, source, minor, tgid, tid, fd, gen, start, end, req_size,
         resp_size, status, V4, ports[0], ports[1], local, remote, comm, len(head),
         method_len, target_off, target_len, *fields) + head
 
@@ -118,6 +119,22 @@ def test_each_connection_notes_its_process_once_with_its_task_name():
     raw = pack_exchange(HEAD, comm=b"wget", ports=(8080, 40001))
     decoder.on_record(raw, 0, len(raw))
     assert notes == [(100, "curl"), (100, "wget")] and len(out) == 4
+
+
+def test_connections_reusing_a_descriptor_replace_its_cache_entry():
+    """nginx closing and accepting connections: the kernel reuses the lowest free fd,
+    each new connection has a new generation and client port. Each is resolved (and
+    its process noted) afresh, and the cache holds one entry per descriptor, not one
+    per connection ever seen."""
+    notes, out = [], []
+    decoder = KernelExchangeDecoder(out.append, Stats(), 0, note_process=lambda *a: notes.append(a))
+    for i in range(1000):
+        for _ in range(2):
+            raw = pack_exchange(HEAD, fd=7 + i % 2, gen=1 + i, ports=(8080, 40000 + i))
+            decoder.on_record(raw, 0, len(raw))
+    assert [ex.remote_port for ex in out] == [40000 + i for i in range(1000) for _ in range(2)]
+    assert len(notes) == 1000
+    assert len(decoder._conns) == 2
 
 
 @pytest.mark.parametrize("raw", [

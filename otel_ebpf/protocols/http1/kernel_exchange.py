@@ -97,9 +97,11 @@ class KernelExchangeDecoder:
         # 32768) is named afresh.
         self._note_process = note_process
         self._addresses: dict[tuple[int, bytes], str | None] = {}
-        # (tgid, fd, generation, local port, remote port) -> addresses or _FILTERED.
-        # Bounded: cleared when full (a connection then costs one more lookup).
-        self._conns: dict[tuple[int, int, int, int, int], tuple] = {}
+        # (tgid, fd) -> (generation, local port, remote port, addresses or _FILTERED):
+        # one entry per open descriptor, replaced when the fd is reused by a new
+        # connection (the kernel hands out the lowest free fd), so closed connections do
+        # not pile up. Bounded: cleared when full (a connection then costs one more lookup).
+        self._conns: dict[tuple[int, int], tuple] = {}
         # (pid, fd) -> addresses, for timed-out requests (their records were never made)
         self._resolve = resolve_addresses
         self.exchanges = 0  # emitted (pushed into Stats by the daemon)
@@ -119,8 +121,10 @@ class KernelExchangeDecoder:
             raise DecodeError("exchange record with inconsistent lengths (head %d of %d bytes)"
                               % (head_len, size - _HDR_SIZE))
         # What is the same for every exchange of a connection, worked out once for it.
-        conn = self._conns.get((tgid, fd, gen, lport, rport))
-        if conn is None:
+        entry = self._conns.get((tgid, fd))
+        if entry is not None and entry[0] == gen and entry[1] == lport and entry[2] == rport:
+            conn = entry[3]
+        else:
             conn = self._connection(buf, offset)
         if conn is _FILTERED:
             self.filtered += 1
@@ -165,19 +169,20 @@ class KernelExchangeDecoder:
         (_, _role, _source, _minor, tgid, _tid, fd, gen, _s, _e, _rq, _rs, _status, family,
          lport, rport, laddr, raddr, comm) = _unpack(buf, offset)[:19]
         conns = self._conns
-        if len(conns) >= _MAX_CACHED_CONNECTIONS:
+        key = (tgid, fd)
+        if key not in conns and len(conns) >= _MAX_CACHED_CONNECTIONS:
             conns.clear()
         ports = self._ports
         if ports is not None and lport not in ports and rport not in ports:
-            conns[(tgid, fd, gen, lport, rport)] = _FILTERED
+            conns[key] = (gen, lport, rport, _FILTERED)
             return _FILTERED
         if self._note_process is not None:
             self._note_process(tgid, comm.split(b"\0", 1)[0].decode("utf-8", "replace") or None)
         local = self._address(family, laddr) if lport else None
         remote = self._address(family, raddr) if rport else None
-        conn = conns[(tgid, fd, gen, lport, rport)] = (
-            local, lport if local is not None else None,
-            remote, rport if remote is not None else None)
+        conn = (local, lport if local is not None else None,
+                remote, rport if remote is not None else None)
+        conns[key] = (gen, lport, rport, conn)
         return conn
 
     def _address(self, family: int, raw: bytes) -> str | None:
