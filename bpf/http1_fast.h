@@ -58,7 +58,9 @@
  * and the parser's results. */
 struct fast_scratch_t {
     struct pending_t p;
-    __u16 lf[HEAD_LINES_MAX]; /* positions of the head's LF bytes */
+    /* positions of the head's LF bytes; twice the lines: pass 1 writes up to three
+     * slots past the count, which must not wrap onto line 0's */
+    __u16 lf[HEAD_LINES_MAX * 2];
     __u16 vo[8];              /* raw [vo, ve) of each H_* value, then trimmed */
     __u16 ve[8];
     __u64 cl;                 /* Content-Length */
@@ -66,7 +68,9 @@ struct fast_scratch_t {
     __u32 seen;               /* bit per H_* present */
     __u32 nl;                 /* pass 1: LFs recorded */
     __u32 end;                /* pass 1: head length, 0 = no empty line */
-    __u32 sp0;                /* pass 1: spaces and tabs on line 0 */
+    __u64 e2;                 /* pass 1: the last word's empty-line LF marks */
+    __u32 e2_base;            /* ... and where that word starts */
+    __u32 sp0;                /* line0_count: spaces and tabs on line 0 */
     __u32 ht0;
     __u32 m;                  /* method length */
     /* fast_chunk's inputs, parked across the parse (READ_BACK) */
@@ -147,7 +151,13 @@ static __always_inline __u64 head_word(struct fast_scratch_t *fs, __u32 off)
      * bytes), so off < REQ_HEAD_MAX + 24 stays in bounds */
     __u64 i = off;
     asm volatile("" : "+r"(i));
-    return *(__u64 *)&fs->p.req[i & (REQ_HEAD_MAX - 1)];
+    const __u64 *q = (const __u64 *)&fs->p.req[i & (REQ_HEAD_MAX - 1)];
+    /* clang keeps the byte array's alignment (1) through the cast and splits the load
+     * into eight byte loads and fourteen shifts and ors; once it no longer knows where
+     * q points, the load is one instruction (the kernel allows unaligned loads from
+     * map values unless the program asks for strict alignment) */
+    asm volatile("" : "+r"(q));
+    return *q;
 }
 
 static __always_inline __u8 head_byte(struct fast_scratch_t *fs, __u32 off)
@@ -198,6 +208,29 @@ static __always_inline int head_trim(struct fast_scratch_t *fs, int id)
     return 1;
 }
 
+/* Spaces and tabs among line 0's first lf0 bytes (the request line up to its CR LF)
+ * into fs->sp0 and fs->ht0. Requests only: pass 1 no longer counts them on every word
+ * of every head. */
+static __always_inline void line0_count(struct fast_scratch_t *fs, __u32 lf0)
+{
+    __u32 sp = 0, ht = 0;
+#pragma clang loop unroll(disable)
+    for (__u32 j = 0; j < REQ_HEAD_MAX / 8; j++) {
+        __u32 base = j * 8;
+        __u64 w = head_word(fs, base);
+        __u64 r = lf0 - base; /* line 0's bytes from base on: the loop stops at its end */
+        asm volatile("" : "+r"(r));
+        __u64 part = HIGHS8 & ((1ULL << ((r & 7) * 8)) - 1);
+        __u64 hm = HIGHS8 ^ ((HIGHS8 ^ part) & -opaque((r - 8) >> 63));
+        sp += swar_count(swar_eq(w, ' ') & hm);
+        ht += swar_count(swar_eq(w, '\t') & hm);
+        if (opaque((r - 9) >> 63))
+            break;
+    }
+    fs->sp0 = sp;
+    fs->ht0 = ht;
+}
+
 /* Parse the head at the start of fs->p.req (p.req_cap captured bytes): a request head
  * (response == 0) or a response head. Returns the head's length (request/status line
  * through the empty line) or 0 when the fast path must not take it. Results in fs:
@@ -209,14 +242,16 @@ static __always_inline __u32 head_parse(struct fast_scratch_t *fs)
     /* from memory: a register copy would share its range with the caller's size,
      * which the loop below narrows differently at every exit */
     __u32 len = READ_BACK(fs->p.req_cap);
-    __u64 bad = 0, carry_cr = 0, carry_lf = 0, line0 = ~0ULL;
-    __u32 sp0 = 0, ht0 = 0, nl = 0, end = 0;
+    __u64 bad = 0, carry_cr = 0, carry_lf = 0;
+    __u32 nl = 0;
 
     /* Pass 1, a word at a time: find the empty line, record every LF, and refuse NUL
-     * and other controls, bare CR or LF, obs-fold, and tabs or extra spaces in the
-     * request line. Bytes after the head (a body in the same chunk) are not looked at.
-     * Branch-free but for the exit: one pending branch per word for the verifier, and
-     * its states at the loop head differ only in the counter. */
+     * and other controls, bare CR or LF, and obs-fold. Bytes after the head (a body in
+     * the same chunk) are not looked at. Branch-free but for the exit: one pending
+     * branch per word for the verifier, and its states at the loop head differ only in
+     * the counter. Every instruction here runs once per 8 bytes of every head (~14 ns
+     * a word, tests/benchmark/bpf_cost.py): what is needed once per head (the end's
+     * offset, line 0's spaces) is worked out after the loop. */
 #pragma clang loop unroll(disable)
     for (__u32 j = 0; j < REQ_HEAD_MAX / 8; j++) {
         __u32 base = j * 8;
@@ -230,40 +265,38 @@ static __always_inline __u32 head_parse(struct fast_scratch_t *fs)
         /* LF two bytes after an LF (the CR between is checked below): the empty line */
         __u64 e2 = lf & ((lf << 16) | (carry_lf >> 48));
         __u64 low = e2 & -e2;
-        __u64 found = nonzero(e2);
         hm &= (low << 1) - 1; /* low == 0: all */
         lf &= hm;
         cr &= hm;
-        end |= (base + swar_index(low) + 1) * found;
+        fs->e2 = e2;
+        fs->e2_base = base;
         __u64 sp = swar_eq(w, ' ') & hm;
         __u64 ht = swar_eq(w, '\t') & hm;
         bad |= (swar_lt(w, 0x20) | swar_eq(w, 0x7f)) & hm & ~(cr | lf | ht);
         bad |= lf ^ (((cr << 8) | (carry_cr >> 56)) & hm); /* CR iff LF follows */
         bad |= ((lf << 8) | (carry_lf >> 56)) & (sp | ht); /* obs-fold */
-        __u64 below = ((lf & -lf) - 1) & line0;            /* bytes of line 0 */
-        sp0 += swar_count(sp & below);
-        ht0 += swar_count(ht & below);
-        line0 &= nonzero(lf) - 1;
-        /* the slot keeps base + k when byte k is an LF */
-#pragma unroll
-        for (int k = 0; k < 8; k++) {
-            fs->lf[nl & (HEAD_LINES_MAX - 1)] = base + k;
-            nl += (lf >> (8 * k + 7)) & 1;
-        }
+        /* Record the word's LFs: at most three when it is not refused (every CR LF
+         * but the empty line's ends a line of at least one byte, so LFs are three or
+         * more bytes apart, the empty line's two). Slots past the count are scratch. */
+        __u64 l1 = lf & -lf, rest = lf ^ l1, l2 = rest & -rest, l3 = rest ^ l2;
+        fs->lf[nl & (HEAD_LINES_MAX * 2 - 1)] = base + swar_index(l1);
+        fs->lf[(nl + 1) & (HEAD_LINES_MAX * 2 - 1)] = base + swar_index(l2);
+        fs->lf[(nl + 2) & (HEAD_LINES_MAX * 2 - 1)] = base + swar_index(l3);
+        nl += swar_count(lf);
         carry_cr = cr;
         carry_lf = lf;
-        if (found | opaque((r - 9) >> 63)) /* the empty line, or no next word */
+        if (e2 | opaque((r - 9) >> 63)) /* the empty line, or no next word */
             break;
     }
     fs->bad = bad;
     fs->nl = nl;
-    fs->end = end;
-    fs->sp0 = sp0;
-    fs->ht0 = ht0;
     nl = READ_BACK(fs->nl);
-    end = READ_BACK(fs->end);
-    if (!end || READ_BACK(fs->bad) || nl < 2 || nl > HEAD_LINES_MAX)
+    __u64 e2 = READ_BACK(fs->e2);
+    if (!e2 || READ_BACK(fs->bad) || nl < 2 || nl > HEAD_LINES_MAX)
         return 0;
+    /* the head ends after the empty line's LF */
+    fs->end = READ_BACK(fs->e2_base) + swar_index(e2 & -e2) + 1;
+    __u32 end;
 
     /* Pass 2: header lines 1 .. nl-2 (line nl-1 is the empty one). */
     fs->seen = 0;
@@ -338,7 +371,10 @@ static __always_inline __u32 head_parse(struct fast_scratch_t *fs)
     }
 
     /* "METHOD SP target SP HTTP/1.x": exactly two spaces and no tab on the line */
-    if (READ_BACK(fs->sp0) != 2 || READ_BACK(fs->ht0) != 0 || lf0 < 13)
+    if (lf0 < 13)
+        return 0;
+    line0_count(fs, lf0);
+    if (READ_BACK(fs->sp0) != 2 || READ_BACK(fs->ht0) != 0)
         return 0;
     /* the method: 1..15 upper-case letters up to the first space */
     __u64 w1 = head_word(fs, 8);
@@ -533,23 +569,6 @@ static __always_inline int fast_chunk(struct conn_key_t *key, struct conn_t *con
     /* A head is expected: FAST_IDLE (request) or FAST_REQ in the response direction. */
     if (!ubuf || !cap)
         goto fall; /* sendfile where a head must be */
-    {
-        __u64 v = 0;
-        __u32 n8 = opaque(cap) < 8 ? (__u32)cap : 8;
-        if (bpf_probe_read_user(&v, n8 & 15, ubuf) != 0)
-            return FP_TODAY;
-        /* Not a start the inference knows. On a stream already known to be HTTP/1.x it
-         * still is one (an unknown method longer than the inference's 8 bytes, such as
-         * PROPFIND): head_parse decides, and falls back when it cannot. Elsewhere the
-         * chunk stream's inference has its say (a TLS handshake, the HTTP/2 preface). */
-        if (infer_http(v, n8) == INFER_NO &&
-            (source == SOURCE_OPENSSL ? conn->tls_proto : conn->proto) != PROTO_HTTP1)
-            return FP_TODAY;
-    }
-    if (d != rq && (f == FAST_IDLE || conn->fast_left)) {
-        reason = CNT_FB_ORDER; /* response without request, or before the request's end */
-        goto fall;
-    }
     __u32 zero = 0;
     struct fast_scratch_t *fs = fast_scratch.lookup(&zero);
     if (!fs)
@@ -561,6 +580,7 @@ static __always_inline int fast_chunk(struct conn_key_t *key, struct conn_t *con
     fs->a_tid = tid;
     fs->a_response = d != rq;
     {
+        /* the head window in one read; the inference below looks at its first bytes */
         __u64 c = READ_BACK(fs->a_cap);
         __u32 lim = READ_BACK(fs->a_response) ? RESP_HEAD_MAX : REQ_HEAD_MAX;
         __u32 n = c < lim ? (__u32)c : lim;
@@ -572,6 +592,21 @@ static __always_inline int fast_chunk(struct conn_key_t *key, struct conn_t *con
             goto fall;
         }
         fs->p.req_cap = n;
+    }
+    {
+        __u32 n8 = READ_BACK(fs->p.req_cap);
+        n8 = n8 < 8 ? n8 : 8;
+        /* Not a start the inference knows. On a stream already known to be HTTP/1.x it
+         * still is one (an unknown method longer than the inference's 8 bytes, such as
+         * PROPFIND): head_parse decides, and falls back when it cannot. Elsewhere the
+         * chunk stream's inference has its say (a TLS handshake, the HTTP/2 preface). */
+        if (infer_http(head_word(fs, 0), n8) == INFER_NO &&
+            (source == SOURCE_OPENSSL ? conn->tls_proto : conn->proto) != PROTO_HTTP1)
+            return FP_TODAY;
+    }
+    if (d != rq && (f == FAST_IDLE || conn->fast_left)) {
+        reason = CNT_FB_ORDER; /* response without request, or before the request's end */
+        goto fall;
     }
     __u32 hl = head_parse(fs);
     size = READ_BACK(fs->a_size);
