@@ -32,8 +32,10 @@
  * boundary. A guess may be wrong; hints are the real bytes at their positions, and user
  * space uses a hint only at the position where its own framing expects a header.
  *
- * Not walked: fd-less OpenSSL streams (memory BIOs: Node.js), HTTP/2 after an h2c
- * Upgrade (the kernel's protocol stays HTTP/1), vectored calls (each segment is its own
+ * fd-less OpenSSL streams (memory BIOs: Node.js) keep theirs in tls_conn_t.h2_next
+ * (openssl.h stores it: h2_tls_track_store).
+ *
+ * Not walked: HTTP/2 after an h2c Upgrade (the kernel's protocol stays HTTP/1), vectored calls (each segment is its own
  * record; the stream is marked H2_LOST).
  */
 #ifndef OTEL_EBPF_HTTP2_WALK_H
@@ -53,8 +55,9 @@
 #define H2_PREFACE_8 P8('P', 'R', 'I', ' ', '*', ' ', 'H', 'T')
 
 struct h2_walk_t {
-    struct conn_key_t key;
+    struct conn_key_t key; /* fd < 0: an fd-less OpenSSL stream (openssl.h) */
     __u64 generation;
+    __u64 ssl;      /* the SSL* of an fd-less stream; 0 otherwise */
     __u64 buf;      /* the chunk, in user memory */
     __u64 size;     /* bytes the call moved */
     __u64 position; /* of the chunk's first byte in its stream */
@@ -85,29 +88,46 @@ BPF_PROG_ARRAY(h2_tls_tail, 1); /* [0] = h2_walk_tls */
  * fail, emits as usual. Stores only, no branch on the chunk: the verifier then walks
  * the caller's emission once (a branch on size here cost tls_exit_* +228k verified
  * insns); every decision is the walk program's. */
+static __always_inline void h2_walk_store(struct conn_key_t *key, __u64 generation,
+                                          __u8 role, __u32 *track, __u64 ssl, __u32 tid,
+                                          __u8 dir, __u8 source, const void *ubuf,
+                                          __u64 size, __u64 position)
+{
+    __u32 zero = 0;
+    struct h2_walk_t *w = h2_walk.lookup(&zero);
+    if (w) {
+        w->key = *key;
+        w->generation = generation;
+        w->ssl = ssl;
+        w->buf = (__u64)ubuf;
+        w->size = size;
+        w->position = position;
+        w->tid = tid;
+        w->next = *track;
+        w->dir = dir & 1;
+        w->source = source;
+        w->role = role;
+        w->calls = 0;
+    }
+    *track = H2_LOST;
+}
+
+/* The same for a connection's syscall or fd-tied OpenSSL stream. */
 static __always_inline void h2_walk_begin(struct conn_key_t *key, struct conn_t *conn,
                                           __u32 tid, __u8 dir, __u8 source,
                                           const void *ubuf, __u64 size, __u64 position)
 {
     __u8 d = dir & 1;
     __u32 *track = source == SOURCE_OPENSSL ? &conn->tls_h2_next[d] : &conn->h2_next[d];
-    __u32 zero = 0;
-    struct h2_walk_t *w = h2_walk.lookup(&zero);
-    if (w) {
-        w->key = *key;
-        w->generation = conn->generation;
-        w->buf = (__u64)ubuf;
-        w->size = size;
-        w->position = position;
-        w->tid = tid;
-        w->next = *track;
-        w->dir = d;
-        w->source = source;
-        w->role = conn->role;
-        w->calls = 0;
-    }
-    *track = H2_LOST;
+    h2_walk_store(key, conn->generation, conn->role, track, 0, tid, d, source, ubuf, size,
+                  position);
 }
+
+#ifdef WITH_OPENSSL
+/* openssl.h: stores the tracking of an fd-less stream (tls_conn_t.h2_next). */
+static __always_inline void h2_tls_track_store(__u64 ssl, __u32 tgid, __u64 generation,
+                                               __u8 dir, __u32 next);
+#endif
 
 /* Could these be a frame header? frames.py plausible_frame, any length up to 2^24-1,
  * the nine frame types of RFC 9113 only. */
@@ -185,7 +205,7 @@ static __always_inline int h2_walk_step(struct h2_walk_t *w)
 }
 
 /* The walk is over: store the tracking, emit the DATA record with its hints. */
-static __always_inline void h2_walk_finish(void *ctx, struct h2_walk_t *w)
+static __always_inline void h2_walk_finish(void *ctx, struct h2_walk_t *w, int tls)
 {
     __u8 d = w->dir & 1;
     struct conn_key_t key = w->key;
@@ -194,10 +214,15 @@ static __always_inline void h2_walk_finish(void *ctx, struct h2_walk_t *w)
         w->lost = 1; /* the frame budget ran out */
     if (w->lost)
         counter_add(CNT_H2_WALK_LOST, 1);
+    __u64 next = w->lost ? H2_LOST : w->off - w->size;
+    if (next >= H2_LOST)
+        next = H2_LOST;
+#ifdef WITH_OPENSSL
+    if (tls && w->ssl)
+        h2_tls_track_store(w->ssl, key.tgid, w->generation, d, (__u32)next);
+    else
+#endif
     if (conn && conn->generation == w->generation) {
-        __u64 next = w->lost ? H2_LOST : w->off - w->size;
-        if (next >= H2_LOST)
-            next = H2_LOST;
         if (w->source == SOURCE_OPENSSL)
             conn->tls_h2_next[d] = (__u32)next;
         else
@@ -289,7 +314,7 @@ static __always_inline void h2_walk_run(void *ctx, int tls)
 #endif
             h2_tail.call(ctx, 0); /* does not return when it succeeds */
     }
-    h2_walk_finish(ctx, w);
+    h2_walk_finish(ctx, w, tls);
 }
 
 int h2_walk_syscall(void *ctx)

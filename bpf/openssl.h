@@ -77,6 +77,7 @@ struct tls_conn_t {
     __u8 open_sent; /* synthetic stream: CONN_OPEN emitted, so SSL_free emits CONN_CLOSE */
     __u8 infer;    /* scratch: tls_gate's inference result (see there) */
     __u8 head_len[2]; /* bytes in head[dir]; 0xff: head no longer useful */
+    __u32 h2_next[2]; /* synthetic HTTP/2 stream: next frame header (http2_walk.h) */
     __u8 _pad[6];
 };
 
@@ -263,9 +264,25 @@ static __always_inline int tls_exit(struct pt_regs *ctx, __u8 dir, int ex)
         if (events.ringbuf_output(&ev, sizeof(ev), rb_flags()) != 0)
             counter_add(CNT_RINGBUF_FULL, 1);
     }
+    if (t->proto == PROTO_HTTP2) { /* http2_walk.h: walks the frames and emits */
+        struct conn_key_t sk = {.tgid = tgid, .fd = sfd};
+        h2_walk_store(&sk, t->generation, ROLE_UNKNOWN, &t->h2_next[d], a.ssl, tid, d,
+                      SOURCE_OPENSSL, (const void *)a.buf, size, pos);
+        h2_tls_tail.call(ctx, 0);
+    }
     emit_data(ctx, tgid, tid, sfd, t->generation, ROLE_UNKNOWN, d, SOURCE_OPENSSL,
               (const void *)a.buf, size, pos);
     return 0;
+}
+
+/* http2_walk.h's walk is over on an fd-less stream: where its next frame header is. */
+static __always_inline void h2_tls_track_store(__u64 ssl, __u32 tgid, __u64 generation,
+                                               __u8 dir, __u32 next)
+{
+    struct tls_key_t k = {.ssl = ssl, .tgid = tgid};
+    struct tls_conn_t *t = tls_conns.lookup(&k);
+    if (t && t->generation == generation)
+        t->h2_next[dir & 1] = next;
 }
 
 int tls_exit_read(struct pt_regs *ctx) { return tls_exit(ctx, DIR_INGRESS, 0); }
