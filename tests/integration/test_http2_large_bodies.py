@@ -8,7 +8,8 @@ on the server's and on the client's side (before the walk, h2load -c2 -m4 agains
 nghttpd with 100 KB bodies had 102 of 200 client-side exchanges TRUNCATED).
 
 Peers: nghttpd (h2c and TLS: OpenSSL on the socket fd) driven by h2load (several
-connections, several streams each) and nghttp; nginx over TLS driven by curl --http2.
+connections, several streams each) and nghttp; nginx over TLS driven by curl --http2;
+Node.js http2 server and client, h2c and TLS (OpenSSL on memory BIOs: fd-less streams).
 `otel-ebpf run` as users run it; counting tests: N sent, N reported, each OK with
 http.response.body.size == the file's size.
 """
@@ -16,6 +17,7 @@ http.response.body.size == the file's size.
 from __future__ import annotations
 
 import subprocess
+import textwrap
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
@@ -140,6 +142,79 @@ def test_curl_over_tls_to_nginx(daemon, tmp_path, monkeypatch):
         assert client.wait(120) == 0
         clients = reported(daemon, {client.pid}, "CLIENT", n)
         servers = reported(daemon, {spid}, "SERVER", n)
+    for records in (servers, clients):
+        assert sorted(int(x["url.query"]) for x in records) == list(range(n))
+        for x in records:
+            assert "otel_ebpf.outcome" not in x, x
+            assert x["http.response.body.size"] == SIZES[x["url.path"][1:]], x
+
+
+NODE_BIG = textwrap.dedent('''
+    // serve: 100 KB at /100k, 1 MB at /1m; call: after a line on stdin (the daemon is
+    // up), N requests on one connection, alternating, each body's size checked.
+    const http2 = require('http2'), fs = require('fs');
+    const [mode, tls, port, cert, key, n] = process.argv.slice(2);
+    const sizes = {'/100k': 100000, '/1m': 1048576};
+    if (mode === 'serve') {
+      const opts = tls === 'tls' ? {key: fs.readFileSync(key), cert: fs.readFileSync(cert)} : {};
+      const srv = tls === 'tls' ? http2.createSecureServer(opts) : http2.createServer(opts);
+      srv.on('stream', (s, h) => {
+        const path = h[':path'].split('?')[0];
+        s.respond({':status': 200});
+        s.end(Buffer.alloc(sizes[path], 0x5a));
+      });
+      srv.listen(+port, '127.0.0.1');
+    } else {
+      process.stdin.once('data', () => {
+        const c = http2.connect((tls === 'tls' ? 'https' : 'http') + '://127.0.0.1:' + port,
+                                {ca: tls === 'tls' ? fs.readFileSync(cert) : undefined});
+        let left = +n, bad = 0;
+        for (let i = 0; i < +n; i++) {
+          const path = i % 2 ? '/1m' : '/100k';
+          const r = c.request({':path': path + '?' + i});
+          let got = 0;
+          r.on('data', (d) => { got += d.length; });
+          r.on('end', () => {
+            if (got !== sizes[path]) bad++;
+            if (--left === 0) { c.close(); process.exitCode = bad ? 1 : 0; process.stdin.destroy(); }
+          });
+          r.end();
+        }
+      });
+    }
+''')
+
+
+@pytest.mark.parametrize("tls", ["h2c", "tls"])
+def test_node_http2(bpf_available, tmp_path, tls):
+    """Node's TLS runs OpenSSL on memory BIOs: its plaintext streams have no fd, no
+    addresses, so the daemon selects the two processes (--pid) instead of a port; it
+    starts once both run (the client connects when told)."""
+    from .peers import Daemon
+
+    cert, key = self_signed_certificate(tmp_path / "certs")
+    script = tmp_path / "node_big.js"
+    script.write_text(NODE_BIG)
+    node = need("node")
+    port = free_port()
+    n = 12
+    common = [tls, str(port), str(cert), str(key)]
+    with plain_server(tmp_path, [node, str(script), "serve", *common], port) as srv:
+        client = subprocess.Popen([node, str(script), "call", *common, str(n)],
+                                  stdin=subprocess.PIPE)
+        workdir = tmp_path / "daemon"
+        workdir.mkdir()
+        try:
+            with Daemon(workdir, "--pid", str(srv.pid), "--pid", str(client.pid),
+                        env={"OTEL_EBPF_CAPTURE_RINGBUF_KIB": str(RINGBUF_KIB)}) as daemon:
+                client.stdin.write(b"go\n")
+                client.stdin.flush()
+                assert client.wait(60) == 0
+                servers = reported(daemon, {srv.pid}, "SERVER", n)
+                clients = reported(daemon, {client.pid}, "CLIENT", n)
+        finally:
+            if client.poll() is None:
+                client.kill()
     for records in (servers, clients):
         assert sorted(int(x["url.query"]) for x in records) == list(range(n))
         for x in records:
