@@ -122,25 +122,36 @@ def test_nghttp_many_streams_on_one_connection(daemon, tmp_path):
             assert x["http.response.body.size"] == SIZES[x["url.path"][1:]], x
 
 
-def test_curl_over_tls_to_nginx(daemon, tmp_path, monkeypatch):
-    """nginx (OpenSSL, SSL_write per frame buffer) and curl (SSL_read) over TLS."""
+@pytest.mark.parametrize("tls", [False, True], ids=["h2c", "tls"])
+def test_curl_to_nginx(daemon, tmp_path, monkeypatch, tls):
+    """nginx (h2c: frames written with writev, a segment per header and per buffer; TLS:
+    SSL_write per buffer) and curl (h2c prior knowledge: one connection per curl, as
+    curl 7.88 does not reuse it; TLS: one curl, one connection)."""
     from . import test_http2_capture
     from .test_http2_capture import nginx_h2
 
     monkeypatch.setattr(test_http2_capture, "free_port", lambda: PORTS["nginx"])
     certs = self_signed_certificate(tmp_path / "certs")
     root = tmp_path / "nginx"
-    with nginx_h2(None, root, certs, gated=False) as (spid, port):
+    n = 4
+    with nginx_h2(None, root, certs if tls else None, gated=False) as (spid, port):
         docroot = root / "nginx" / "www"
         for name, size in SIZES.items():
             (docroot / name).write_bytes((bytes(range(256)) * (size // 256 + 1))[:size])
-        n = 4
-        args = [need("curl"), "-sS", "--http2", "--cacert", str(certs[0])]
-        for i in range(n):
-            args += ["-o", "/dev/null", "https://127.0.0.1:%d/%s?%d" % (port, "1m" if i % 2 else "100k", i)]
-        client = subprocess.Popen(args)
-        assert client.wait(120) == 0
-        clients = reported(daemon, {client.pid}, "CLIENT", n)
+        urls = ["%s://127.0.0.1:%d/%s?%d" % ("https" if tls else "http", port,
+                                             "1m" if i % 2 else "100k", i) for i in range(n)]
+        curl = [need("curl"), "-sS"]
+        if tls:
+            calls = [curl + ["--http2", "--cacert", str(certs[0])]
+                     + sum((["-o", "/dev/null", url] for url in urls), [])]
+        else:
+            calls = [curl + ["--http2-prior-knowledge", "-o", "/dev/null", url] for url in urls]
+        pids = set()
+        for args in calls:
+            client = subprocess.Popen(args)
+            assert client.wait(120) == 0
+            pids.add(client.pid)
+        clients = reported(daemon, pids, "CLIENT", n)
         servers = reported(daemon, {spid}, "SERVER", n)
     for records in (servers, clients):
         assert sorted(int(x["url.query"]) for x in records) == list(range(n))
