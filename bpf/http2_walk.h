@@ -23,8 +23,7 @@
  * new h2_next. The read/write programs keep their verifier budget: the loop lives in
  * its own program.
  *
- * Out of step (a header that does not validate, a header split across chunks with
- * fewer than 3 of its bytes in the first one (its length unknown), more frames than the budget, more than
+ * Out of step (a header that does not validate, more frames than the budget, more than
  * H2_HINTS_MAX hints, a chunk the kernel cannot read: sendfile, vectored calls): the
  * walk stops, what it found so far is handed over (user space treats the rest as a
  * plain gap), the stream is H2_LOST (counted in CNT_H2_WALK_LOST), and the next chunk
@@ -42,6 +41,9 @@
 #define OTEL_EBPF_HTTP2_WALK_H
 
 #define H2_LOST 0xffffffffU
+/* A frame header began 1 or 2 bytes (bits 16-17) before the stream's current end, its
+ * length field's first bytes in bits 8-15 and 0-7: the next chunk completes it. */
+#define H2_PARTIAL 0x80000000U
 #ifndef H2_WALK_BATCH
 #define H2_WALK_BATCH 32 /* frame headers read per walk program run */
 #endif
@@ -63,6 +65,7 @@ struct h2_walk_t {
     __u64 position; /* of the chunk's first byte in its stream */
     __u64 off;      /* next frame header, from the chunk's first byte */
     __u32 next;     /* the stream's h2_next before this chunk */
+    __u32 partial;  /* H2_PARTIAL value for a header this chunk ends in, else 0 */
     __u32 tid;
     __u32 cap;      /* bytes the record captures: min(size, MAX_CAPTURE_BYTES) */
     __u32 nhints;
@@ -165,8 +168,9 @@ static __always_inline int position_is_start(struct h2_walk_t *w)
 }
 
 /* One frame header at w->off. Returns 1 when the walk is over (done or lost). A
- * header the chunk ends in (split across calls) is handed over with the bytes there
- * (3 or more: its length says where the next one starts; fewer: lost), unchecked. */
+ * header the chunk ends in (split across calls) is handed over with the bytes there,
+ * unchecked; with 3 or more its length says where the next one starts, with fewer the
+ * next chunk completes the length (H2_PARTIAL). */
 static __always_inline int h2_walk_step(struct h2_walk_t *w)
 {
     __u64 off = w->off, size = w->size;
@@ -176,7 +180,7 @@ static __always_inline int h2_walk_step(struct h2_walk_t *w)
     }
     __u64 n = size - off < 9 ? size - off : 9;
     __u8 h[16] = {};
-    if (n < 3 || bpf_probe_read_user(h, n & 15, (void *)(w->buf + off)) != 0) {
+    if (bpf_probe_read_user(h, n & 15, (void *)(w->buf + off)) != 0) {
         w->lost = 1;
         return 1;
     }
@@ -198,10 +202,32 @@ static __always_inline int h2_walk_step(struct h2_walk_t *w)
         hint->header_len = n;
         w->nhints = k + 1;
     }
+    if (n < 3) {
+        w->partial = H2_PARTIAL | (__u32)n << 16 | (__u32)h[0] << 8 | (n == 2 ? h[1] : 0);
+        w->done = 1;
+        return 1;
+    }
     w->off = off + 9 + len;
     if (n < 9)
         w->done = 1;
     return n < 9;
+}
+
+/* The chunk starts inside a header whose first k bytes ended the previous chunk:
+ * complete its length field from this chunk's first 3 - k bytes. */
+static __always_inline void h2_walk_resume_partial(struct h2_walk_t *w, __u32 next)
+{
+    __u32 k = (next >> 16) & 3;
+    __u32 need = 3 - k;
+    __u8 b[4] = {};
+    if (k < 1 || k > 2 || w->size < need ||
+        bpf_probe_read_user(b, need & 3, (void *)w->buf) != 0) {
+        w->lost = 1;
+        return;
+    }
+    __u32 len = k == 1 ? ((next >> 8) & 0xff) << 16 | (__u32)b[0] << 8 | b[1]
+                       : ((next >> 8) & 0xff) << 16 | (next & 0xff) << 8 | b[0];
+    w->off = 9 - k + len;
 }
 
 /* The walk is over: store the tracking, emit the DATA record with its hints. */
@@ -214,8 +240,8 @@ static __always_inline void h2_walk_finish(void *ctx, struct h2_walk_t *w, int t
         w->lost = 1; /* the frame budget ran out */
     if (w->lost)
         counter_add(CNT_H2_WALK_LOST, 1);
-    __u64 next = w->lost ? H2_LOST : w->off - w->size;
-    if (next >= H2_LOST)
+    __u64 next = w->lost ? H2_LOST : w->partial ? w->partial : w->off - w->size;
+    if (next > H2_LOST || (!w->lost && !w->partial && next >= H2_PARTIAL))
         next = H2_LOST;
 #ifdef WITH_OPENSSL
     if (tls && w->ssl)
@@ -287,9 +313,12 @@ static __always_inline void h2_walk_run(void *ctx, int tls)
         w->nhints = 0;
         w->done = 0;
         w->lost = 0;
+        w->partial = 0;
         w->off = next == H2_LOST ? 0 : next; /* lost: guess a frame starts the chunk */
         if (!w->buf || size > 0x7fffffff) {
             w->lost = 1; /* nothing to read (sendfile) */
+        } else if (next != H2_LOST && (next & H2_PARTIAL)) {
+            h2_walk_resume_partial(w, next);
         } else if (next != H2_LOST && next >= size) {
             w->done = 1; /* inside one frame's payload */
         } else if (position_is_start(w)) {
