@@ -29,6 +29,24 @@ by otlp_encode (never through the SDK's per-span machinery, which costs ~35 us/s
   otel.metric.overflow series), telemetry.unknown_role (exchanges with Role.UNKNOWN:
   span kind INTERNAL, no metrics, since server and client metrics would both lie).
 
+Memory bounds (a client controls methods, paths, queries, Host and User-Agent: none of
+them may grow memory without a bound). Caches are keyed by what repeats, cleared when
+full unless said otherwise:
+- routes.RouteResolver: templated paths, `route_cache_size` (4096) in two generations,
+  paths over 512 characters not cached; routes per pid: `max_routes`, the rest "/*".
+- spans.SpanEncoder: (key, value) fields 8192; url.path fields 4096 (paths <= 256
+  chars); body-size pairs 4096; span names 8192; status fields 256 (+ the few without
+  a message); request blocks 4096 (known methods) and 4096 (any other method, cached
+  without it); origin blocks 4096; peer address fields 4096; one connection block per
+  socket, 16384 (blocks <= 512 bytes); gRPC call blocks and message counts 4096 each.
+- attributes.split_host 1024; otlp_encode attribute keys 4096 (kept, never cleared).
+- metrics.MetricsAggregator: `metric_cardinality_limit` series per (pid, role), the
+  excess folded into the overflow series (counted: telemetry.metric_overflow), and
+  MAX_SERIES over all processes; rpc (service, method) pairs: `max_routes` per pid.
+- pending spans: `span_batch_size` (<= `span_queue_size`) or MAX_BATCH_BYTES.
+(The kernel-exchange decoder upstream keeps one entry per open descriptor, 16384, and
+4096 formatted addresses.)
+
 Not thread-safe: record/tick/forget/flush/shutdown must come from one thread (the
 daemon loop). shutdown() is idempotent and flushes everything first.
 """
