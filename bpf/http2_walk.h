@@ -10,18 +10,22 @@
  * bytes, data_event_hdr.frame_hints of them; include/events.h).
  *
  * Tracking: conn_t.h2_next[dir] (syscall stream) / tls_h2_next[dir] (the OpenSSL
- * plaintext stream tied to the fd) = bytes from the stream's current end to the next
- * frame header; 0 at the start (a client's preface is recognised at position 0 and
- * skipped); H2_LOST when the walk fell out of step. A chunk that ends before the next
- * header costs a subtraction in the calling program. Otherwise the caller stores the
- * chunk in the per-CPU `h2_walk` state and tail-calls the walk program (h2_walk_syscall
- * for the syscall tracepoints, h2_walk_tls for the OpenSSL uprobes: a tail call stays
- * within one program type), which reads each header with bpf_probe_read_user (9 bytes),
- * checks it (frames.py's plausible_frame, without extension types) and adds 9 + length;
- * H2_WALK_BATCH frames per program run, then it tail-calls itself, up to H2_WALK_CALLS
- * runs; it then emits the DATA record itself (captured bytes + hints) and stores the
- * new h2_next. The read/write programs keep their verifier budget: the loop lives in
- * its own program.
+ * plaintext stream tied to the fd) / tls_conn_t.h2_next[dir] (an fd-less OpenSSL
+ * stream: Node.js's memory BIOs; openssl.h stores it, h2_tls_track_store) = bytes from
+ * the stream's current end to the next frame header; 0 at the start (a client's
+ * preface is recognised at position 0 and skipped); H2_PARTIAL when a header's first 1
+ * or 2 bytes ended the last chunk; H2_LOST when the walk fell out of step.
+ *
+ * Every chunk of an HTTP/2 stream goes through the walk: the calling program only
+ * stores the chunk in the per-CPU `h2_walk` state and tail-calls the walk program
+ * (h2_walk_syscall for the syscall tracepoints, h2_walk_tls for the OpenSSL uprobes: a
+ * tail call stays within one program type), so the read/write programs keep their
+ * verifier budget. The walk skips a chunk that ends before the next header; otherwise
+ * it reads each header with bpf_probe_read_user (9 bytes), checks it (frames.py's
+ * plausible_frame, without extension types) and adds 9 + length, H2_WALK_BATCH frames
+ * per program run, tail-calling itself up to H2_WALK_CALLS runs; then it emits the DATA
+ * record itself (captured bytes + hints) and stores the new tracking. Should the tail
+ * call fail, the caller emits the record as before (no hints; the stream is H2_LOST).
  *
  * Out of step (a header that does not validate, more frames than the budget, more than
  * H2_HINTS_MAX hints, a chunk the kernel cannot read: sendfile, vectored calls): the
@@ -31,11 +35,9 @@
  * boundary. A guess may be wrong; hints are the real bytes at their positions, and user
  * space uses a hint only at the position where its own framing expects a header.
  *
- * fd-less OpenSSL streams (memory BIOs: Node.js) keep theirs in tls_conn_t.h2_next
- * (openssl.h stores it: h2_tls_track_store).
- *
- * Not walked: HTTP/2 after an h2c Upgrade (the kernel's protocol stays HTTP/1), vectored calls (each segment is its own
- * record; the stream is marked H2_LOST).
+ * Not walked: HTTP/2 after an h2c Upgrade (the kernel's protocol stays HTTP/1),
+ * vectored calls (each segment is its own record, a header alone in its segment is
+ * captured whole; the stream is marked H2_LOST).
  */
 #ifndef OTEL_EBPF_HTTP2_WALK_H
 #define OTEL_EBPF_HTTP2_WALK_H

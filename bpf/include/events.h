@@ -109,7 +109,7 @@ struct data_event {
 };
 
 /* One HTTP/2 frame header the kernel read in a chunk's uncaptured part (or straddling
- * its captured end): header_len bytes of it as on the wire (9; 3..8 for a header the
+ * its captured end): header_len bytes of it as on the wire (9; 1..8 for a header the
  * chunk ends in, the rest being the next chunk's first bytes) at `offset` from the
  * chunk's first byte. Entries are unaligned in the record (they follow the captured
  * bytes). */
