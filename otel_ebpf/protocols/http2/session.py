@@ -39,7 +39,8 @@ bytes <= max_buffer_bytes (the session is disabled beyond, "buffer_limit"); head
 blocks <= max_header_bytes (a larger one is skipped as lost, not buffered); HPACK
 tables <= hpack_decoder.MAX_TABLE_SIZE per direction.
 
-Counters (Stats): http2.sync_lost, http2.resyncs, http2.skipped_bytes (framing);
+Counters (Stats): http2.sync_lost, http2.resyncs, http2.skipped_bytes,
+http2.kernel_frame_headers (frame headers from the kernel used across a gap) (framing);
 http2.lost_header_blocks, http2.header_block_too_large, http2.hpack_errors,
 http2.hpack_unknown_fields (headers); http2.unpaired_responses, http2.unpaired_trailers
 (streams begun before the attach), http2.streams_over_limit, http2.push_promises,
