@@ -215,14 +215,12 @@ class Telemetry:
             # request = (..., error.type, normalized method): see SpanEncoder.request_info
             attrs = (request[4], exchange.status_code, route, exchange.scheme,
                      exchange.protocol_version, port, request[3], address)
+            # MetricsAggregator.record, minus one call (and, for a new attribute set or
+            # one past the cardinality limit, minus a second lookup of the same key)
             series = self._series_get((pid, is_client, attrs))
-            if series is not None:  # MetricsAggregator.record, minus one call
-                series.record(duration, exchange.request_body_size,
-                              exchange.response_body_size)
-            else:
-                self._metrics.record(pid, is_client, attrs, duration,
-                                     exchange.request_body_size,
-                                     exchange.response_body_size, start)
+            if series is None:
+                series = self._metrics.new_series(pid, is_client, attrs, start)
+            series.record(duration, exchange.request_body_size, exchange.response_body_size)
 
     def _record_rpc(self, exchange: HttpExchange) -> None:
         """record() of a gRPC call: the RPC span and rpc.* metrics (see

@@ -378,11 +378,13 @@ class MetricsAggregator:
         key = (pid, is_client, attrs)
         series = self._series.get(key)
         if series is None:
-            series = self._new_series(pid, is_client, attrs, started_ns)
+            series = self.new_series(pid, is_client, attrs, started_ns)
         series.record(duration_s, request_size, response_size)
 
-    def _new_series(self, pid: int, is_client: bool, attrs: tuple,
-                    started_ns: int | None = None) -> Series:
+    def new_series(self, pid: int, is_client: bool, attrs: tuple,
+                   started_ns: int | None = None) -> Series:
+        """The series to record into for an attribute set `series_get` did not find:
+        a new one, or the process's overflow series past the cardinality limit."""
         role_key = (pid, is_client)
         n = self._per_role.get(role_key, 0)
         # The last slot per (pid, role) is reserved for the overflow series, which may

@@ -161,6 +161,46 @@ def test_caches_hold_what_repeats_not_what_the_client_invents():
                    for key in encoder._attr._cache)
 
 
+def test_random_traffic_metrics_count_every_exchange_within_the_cardinality_limit():
+    from opentelemetry.proto.collector.metrics.v1.metrics_service_pb2 import (
+        ExportMetricsServiceRequest,
+    )
+
+    payloads: list[bytes] = []
+
+    class Sink:
+        def export_traces(self, payload: bytes, spans: int = 1) -> None:
+            pass
+
+        def export_metrics(self, payload: bytes, points: int = 1) -> None:
+            payloads.append(payload)
+
+    stats = Stats()
+    telemetry = Telemetry(TelemetryOptions(max_routes=20, metric_cardinality_limit=10),
+                          resource_for_pid=lambda pid: {"service.name": "s%d" % pid},
+                          daemon_resource={"service.name": "otel-ebpf"}, sink=Sink(),
+                          stats=stats)
+    exchanges = random_exchanges(3000)
+    for ex in exchanges:
+        telemetry.record(ex)
+    telemetry.flush()
+    request = ExportMetricsServiceRequest.FromString(payloads[-1])
+    counts: dict[str, list[tuple[int, bool]]] = {}
+    for rm in request.resource_metrics:
+        for sm in rm.scope_metrics:
+            for metric in sm.metrics:
+                if metric.name.endswith("request.duration"):
+                    counts.setdefault(metric.name, []).extend(
+                        (p.count, any(a.key == "otel.metric.overflow" for a in p.attributes))
+                        for p in metric.histogram.data_points)
+    for name in ("http.server.request.duration", "http.client.request.duration"):
+        points = counts[name]
+        assert sum(c for c, _ in points) == 3000  # one per request and side
+        assert len(points) == 10 and sum(overflow for _, overflow in points) == 1
+    overflowed = sum(c for points in counts.values() for c, overflow in points if overflow)
+    assert stats.snapshot()["telemetry.metric_overflow"] == overflowed
+
+
 def _record_cost(exchanges: list[HttpExchange]) -> float:
     """CPU microseconds per exchange of Telemetry.record (+ the final flush)."""
     sink = _NullSink()
