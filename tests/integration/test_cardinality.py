@@ -97,6 +97,11 @@ telemetry:
             "--health-listen", f"127.0.0.1:{health_port}", exporter="otlp",
             env={"OTEL_EXPORTER_OTLP_ENDPOINT": rx.grpc_endpoint,
                  "OTEL_EXPORTER_OTLP_PROTOCOL": "grpc"}) as daemon:
+        # Baseline after start-up has settled: the first export loads the gRPC stack
+        # (~10 MB once), which is not what random traffic costs.
+        subprocess.run(["curl", "-sS", "-o", "/dev/null", f"http://127.0.0.1:{port}/warmup"],
+                       check=True, timeout=30)
+        time.sleep(3)
         rss_before = rss_kib(daemon.proc.pid)
         served = 0
         deadline = time.monotonic() + 300
@@ -148,4 +153,4 @@ telemetry:
     print(f"served {served}, series {len(series)}, span names {len(names)}, "
           f"spans received {len(spans)}, daemon RSS {rss_before / 1024:.1f} -> "
           f"{rss_after / 1024:.1f} MiB")
-    assert growth_mib < 48, f"daemon RSS grew {growth_mib:.1f} MiB under random requests"
+    assert growth_mib < 24, f"daemon RSS grew {growth_mib:.1f} MiB under random requests"
