@@ -142,13 +142,16 @@ def short(name: str) -> str:
 
 
 def measure(pids: list[int], nginx: Nginx, duration_s: float, connections: int,
-            workdir: Path) -> dict:
-    """Run wrk at saturation and return per-program deltas and the exchanges served."""
+            workdir: Path, agent: Agent | None = None) -> dict:
+    """Run wrk at saturation and return per-program deltas and the exchanges served
+    (and the daemon's CPU over the run when `agent` is given)."""
     run_wrk(nginx.url, 1, connections=connections, logdir=workdir)   # warm-up
     before = snapshot(pids)
+    cpu0 = agent.cpu_s() if agent else 0.0
     served0 = nginx.requests()
     wrk = run_wrk(nginx.url, duration_s, connections=connections, logdir=workdir)
     served = nginx.requests() - served0 - 1   # the second status read counts itself
+    cpu = agent.cpu_s() - cpu0 if agent else 0.0
     after = snapshot(pids)
     progs = []
     for i, a in after.items():
@@ -161,7 +164,8 @@ def measure(pids: list[int], nginx: Nginx, duration_s: float, connections: int,
                       "verified_insns": a.verified_insns})
     progs.sort(key=lambda p: -p["ns"])
     return {"served": served, "rps": wrk.rps, "programs": progs,
-            "total_ns": sum(p["ns"] for p in progs)}
+            "total_ns": sum(p["ns"] for p in progs), "daemon_cpu_s": cpu,
+            "wrk_s": wrk.duration_s}
 
 
 def print_arm(title: str, arm: dict, insns: bool) -> None:
@@ -198,7 +202,7 @@ def main(argv: list[str] | None = None) -> int:
             with Nginx(workdir) as nginx:
                 with Agent(workdir, None, pids=nginx.pids(), exporter="none") as agent:
                     result["traced_none"] = measure(tree(agent.pid), nginx, args.duration,
-                                                    args.connections, workdir)
+                                                    args.connections, workdir, agent)
                     stats = agent.stats()
                     result["traced_none"]["daemon_exchanges_total"] = agent.exchanges(stats)
                 if not args.no_empty:
@@ -215,6 +219,12 @@ def main(argv: list[str] | None = None) -> int:
         e = result["empty_probes"]["total_ns"] / max(result["empty_probes"]["served"], 1)
         print("\nBPF ns per exchange: traced-none %.1f, empty %.1f, ours beyond the floor %.1f"
               % (t, e, t - e))
+    tn = result["traced_none"]
+    if tn["served"] and tn["wrk_s"]:
+        # The daemon drains on the same cores: beside the BPF time, what nginx competes with.
+        print("daemon CPU (user space, draining, exporting nothing): %.0f ns per exchange, "
+              "%.2f cores" % (tn["daemon_cpu_s"] * 1e9 / tn["served"],
+                              tn["daemon_cpu_s"] / tn["wrk_s"]))
     if args.json:
         args.json.write_text(json.dumps(result, indent=1))
     return 0
