@@ -258,13 +258,6 @@ static __always_inline __u32 head_parse(struct fast_scratch_t *fs)
         __u64 w = head_word(fs, base);
         __u64 r = len - base; /* >= 1: the loop stops before base reaches len */
         asm volatile("" : "+r"(r));
-        /* Most words of a head are plain text: no control byte (so no CR, LF or tab),
-         * no CR or LF in the last two bytes of the word before (what the checks below
-         * carry over), and a next word to go on to. Such a word refuses and records
-         * nothing: skip it. */
-        if (!(swar_lt(w, 0x20) | swar_eq(w, 0x7f) | ((carry_cr | carry_lf) >> 48) |
-              opaque((r - 9) >> 63)))
-            continue;
         __u64 part = HIGHS8 & ((1ULL << ((r & 7) * 8)) - 1);
         __u64 hm = HIGHS8 ^ ((HIGHS8 ^ part) & -opaque((r - 8) >> 63)); /* bytes < len */
         __u64 lf = swar_eq(w, '\n') & hm;
