@@ -83,7 +83,9 @@ def header_regex(names: Iterable[bytes]) -> re.Pattern[bytes]:
     per-exchange budget cannot afford per-line Python work.
     """
     alternatives = b"|".join(re.escape(n) for n in sorted(set(names), key=len, reverse=True))
-    return re.compile(rb"\r\n(" + alternatives + rb")[ \t]*:[ \t]*([^\r\n]*)", re.I)
+    # No whitespace between name and colon (RFC 9112 5.1: such a line is not that field;
+    # servers reject or ignore it), the same rule as the kernel fast path's name compares.
+    return re.compile(rb"\r\n(" + alternatives + rb"):[ \t]*([^\r\n]*)", re.I)
 
 
 _REQUEST_FIELDS_RE = header_regex(_FIELD_IDS)
@@ -231,7 +233,7 @@ def looks_like_http1(first: bytes) -> bool:
     return _MESSAGE_START_RE.match(first) is not None and not first.startswith(b"PRI * HTTP/2")
 
 
-_UPGRADE_RE = re.compile(rb"\r\nupgrade[ \t]*:[ \t]*([^\r\n]*)", re.IGNORECASE)
+_UPGRADE_RE = re.compile(rb"\r\nupgrade:[ \t]*([^\r\n]*)", re.IGNORECASE)
 
 
 def parse_response_head(
