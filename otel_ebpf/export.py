@@ -134,7 +134,7 @@ SPOOLED_MEMORY_BYTES = 4 * 1024 * 1024
 # With a spool, shutdown waits at most this long for the collector; the rest is spooled
 # (a few ms of disk writes), so SIGTERM under load exits within a second (the benchmark's
 # target) and nothing is lost: the next start sends it first.
-SPOOL_SHUTDOWN_FLUSH_S = 0.5
+SPOOL_SHUTDOWN_FLUSH_S = 0.25
 
 
 @dataclass(frozen=True, slots=True)
