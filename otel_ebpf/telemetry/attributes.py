@@ -144,6 +144,26 @@ def server_endpoint(exchange: HttpExchange) -> tuple[str | None, int | None]:
     return exchange.local_address, exchange.local_port
 
 
+def _add_connection_attributes(attrs: Attributes, exchange: HttpExchange) -> None:
+    """server.*, client.* (server side), network.peer.* and the protocol version: the
+    same for HTTP and RPC spans."""
+    address, port = server_endpoint(exchange)
+    if address is not None:
+        attrs["server.address"] = address
+    if port is not None:
+        attrs["server.port"] = port
+    if exchange.role != Role.CLIENT:
+        if exchange.remote_address is not None:
+            attrs["client.address"] = exchange.remote_address
+        if exchange.remote_port is not None:
+            attrs["client.port"] = exchange.remote_port
+    if exchange.remote_address is not None:
+        attrs["network.peer.address"] = exchange.remote_address
+    if exchange.remote_port is not None:
+        attrs["network.peer.port"] = exchange.remote_port
+    attrs["network.protocol.version"] = exchange.protocol_version
+
+
 def http_attributes(
     exchange: HttpExchange,
     route: str | None,
@@ -164,21 +184,7 @@ def http_attributes(
         attrs["http.route"] = route
     if exchange.status_code is not None:
         attrs["http.response.status_code"] = exchange.status_code
-    address, port = server_endpoint(exchange)
-    if address is not None:
-        attrs["server.address"] = address
-    if port is not None:
-        attrs["server.port"] = port
-    if exchange.role != Role.CLIENT:
-        if exchange.remote_address is not None:
-            attrs["client.address"] = exchange.remote_address
-        if exchange.remote_port is not None:
-            attrs["client.port"] = exchange.remote_port
-    if exchange.remote_address is not None:
-        attrs["network.peer.address"] = exchange.remote_address
-    if exchange.remote_port is not None:
-        attrs["network.peer.port"] = exchange.remote_port
-    attrs["network.protocol.version"] = exchange.protocol_version
+    _add_connection_attributes(attrs, exchange)
     if exchange.user_agent is not None:
         attrs["user_agent.original"] = exchange.user_agent
     attrs["http.request.body.size"] = exchange.request_body_size
@@ -251,21 +257,7 @@ def rpc_attributes(exchange: HttpExchange) -> Attributes:
         attrs["rpc.method"] = rpc.method
     if rpc.status_code is not None:
         attrs["rpc.grpc.status_code"] = rpc.status_code
-    address, port = server_endpoint(exchange)
-    if address is not None:
-        attrs["server.address"] = address
-    if port is not None:
-        attrs["server.port"] = port
-    if exchange.role != Role.CLIENT:
-        if exchange.remote_address is not None:
-            attrs["client.address"] = exchange.remote_address
-        if exchange.remote_port is not None:
-            attrs["client.port"] = exchange.remote_port
-    if exchange.remote_address is not None:
-        attrs["network.peer.address"] = exchange.remote_address
-    if exchange.remote_port is not None:
-        attrs["network.peer.port"] = exchange.remote_port
-    attrs["network.protocol.version"] = exchange.protocol_version
+    _add_connection_attributes(attrs, exchange)
     attrs["otel_ebpf.rpc.request_messages"] = rpc.request_messages
     attrs["otel_ebpf.rpc.response_messages"] = rpc.response_messages
     is_error, error_type = rpc_status(exchange.outcome, rpc.status_code,
