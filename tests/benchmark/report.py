@@ -196,6 +196,11 @@ def rows(results: dict) -> list[tuple[str, str, str, str]]:
             out.append(("2 fast path forced off, same unpaced step",
                         how if how.startswith("n/a") else "n/a (not run in this mode)",
                         "", ""))
+        gz = c.get("gzip_step")
+        if gz:
+            out.append(("2 OTLP gzip on, same unpaced step: us/ex, ex/s",
+                        "%s, %.0f" % (_fmt(gz["cpu_us_per_exchange"]), gz["exchanges_per_s"]),
+                        "(info)", ""))
         out.append(("2 spans received / exchanges", "%d / %d" % (
                         c["receiver_spans"], c.get("daemon_final_exchanges",
                                                    c["daemon_total_exchanges"])),

@@ -56,6 +56,9 @@ class Plan:
     # One unpaced capacity step with the fast path forced off (when the daemon has the
     # switch): the slow path's CPU per exchange, side by side with the default's.
     slow_path_step: bool = True
+    # One more unpaced capacity step with OTLP gzip on (the default sends uncompressed):
+    # what compression costs per exchange, side by side.
+    gzip_step: bool = True
     # SIGTERM -> every daemon process gone, under this much unpaced load.
     stop_under_load_s: float = 2.0
     daemon_cpu: int = 1
@@ -75,7 +78,7 @@ class Plan:
         return cls(rounds=1, arm_s=2.0, warmup_s=0.0, ladder=[(8, 1)], step_s=2.0,
                    stall_s=2.0, idle_s=1.0, held_connections=211, exchanges_target=30011,
                    exchanges_cap_s=10.0, freshness_s=2.0, profile_s=0.0,
-                   slow_path_step=False, stop_under_load_s=1.0)
+                   slow_path_step=False, gzip_step=False, stop_under_load_s=1.0)
 
 
 def median(values: list[float]) -> float:
@@ -364,6 +367,14 @@ def capacity(plan: Plan, workdir: Path) -> dict:
                 result["slow_path_step"] = _capacity_step(slow, nginx.url, conns, delay_ms,
                                                           plan, workdir, load_cpus,
                                                           label="capacity, fast path off,")
+        if plan.gzip_step:
+            conns, delay_ms = plan.ladder[-1]
+            with Agent(workdir, rx.grpc_endpoint, pids=nginx.pids(), cpus=daemon_cpus,
+                       env={"OTEL_EXPORTER_OTLP_COMPRESSION": "gzip"},
+                       name="otel-ebpf-gzip") as gz:
+                result["gzip_step"] = _capacity_step(gz, nginx.url, conns, delay_ms, plan,
+                                                     workdir, load_cpus,
+                                                     label="capacity, OTLP gzip,")
         if plan.profile_s:
             result["profile"] = profile(rx, nginx, plan, workdir, daemon_cpus, load_cpus)
     result["steps"] = steps

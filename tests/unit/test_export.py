@@ -78,9 +78,9 @@ def collector():
         c.close()
 
 
-def http_options(url: str, **kw) -> OtlpOptions:
+def http_options(url: str, compression: str = "gzip", **kw) -> OtlpOptions:
     sig = OtlpSignalOptions(protocol="http/protobuf", endpoint=url, timeout_s=2.0,
-                            headers=(("api-key", "s3cret"),))
+                            headers=(("api-key", "s3cret"),), compression=compression)
     return OtlpOptions(traces=sig, metrics=sig, retry_initial_backoff_s=0.01,
                        retry_max_backoff_s=0.05, **kw)
 
@@ -112,6 +112,22 @@ def test_http_post_format_headers_and_gzip(collector):
     assert gzip.decompress(sent) == body
     assert stats.get("export.payloads_sent") == 1
     assert stats.get("export.spans_sent") == 3
+
+
+def test_http_post_uncompressed_by_default(collector):
+    """No compression unless configured, as in the OpenTelemetry SDKs: the body is the
+    payload itself and no Content-Encoding is sent."""
+    assert OtlpSignalOptions().compression == "none"
+    c = collector()
+    sig = OtlpSignalOptions(protocol="http/protobuf", endpoint=c.url, timeout_s=2.0)
+    ex = OtlpExporter(OtlpOptions(traces=sig, metrics=sig), Stats())
+    body = payload(2)
+    ex.export_traces(body, 2)
+    assert ex.force_flush(5)
+    ex.shutdown(5)
+    (headers, sent), = c.requests
+    assert "Content-Encoding" not in headers
+    assert sent == body
 
 
 def test_retryable_statuses_are_retried_honouring_retry_after(collector):

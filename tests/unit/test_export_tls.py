@@ -61,7 +61,8 @@ def https_collector(certs):
 def test_https_with_the_collectors_ca(https_collector, certs):
     url, received = https_collector
     stats = Stats()
-    sig = OtlpSignalOptions(protocol="http/protobuf", endpoint=url, certificate=certs[0])
+    sig = OtlpSignalOptions(protocol="http/protobuf", endpoint=url, certificate=certs[0],
+                            compression="gzip")
     ex = OtlpExporter(OtlpOptions(traces=sig, metrics=sig), stats)
     ex.export_traces(b"\x0a\x00", 1)
     assert ex.force_flush(10)
@@ -111,7 +112,7 @@ def test_grpc_mutual_tls_metadata_and_gzip(certs):
         stats = Stats()
         sig = OtlpSignalOptions(protocol="grpc", endpoint="https://localhost:%d" % port,
                                 certificate=cert, client_key=key, client_certificate=cert,
-                                headers=(("X-Api-Key", "k1"),))
+                                headers=(("X-Api-Key", "k1"),), compression="gzip")
         ex = OtlpExporter(OtlpOptions(traces=sig, metrics=sig), stats)
         ex.export_traces(b"\x0a\x00", 1)
         assert ex.force_flush(10)
