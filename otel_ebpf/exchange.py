@@ -112,12 +112,20 @@ def _compile_exchange_builder() -> Callable[..., HttpExchange]:
 
     The generated __init__ of a frozen dataclass stores each field through
     object.__setattr__ (name lookup + descriptor call): ~4 us, a fifth of the whole
-    per-exchange budget of the chunk stream. Calling each slot's descriptor directly
-    halves that. The builder is generated from dataclasses.fields(), like dataclass's own
-    __init__, so it follows the contract's field order and defaults; a unit test checks it
-    equals HttpExchange(...).
+    per-exchange budget of the chunk stream. Here the fields are stored into an instance
+    of a mutable twin class with the very same slots (plain attribute stores, which the
+    interpreter specializes to a direct slot write), which then becomes an HttpExchange
+    by __class__ assignment (allowed between classes of identical layout): ~0.3 us
+    against ~0.9 us through each slot descriptor's __set__. The builder is generated
+    from dataclasses.fields(), like dataclass's own __init__, so it follows the
+    contract's field order and defaults; a unit test checks it equals HttpExchange(...).
     """
-    namespace: dict[str, object] = {"_new": object.__new__, "_cls": HttpExchange}
+    names = [f.name for f in fields(HttpExchange)]
+    twin = type("_MutableHttpExchange", (), {"__slots__": HttpExchange.__slots__})
+    if twin.__slots__ != tuple(names) or twin.__basicsize__ != HttpExchange.__basicsize__:
+        raise TypeError("HttpExchange's slots are not its fields")  # the twin must match
+    namespace: dict[str, object] = {"_new": object.__new__, "_cls": HttpExchange,
+                                    "_twin": twin}
     params, body = [], []
     for f in fields(HttpExchange):
         if f.default is MISSING:
@@ -125,9 +133,9 @@ def _compile_exchange_builder() -> Callable[..., HttpExchange]:
         else:
             namespace["_default_" + f.name] = f.default
             params.append(f"{f.name}=_default_{f.name}")
-        namespace["_set_" + f.name] = getattr(HttpExchange, f.name).__set__
-        body.append(f"    _set_{f.name}(obj, {f.name})")
-    lines = [f"def build({', '.join(params)}):", "    obj = _new(_cls)", *body, "    return obj"]
+        body.append(f"    obj.{f.name} = {f.name}")
+    lines = [f"def build({', '.join(params)}):", "    obj = _new(_twin)", *body,
+             "    obj.__class__ = _cls", "    return obj"]
     exec("\n".join(lines), namespace)  # noqa: S102 - code built from field names only
     return namespace["build"]  # type: ignore[return-value]
 
