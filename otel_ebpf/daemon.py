@@ -110,7 +110,9 @@ class ExchangeSink(Protocol):
 def reported_only(emit: Callable[[HttpExchange], None], processes: ProcessResolver,
                   discovery: Discovery, stats: Stats) -> Callable[[HttpExchange], None]:
     """emit, for the exchanges of processes discovery selects (the verdict cached in
-    their ProcessInfo); the others are counted as discovery.dropped_exchanges."""
+    their ProcessInfo); the others are counted as discovery.dropped_exchanges. Its
+    `reported_only` attribute gives the same filter in parts, for a caller that keeps
+    the verdict per connection (KernelExchangeDecoder)."""
     get = processes.get
     report_unknown = discovery.decide_unknown()
 
@@ -121,6 +123,24 @@ def reported_only(emit: Callable[[HttpExchange], None], processes: ProcessResolv
         else:
             stats.add("discovery.dropped_exchanges")
 
+    def verdict(pid: int) -> tuple[object, bool]:
+        """(what the verdict rests on, reported?): it holds for as long as the
+        resolver's cache holds that same ProcessInfo for pid (frozen: a re-judged,
+        swept or evicted pid gets a new one, or none). None: nothing to rest on, ask
+        again next time."""
+        info = get(pid)
+        if info is None:
+            return None, report_unknown
+        return info, info.selected
+
+    def drop() -> None:
+        stats.add("discovery.dropped_exchanges")
+
+    # For a caller that keeps the verdict per connection (KernelExchangeDecoder): the
+    # unfiltered output, verdict(), the resolver's own cache lookup (one dict lookup per
+    # exchange tells whether a kept verdict still holds) and the drop count.
+    emit_reported.reported_only = (  # type: ignore[attr-defined]
+        emit, verdict, processes._cache.get, drop)
     return emit_reported
 
 

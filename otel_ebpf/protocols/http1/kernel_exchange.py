@@ -74,7 +74,8 @@ class KernelExchangeDecoder:
     """Turns EVENT_EXCHANGE records into HttpExchange records (see the module doc)."""
 
     __slots__ = ("_emit", "_stats", "_offset", "_ports", "_capture", "_note_process",
-                 "_addresses", "_conns", "_resolve", "exchanges", "filtered")
+                 "_addresses", "_conns", "_resolve", "exchanges", "filtered", "_output",
+                 "_verdict", "_current", "_drop")
 
     def __init__(
         self,
@@ -87,6 +88,12 @@ class KernelExchangeDecoder:
         resolve_addresses: Resolver | None = None,
     ) -> None:
         self._emit = emit
+        # emit = daemon.reported_only(output, ...): discovery's verdict is kept in the
+        # per-connection entry and checked with one dict lookup per exchange; selected
+        # exchanges go straight to the output, the others are not even built.
+        parts = getattr(emit, "reported_only", None)
+        self._output, self._verdict, self._current, self._drop = parts or (emit, None, None,
+                                                                           None)
         self._stats = stats
         self._offset = clock_offset_ns
         self._ports = ports or None
@@ -97,7 +104,8 @@ class KernelExchangeDecoder:
         # 32768) is named afresh.
         self._note_process = note_process
         self._addresses: dict[tuple[int, bytes], str | None] = {}
-        # (tgid, fd) -> (generation, local port, remote port, addresses or _FILTERED):
+        # (tgid, fd) -> (generation, local port, remote port, addresses or _FILTERED,
+        # discovery verdict's ProcessInfo or None, reported?):
         # one entry per open descriptor, replaced when the fd is reused by a new
         # connection (the kernel hands out the lowest free fd), so closed connections do
         # not pile up. Bounded: cleared when full (a connection then costs one more lookup).
@@ -122,18 +130,24 @@ class KernelExchangeDecoder:
                               % (head_len, size - _HDR_SIZE))
         # What is the same for every exchange of a connection, worked out once for it.
         entry = self._conns.get((tgid, fd))
-        if entry is not None and entry[0] == gen and entry[1] == lport and entry[2] == rport:
-            conn = entry[3]
-        else:
-            conn = self._connection(buf, offset)
+        if entry is None or entry[0] != gen or entry[1] != lport or entry[2] != rport:
+            entry = self._connection(buf, offset)
+        conn = entry[3]
         if conn is _FILTERED:
             self.filtered += 1
             return
+        self.exchanges += 1
+        if self._current is not None:  # discovery: is this process reported?
+            info = entry[4]
+            if info is None or self._current(tgid) is not info:
+                entry = self._judge(tgid, fd, entry)
+            if not entry[5]:
+                self._drop()
+                return
         base = offset + _HDR_SIZE
         head = buf[base:base + head_len]
         offset_ns = self._offset
-        self.exchanges += 1
-        self._emit(build_exchange(
+        self._output(build_exchange(
             tgid,
             tid,
             _ROLES[role],
@@ -163,9 +177,16 @@ class KernelExchangeDecoder:
             None,
         ))
 
-    def _connection(self, buf, offset: int):
-        """(local address, local port, remote address, remote port) of a record's
-        connection, or _FILTERED; noted in the bounded per-connection cache."""
+    def _judge(self, tgid: int, fd: int, entry: tuple) -> tuple:
+        """entry with discovery's current verdict on tgid, kept in the cache."""
+        info, selected = self._verdict(tgid)
+        entry = self._conns[(tgid, fd)] = entry[:4] + (info, selected)
+        return entry
+
+    def _connection(self, buf, offset: int) -> tuple:
+        """The cache entry of a record's connection (see __init__), its addresses
+        (local address, local port, remote address, remote port) or _FILTERED; noted in
+        the bounded per-connection cache. The verdict is left to _judge."""
         (_, _role, _source, _minor, tgid, _tid, fd, gen, _s, _e, _rq, _rs, _status, family,
          lport, rport, laddr, raddr, comm) = _unpack(buf, offset)[:19]
         conns = self._conns
@@ -174,16 +195,16 @@ class KernelExchangeDecoder:
             conns.clear()
         ports = self._ports
         if ports is not None and lport not in ports and rport not in ports:
-            conns[key] = (gen, lport, rport, _FILTERED)
-            return _FILTERED
+            entry = conns[key] = (gen, lport, rport, _FILTERED, None, False)
+            return entry
         if self._note_process is not None:
             self._note_process(tgid, comm.split(b"\0", 1)[0].decode("utf-8", "replace") or None)
         local = self._address(family, laddr) if lport else None
         remote = self._address(family, raddr) if rport else None
         conn = (local, lport if local is not None else None,
                 remote, rport if remote is not None else None)
-        conns[key] = (gen, lport, rport, conn)
-        return conn
+        entry = conns[key] = (gen, lport, rport, conn, None, True)
+        return entry
 
     def _address(self, family: int, raw: bytes) -> str | None:
         addresses = self._addresses
