@@ -79,6 +79,18 @@ def rows(results: dict) -> list[tuple[str, str, str, str]]:
                     "%.0f / %.0f / %.0f / %.0f" % (
                         med["untraced"]["rps"], med["empty_probes"]["rps"],
                         med["traced_none"]["rps"], med["traced"]["rps"]), "", ""))
+        # Busy CPU of the whole machine (every process and the kernel) per request, and
+        # how busy the machine was: on a saturated machine, throughput ratios between arms
+        # are the inverse ratios of this cost, and differences are what each layer adds.
+        arms = ("untraced", "empty_probes", "traced_none", "traced")
+        if all(med[a].get("machine_cpu_us_per_request") == med[a].get(
+                "machine_cpu_us_per_request") for a in arms):  # not NaN: measured
+            out.append(("1a nginx machine CPU us per request untraced / empty / "
+                        "traced-none / traced (machine busy)",
+                        " / ".join("%.1f" % med[a]["machine_cpu_us_per_request"]
+                                   for a in arms)
+                        + " (%s)" % " / ".join("%.0f %%" % (100 * med[a]["machine_busy"])
+                                               for a in arms), "(info)", ""))
         out.append(("1a nginx traced / untraced throughput",
                     _fmt(n["traced_vs_untraced"]["throughput"]), "(info)", ""))
         out.append(("1a nginx empty-probes / untraced throughput",

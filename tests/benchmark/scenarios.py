@@ -126,10 +126,33 @@ def cpus_available(*cpus: int) -> set[int] | None:
 
 # ---------------------------------------------------------------- 1. overhead
 
+def machine_cpu_ticks() -> tuple[int, int]:
+    """(busy, total) jiffies of every CPU since boot, from /proc/stat's first line
+    (idle and iowait are not busy)."""
+    with open("/proc/stat") as f:
+        fields = [int(v) for v in f.readline().split()[1:]]
+    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)
+    return sum(fields) - idle, sum(fields)
+
+
+def _wrk_with_machine_cpu(url: str, plan: Plan, workdir: Path) -> dict:
+    """wrk's result plus what the whole machine spent on it: `machine_busy` (share of all
+    CPUs busy while wrk ran) and `machine_cpu_us_per_request` (busy CPU time, every
+    process and the kernel, per request wrk completed). On a saturated machine the
+    throughput ratio between two arms is the inverse ratio of this cost."""
+    busy0, total0 = machine_cpu_ticks()
+    res = run_wrk(url, plan.arm_s, plan.connections, plan.threads, logdir=workdir).as_dict()
+    busy1, total1 = machine_cpu_ticks()
+    res["machine_busy"] = ratio(busy1 - busy0, total1 - total0)
+    busy_s = (busy1 - busy0) / os.sysconf("SC_CLK_TCK")
+    res["machine_cpu_us_per_request"] = ratio(busy_s * 1e6, res["requests"])
+    return res
+
+
 def _measure_arm(url: str, plan: Plan, workdir: Path) -> dict:
     if plan.warmup_s:
         run_wrk(url, plan.warmup_s, plan.connections, plan.threads, logdir=workdir)
-    return run_wrk(url, plan.arm_s, plan.connections, plan.threads, logdir=workdir).as_dict()
+    return _wrk_with_machine_cpu(url, plan, workdir)
 
 
 def _traced_arm(server, rx: Receiver | None, url: str, plan: Plan, workdir: Path,
@@ -149,7 +172,7 @@ def _traced_arm(server, rx: Receiver | None, url: str, plan: Plan, workdir: Path
         if plan.warmup_s:
             run_wrk(url, plan.warmup_s, plan.connections, plan.threads, logdir=workdir)
         cpu1, t1 = agent.cpu_s(), time.monotonic()
-        res = run_wrk(url, plan.arm_s, plan.connections, plan.threads, logdir=workdir).as_dict()
+        res = _wrk_with_machine_cpu(url, plan, workdir)
         # Cores the daemon used while wrk measured: on 2 shared cores, CPU it took from
         # nginx and wrk (what separates its user-space cost from the kernel's).
         res["daemon_cores"] = (agent.cpu_s() - cpu1) / (time.monotonic() - t1)
@@ -166,7 +189,9 @@ def _traced_arm(server, rx: Receiver | None, url: str, plan: Plan, workdir: Path
 
 def _summarize(rounds: list[dict], base: str, others: list[str]) -> dict:
     out: dict = {}
-    med = {arm: {k: median([r[arm][k] for r in rounds]) for k in ("rps", "p50_us", "p99_us")}
+    med = {arm: {k: median([r[arm].get(k, float("nan")) for r in rounds])
+                 for k in ("rps", "p50_us", "p99_us", "machine_busy",
+                           "machine_cpu_us_per_request")}
            for arm in [base, *others]}
     out["median"] = med
     for arm in others:
