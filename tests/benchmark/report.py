@@ -91,6 +91,18 @@ def rows(results: dict) -> list[tuple[str, str, str, str]]:
                                    for a in arms)
                         + " (%s)" % " / ".join("%.0f %%" % (100 * med[a]["machine_busy"])
                                                for a in arms), "(info)", ""))
+            # What the traced-none arm adds to each request beyond the empty-probe floor,
+            # split into the daemon's own CPU (draining and decoding) and the rest (our
+            # BPF programs and what they cause in the kernel).
+            for arm, label in (("traced_none", "traced-none"), ("traced", "traced")):
+                beyond = (med[arm]["machine_cpu_us_per_request"]
+                          - med["empty_probes"]["machine_cpu_us_per_request"])
+                daemon = (n["%s_totals" % arm]["daemon_cores"] * 1e6 / med[arm]["rps"]
+                          if med[arm]["rps"] else float("nan"))
+                out.append(("1a nginx %s beyond the floor, machine CPU us per request: "
+                            "total = daemon + kernel side" % label,
+                            "%.1f = %.1f + %.1f" % (beyond, daemon, beyond - daemon),
+                            "(info)", ""))
         out.append(("1a nginx traced / untraced throughput",
                     _fmt(n["traced_vs_untraced"]["throughput"]), "(info)", ""))
         out.append(("1a nginx empty-probes / untraced throughput",
