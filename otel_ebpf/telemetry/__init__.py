@@ -39,6 +39,8 @@ full unless said otherwise:
   a message); request blocks 4096 (known methods) and 4096 (any other method, cached
   without it); origin blocks 4096; peer address fields 4096; one connection block per
   socket, 16384 (blocks <= 512 bytes); gRPC call blocks and message counts 4096 each.
+- Telemetry: kinds of requests (pid, url.path, method, status, outcome, role) 4096,
+  paths <= 256 chars that are their own route and known methods only.
 - attributes.split_host 1024; otlp_encode attribute keys 4096 (kept, never cleared).
 - metrics.MetricsAggregator: `metric_cardinality_limit` series per (pid, role), the
   excess folded into the overflow series (counted: telemetry.metric_overflow), and
@@ -89,6 +91,9 @@ MAX_BATCH_BYTES = 1 << 20
 _CLIENT = Role.CLIENT
 _SERVER = Role.SERVER
 _OTHER_RPC = ("_OTHER", "_OTHER")  # rpc.service/rpc.method past the cardinality bound
+# Kinds of requests kept by Telemetry._shape (cleared when full), paths up to this long.
+_MAX_SHAPES = 4096
+_MAX_SHAPE_PATH = 256
 
 
 class TelemetrySink(Protocol):
@@ -134,6 +139,9 @@ class Telemetry:
         self._resources: dict[int, bytes] = {}
         self._fallback: set[int] = set()
         self._pending: dict[int, list[bytes]] = {}
+        # (pid, url.path, method, status, outcome, is client) -> (route, request info,
+        # url.path field): see _shape.
+        self._shapes: dict[tuple, tuple] = {}
         self._pending_spans = 0
         self._pending_bytes = 0
         self._batch_since: float | None = None  # tick time at which a batch was first seen
@@ -166,15 +174,19 @@ class Telemetry:
         path, sep, query = exchange.target.partition("?")
         if path[:1] != "/":
             path = url_path(exchange)
-        route = self._routes.route(pid, path)
         role = exchange.role
         is_client = role is _CLIENT
-        request = self._encoder.request_info(
-            exchange.method, route, exchange.status_code, exchange.outcome, is_client)
+        code = exchange.status_code
+        shape = (pid, path, exchange.method, code, exchange.outcome, is_client)
+        hit = self._shapes.get(shape)
+        if hit is not None:
+            route, request, path_field = hit
+        else:
+            route, request, path_field = self._shape(shape, path, code, is_client)
         if self._spans_on:
             try:
                 span = self._encoder.encode(exchange, route, path, query if sep else None,
-                                            request)
+                                            request, path_field)
             except Exception:  # a value we cannot encode must not stop capture
                 self._n_dropped += 1
                 if not self._warned_encode:
@@ -221,6 +233,23 @@ class Telemetry:
             if series is None:
                 series = self._metrics.new_series(pid, is_client, attrs, start)
             series.record(duration, exchange.request_body_size, exchange.response_body_size)
+
+    def _shape(self, shape: tuple, path: str, code: int | None, is_client: bool) -> tuple:
+        """(http.route, SpanEncoder.request_info, url.path field or None) of one kind of
+        request of a process; kept for paths that are their own route (they repeat) and
+        known methods, so that record() pays one lookup for them. Exact: a route handed
+        out to a pid stays its route until forget(pid), which clears this cache."""
+        pid, _path, method, _code, outcome, _client = shape
+        route = self._routes.route(pid, path)
+        request = self._encoder.request_info(method, route, code, outcome, is_client)
+        if path != route or request[4] != method or len(path) > _MAX_SHAPE_PATH:
+            return route, request, None
+        hit = (route, request, self._encoder.path_field(path))
+        shapes = self._shapes
+        if len(shapes) >= _MAX_SHAPES:
+            shapes.clear()
+        shapes[shape] = hit
+        return hit
 
     def _record_rpc(self, exchange: HttpExchange) -> None:
         """record() of a gRPC call: the RPC span and rpc.* metrics (see
@@ -336,7 +365,7 @@ class Telemetry:
             self._pending_bytes = 0
             self._batch_since = None
         count = sum(len(b) for b in groups.values())
-        payload = enc.encode_trace_request(
+        payload = _trace_request(
             [(self._resource(pid), spans) for pid, spans in groups.items()])
         self._stats.add("telemetry.spans", count)
         self._sink.export_traces(payload, count)
@@ -399,6 +428,7 @@ class Telemetry:
                 self._export_metrics(pid)
         self._metrics.forget(pid)
         self._routes.forget(pid)
+        self._shapes.clear()  # the pid's routes start afresh
         self._rpc_methods.pop(pid, None)
         self._resources.pop(pid, None)
         self._fallback.discard(pid)
@@ -438,6 +468,27 @@ class Telemetry:
         if fields:
             groups.append((self._daemon_resource, fields))
         return enc.encode_metrics_request(groups)
+
+
+_RESOURCE_SPANS_TAG = enc.tag(1, 2)  # ExportTraceServiceRequest.resource_spans(1)
+_SCOPE_SPANS_TAG = enc.tag(2, 2)  # ResourceSpans.scope_spans(2)
+
+
+def _trace_request(groups: list[tuple[bytes, list[bytes]]]) -> bytes:
+    """enc.encode_trace_request(groups), the same bytes, in one join: the lengths are
+    summed first, so the spans are copied once. Nesting them field by field copies a
+    whole batch (~230 KB for 512 spans) at each level, and each fresh block that size
+    is page-faulted in anew: ~330 us against ~45 us per batch, ~0.55 us per span."""
+    out = []
+    for resource_body, spans in groups:
+        resource = enc._ld(1, resource_body)  # ResourceSpans.resource(1)
+        scope_len = len(enc.SCOPE_FIELD) + sum(map(len, spans))
+        scope_head = _SCOPE_SPANS_TAG + enc.varint(scope_len)
+        out.append(b"".join((
+            _RESOURCE_SPANS_TAG, enc.varint(len(resource) + len(scope_head) + scope_len),
+            resource, scope_head, enc.SCOPE_FIELD)))
+        out += spans
+    return b"".join(out)
 
 
 def _gauge_names(stats) -> frozenset[str]:

@@ -327,10 +327,12 @@ class SpanEncoder:
         return attrs, _OTHER_NAME_FIELD, other[1], other[2], "_OTHER"
 
     def encode(self, ex: HttpExchange, route: str | None, path: str | None = None,
-               query: str | None = None, request: tuple | None = None) -> bytes | None:
+               query: str | None = None, request: tuple | None = None,
+               path_field: bytes | None = None) -> bytes | None:
         """`path`/`query` may be passed when the caller already split the target
         (url.path as attributes.url_path gives it; query None when there is none),
-        `request` when it already has this exchange's request_info()."""
+        `request` when it already has this exchange's request_info(), `path_field`
+        when it has path_field(path) (for a path that is its own route)."""
         trace_state = None
         parent = None
         tp = ex.traceparent
@@ -372,7 +374,8 @@ class SpanEncoder:
         if path is None:
             path = url_path(ex)
             query = ex.query
-        path_field = self._paths.get(path)
+        if path_field is None:
+            path_field = self._paths.get(path)
         if path_field is None:
             if path == route:  # nothing templated away: a low-cardinality path
                 path_field = self._path_field(path)
@@ -449,6 +452,11 @@ class SpanEncoder:
             connections[skey] = (ex.host, ex.user_agent, ex.scheme, ex.protocol_version,
                                  block, peer)
         return block
+
+    def path_field(self, path: str) -> bytes:
+        """The url.path field encode() writes for a path that is its own route."""
+        field = self._paths.get(path)
+        return field if field is not None else self._path_field(path)
 
     def _path_field(self, path: str) -> bytes:
         """url.path as a whole attribute field, kept for paths that are their own
