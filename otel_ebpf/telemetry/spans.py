@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import os
 import re
+import struct
 
 from otel_ebpf.exchange import HttpExchange, Outcome, Role, RpcCall
 from otel_ebpf.telemetry import otlp_encode as enc
@@ -98,15 +99,22 @@ def parse_traceparent(header: str) -> tuple[bytes, bytes, bool] | None:
 
 
 class IdGenerator:
-    """Random trace and span ids from os.urandom, read in bulk (one syscall per ~2k ids)."""
+    """Random trace and span ids from os.urandom, read in bulk (one syscall per ~2k ids).
 
-    __slots__ = ("_buf", "_pos")
+    ids() hands out (trace id, span id) pairs cut from a chunk by struct.iter_unpack (one
+    C call per pair). An all-zero id is invalid: a chunk is used only if no 8 zero bytes
+    in a row occur anywhere in it (one search per chunk; 2**-64 odds per position), so
+    no id cut from it can be zero and none needs checking."""
+
+    __slots__ = ("_buf", "_pos", "_pairs")
 
     _CHUNK = 16 * 4096
+    _PAIRS = struct.Struct("16s8s")
 
     def __init__(self) -> None:
         self._buf = b""
         self._pos = 0
+        self._pairs = iter(())
 
     def _take(self, n: int) -> bytes:
         pos = self._pos
@@ -127,19 +135,15 @@ class IdGenerator:
         return self._take(8)
 
     def ids(self) -> tuple[bytes, bytes]:
-        """A new (trace id, span id) pair, from one read of the buffer."""
-        pos = self._pos
-        end = pos + 24
-        if end > len(self._buf):
-            self._buf = os.urandom(self._CHUNK)
-            pos, end = 0, 24
-        self._pos = end
-        buf = self._buf
-        trace_id = buf[pos:pos + 16]
-        span_id = buf[pos + 16:end]
-        if trace_id == _ZERO16 or span_id == _ZERO8:  # invalid ids; 2**-64 odds
-            return self.ids()
-        return trace_id, span_id
+        """A new (trace id, span id) pair."""
+        try:
+            return next(self._pairs)
+        except StopIteration:
+            chunk = os.urandom(self._CHUNK)[:self._CHUNK - self._CHUNK % 24]
+            while _ZERO8 in chunk:
+                chunk = os.urandom(self._CHUNK)[:len(chunk)]
+            self._pairs = self._PAIRS.iter_unpack(chunk)
+            return next(self._pairs)
 
 
 class SpanEncoder:
