@@ -46,8 +46,8 @@ full unless said otherwise:
   excess folded into the overflow series (counted: telemetry.metric_overflow), and
   MAX_SERIES over all processes; rpc (service, method) pairs: `max_routes` per pid.
 - pending spans: `span_batch_size` (<= `span_queue_size`) or MAX_BATCH_BYTES.
-(The kernel-exchange decoder upstream keeps one entry per open descriptor, 16384, and
-4096 formatted addresses.)
+(The kernel-exchange decoder upstream keeps one entry per open descriptor, 16384, each
+with its last request head if <= 256 bytes, and 4096 formatted addresses.)
 
 Not thread-safe: record/tick/forget/flush/shutdown must come from one thread (the
 daemon loop). shutdown() is idempotent and flushes everything first.

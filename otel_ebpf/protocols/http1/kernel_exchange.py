@@ -41,6 +41,11 @@ _unpack = EXCHANGE_HDR.unpack_from
 # those are read once per connection, see _connection).
 _unpack_lean = struct.Struct(EXCHANGE_HDR.format.replace("16s16s16s", "48x")).unpack_from
 _FILTERED = ()  # a connection outside the port selection
+# The header's last fields, the head's field offsets and lengths (12 u16), right before it.
+_FIELDS_SIZE = 24
+assert EXCHANGE_HDR.format.endswith("12H")
+# Longest request head kept per connection (memory: 16384 connections x this).
+_MAX_KEPT_HEAD = 256
 _MAX_CACHED_CONNECTIONS = 16384
 _ROLES = (None, Role.SERVER, Role.CLIENT)
 _SCHEMES = ("http", "https")
@@ -104,12 +109,13 @@ class KernelExchangeDecoder:
         # 32768) is named afresh.
         self._note_process = note_process
         self._addresses: dict[tuple[int, bytes], str | None] = {}
-        # (tgid, fd) -> (generation, local port, remote port, addresses or _FILTERED,
-        # discovery verdict's ProcessInfo or None, reported?):
+        # (tgid, fd) -> [generation, local port, remote port, addresses or _FILTERED,
+        # discovery verdict's ProcessInfo or None, reported?, the last request head with
+        # its field offsets (<= _MAX_KEPT_HEAD bytes), its decoded fields]:
         # one entry per open descriptor, replaced when the fd is reused by a new
         # connection (the kernel hands out the lowest free fd), so closed connections do
         # not pile up. Bounded: cleared when full (a connection then costs one more lookup).
-        self._conns: dict[tuple[int, int], tuple] = {}
+        self._conns: dict[tuple[int, int], list] = {}
         # (pid, fd) -> addresses, for timed-out requests (their records were never made)
         self._resolve = resolve_addresses
         self.exchanges = 0  # emitted (pushed into Stats by the daemon)
@@ -122,14 +128,25 @@ class KernelExchangeDecoder:
          status, _family, lport, rport, head_len, method_len, target_off, target_len,
          host_off, host_len, ua_off, ua_len, tp_off, tp_len, ts_off, ts_len
          ) = _unpack_lean(buf, offset)
-        if (head_len > size - _HDR_SIZE or not method_len or not target_len or role > 2
-                or not role or source > 1 or minor > 1
-                or max(target_off + target_len, host_off + host_len, ua_off + ua_len,
-                       tp_off + tp_len, ts_off + ts_len) > head_len):
+        if head_len > size - _HDR_SIZE or role > 2 or not role or source > 1 or minor > 1:
             raise DecodeError("exchange record with inconsistent lengths (head %d of %d bytes)"
                               % (head_len, size - _HDR_SIZE))
-        # What is the same for every exchange of a connection, worked out once for it.
+        base = offset + _HDR_SIZE
+        # The request head with the kernel's field offsets before it: the same bytes as
+        # the connection's previous request (a client repeating itself) give the same
+        # fields, already checked and decoded.
+        key = buf[base - _FIELDS_SIZE:base + head_len]
         entry = self._conns.get((tgid, fd))
+        if entry is not None and key == entry[6]:
+            fields = entry[7]
+        else:
+            fields = None
+            if (not method_len or not target_len
+                    or max(target_off + target_len, host_off + host_len, ua_off + ua_len,
+                           tp_off + tp_len, ts_off + ts_len) > head_len):
+                raise DecodeError("exchange record with inconsistent lengths (head %d of %d "
+                                  "bytes)" % (head_len, size - _HDR_SIZE))
+        # What is the same for every exchange of a connection, worked out once for it.
         if entry is None or entry[0] != gen or entry[1] != lport or entry[2] != rport:
             entry = self._connection(buf, offset)
         conn = entry[3]
@@ -140,12 +157,25 @@ class KernelExchangeDecoder:
         if self._current is not None:  # discovery: is this process reported?
             info = entry[4]
             if info is None or self._current(tgid) is not info:
-                entry = self._judge(tgid, fd, entry)
+                self._judge(tgid, entry)
             if not entry[5]:
                 self._drop()
                 return
-        base = offset + _HDR_SIZE
-        head = buf[base:base + head_len]
+        if fields is None:
+            head = buf[base:base + head_len]
+            fields = (
+                head[:method_len].decode("latin-1"),
+                head[target_off:target_off + target_len].decode("latin-1"),
+                head[host_off:host_off + host_len].decode("latin-1") if host_len else None,
+                head[ua_off:ua_off + ua_len].decode("latin-1") if ua_len else None,
+                head[tp_off:tp_off + tp_len].decode("latin-1") if tp_len else None,
+                head[ts_off:ts_off + ts_len].decode("latin-1") if ts_len else None,
+                captured_headers(head, head.find(b"\r\n"), self._capture)
+                if self._capture else (),
+            )
+            if head_len <= _MAX_KEPT_HEAD:
+                entry[6] = key
+                entry[7] = fields
         offset_ns = self._offset
         self._output(build_exchange(
             tgid,
@@ -157,13 +187,12 @@ class KernelExchangeDecoder:
             conn[3],
             _SCHEMES[source],
             _VERSIONS[minor],
-            # _head_fields(), inlined: the call costs ~0.3 us, an eighth of this decode.
-            head[:method_len].decode("latin-1"),
-            head[target_off:target_off + target_len].decode("latin-1"),
-            head[host_off:host_off + host_len].decode("latin-1") if host_len else None,
-            head[ua_off:ua_off + ua_len].decode("latin-1") if ua_len else None,
-            head[tp_off:tp_off + tp_len].decode("latin-1") if tp_len else None,
-            head[ts_off:ts_off + ts_len].decode("latin-1") if ts_len else None,
+            fields[0],
+            fields[1],
+            fields[2],
+            fields[3],
+            fields[4],
+            fields[5],
             req_size,
             resp_size,
             status,
@@ -171,19 +200,17 @@ class KernelExchangeDecoder:
             end + offset_ns,
             _OK,
             None,
-            captured_headers(head, head.find(b"\r\n"), self._capture) if self._capture else (),
+            fields[6],
             (),
             None,
             None,
         ))
 
-    def _judge(self, tgid: int, fd: int, entry: tuple) -> tuple:
-        """entry with discovery's current verdict on tgid, kept in the cache."""
-        info, selected = self._verdict(tgid)
-        entry = self._conns[(tgid, fd)] = entry[:4] + (info, selected)
-        return entry
+    def _judge(self, tgid: int, entry: list) -> None:
+        """Note discovery's current verdict on tgid in a connection's entry."""
+        entry[4], entry[5] = self._verdict(tgid)
 
-    def _connection(self, buf, offset: int) -> tuple:
+    def _connection(self, buf, offset: int) -> list:
         """The cache entry of a record's connection (see __init__), its addresses
         (local address, local port, remote address, remote port) or _FILTERED; noted in
         the bounded per-connection cache. The verdict is left to _judge."""
@@ -195,7 +222,7 @@ class KernelExchangeDecoder:
             conns.clear()
         ports = self._ports
         if ports is not None and lport not in ports and rport not in ports:
-            entry = conns[key] = (gen, lport, rport, _FILTERED, None, False)
+            entry = conns[key] = [gen, lport, rport, _FILTERED, None, False, None, None]
             return entry
         if self._note_process is not None:
             self._note_process(tgid, comm.split(b"\0", 1)[0].decode("utf-8", "replace") or None)
@@ -203,7 +230,7 @@ class KernelExchangeDecoder:
         remote = self._address(family, raddr) if rport else None
         conn = (local, lport if local is not None else None,
                 remote, rport if remote is not None else None)
-        entry = conns[key] = (gen, lport, rport, conn, None, True)
+        entry = conns[key] = [gen, lport, rport, conn, None, True, None, None]
         return entry
 
     def _address(self, family: int, raw: bytes) -> str | None:
