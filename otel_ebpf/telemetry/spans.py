@@ -64,6 +64,8 @@ _KIND_CLIENT = enc._KIND_FIELDS[enc.SPAN_KIND_CLIENT]
 _KIND_INTERNAL = enc._KIND_FIELDS[enc.SPAN_KIND_INTERNAL]
 _FLAGS_FIELD_LOCAL_ROOT = enc._FLAGS_FIELDS[_FLAGS_LOCAL_ROOT]
 _FLAGS_FIELD_REMOTE_PARENT = enc._FLAGS_FIELDS[_FLAGS_REMOTE_PARENT]
+# ScopeSpans.spans(2) tag and a two-byte length (a span of 128 to 16383 bytes).
+_pack_span_head2 = struct.Struct("<3B").pack
 # url.query field = tag(9) len (key field "url.query") 0x12 len 0x0a len value: for a
 # value of n bytes, everything before the value, when every length fits one byte.
 _QUERY_KEY = enc._key_field("url.query")
@@ -400,13 +402,14 @@ class SpanEncoder:
 
         # enc.field_span, inlined: one join for the whole Span body.
         if parent is None:
-            head = b"".join((b"\x0a\x10", trace_id, b"\x12\x08", span_id))
+            tail = b""
+            flags = _FLAGS_FIELD_LOCAL_ROOT
         else:
-            head = b"".join((b"\x0a\x10", trace_id, b"\x12\x08", span_id,
-                             enc._str(3, trace_state) if trace_state else b"",
+            tail = b"".join((enc._str(3, trace_state) if trace_state else b"",
                              b"\x22\x08", parent))  # trace_state(3), parent_span_id(4)
+            flags = _FLAGS_FIELD_REMOTE_PARENT
         payload = b"".join((
-            head,
+            b"\x0a\x10", trace_id, b"\x12\x08", span_id, tail,  # ids(1, 2)
             name_field,  # name(5)
             _KIND_CLIENT if is_client else _KIND_SERVER if role is _SERVER else _KIND_INTERNAL,
             _pack_times(0x39, ex.start_time_unix_nano, 0x41, ex.end_time_unix_nano),
@@ -416,13 +419,13 @@ class SpanEncoder:
             query_field,
             sizes,
             status,  # status(15)
-            _FLAGS_FIELD_LOCAL_ROOT if parent is None else _FLAGS_FIELD_REMOTE_PARENT,
+            flags,
         ))
         n = len(payload)
         if n < 128:
             return b"\x12" + _SMALL_VARINTS[n] + payload
         if n < 16384:
-            return b"".join((b"\x12", bytes(((n & 0x7F) | 0x80, n >> 7)), payload))
+            return _pack_span_head2(0x12, (n & 0x7F) | 0x80, n >> 7) + payload
         return b"".join((b"\x12", enc.varint(n), payload))
 
     def _connection_block(self, ex: HttpExchange, is_client: bool, skey: tuple,
