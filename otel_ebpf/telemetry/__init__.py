@@ -42,6 +42,7 @@ full unless said otherwise:
 - Telemetry: kinds of requests (pid, url.path, method, status, outcome, role) 4096,
   paths <= 256 chars that are their own route and known methods only.
 - attributes.split_host 1024; otlp_encode attribute keys 4096 (kept, never cleared).
+- metrics: body size -> histogram bucket 4096 (shared by every aggregator).
 - metrics.MetricsAggregator: `metric_cardinality_limit` series per (pid, role), the
   excess folded into the overflow series (counted: telemetry.metric_overflow), and
   MAX_SERIES over all processes; rpc (service, method) pairs: `max_routes` per pid.
