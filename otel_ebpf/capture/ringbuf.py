@@ -49,12 +49,10 @@ DISCARD = 1 << 30
 HDR_SIZE = 8
 PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
 
-_U32 = struct.Struct("<I")
-
 
 class RingBuffer:
     __slots__ = ("_fd", "_size", "_mask", "_cons", "_data", "_end", "_epoll", "records",
-                 "_cons_pos", "_prod_pos")
+                 "_cons_pos", "_prod_pos", "_words")
 
     def __init__(self, map_fd: int, data_size: int) -> None:
         if data_size <= 0 or data_size & (data_size - 1) or data_size % PAGE_SIZE:
@@ -81,6 +79,9 @@ class RingBuffer:
         """Whole 8-byte loads and stores of the positions (see the module doc)."""
         self._cons_pos = ctypes.c_uint64.from_buffer(self._cons, 0)
         self._prod_pos = memoryview(self._data)[:8].cast("Q")
+        # Record header words (u32 in the kernel's own byte order), each read with one
+        # 4-byte load instead of struct's byte-by-byte unpack; index = byte offset // 4.
+        self._words = memoryview(self._data).cast("I")
 
     def fileno(self) -> int:
         return self._epoll.fileno()
@@ -100,7 +101,7 @@ class RingBuffer:
         """Hand every complete record to on_record(buf, offset, size); see the module doc."""
         data = self._data
         cons_pos, prod_pos = self._cons_pos, self._prod_pos
-        u32 = _U32
+        words = self._words
         mask, end = self._mask, self._end
         cons = cons_pos.value
         prod = prod_pos[0]
@@ -108,7 +109,7 @@ class RingBuffer:
         while cons < prod:
             while cons < prod:
                 off = PAGE_SIZE + (cons & mask)
-                word = u32.unpack_from(data, off)[0]
+                word = words[off >> 2]
                 if word & BUSY:
                     self.records += handed
                     return handed  # being written: next time
@@ -141,6 +142,8 @@ class RingBuffer:
             # The position views export the mappings' buffers: release them first.
             self._prod_pos.release()
             self._prod_pos = None
+            self._words.release()
+            self._words = None
             self._cons_pos = None
             self._data.close()
             self._cons.close()
