@@ -37,13 +37,15 @@ from otel_ebpf.stats import Stats
 
 _HDR_SIZE = EXCHANGE_HDR.size
 _unpack = EXCHANGE_HDR.unpack_from
-# The same layout without the addresses and task name (no bytes objects made per record:
-# those are read once per connection, see _connection).
-_unpack_lean = struct.Struct(EXCHANGE_HDR.format.replace("16s16s16s", "48x")).unpack_from
+# The same layout up to head_len, without the kind, family, addresses and task name (no
+# bytes objects made per record: those are read once per connection, see _connection);
+# the field offsets after head_len are read only for a head not seen just before.
+assert EXCHANGE_HDR.format == "<BBBBIIiQQQQQHHHH16s16s16s12H"  # what these follow
+_unpack_lean = struct.Struct("<xBBBIIiQQQQQH2xHH48xH").unpack_from
+_unpack_fields = struct.Struct("<11H").unpack_from
 _FILTERED = ()  # a connection outside the port selection
 # The header's last fields, the head's field offsets and lengths (12 u16), right before it.
 _FIELDS_SIZE = 24
-assert EXCHANGE_HDR.format.endswith("12H")
 # Longest request head kept per connection (memory: 16384 connections x this).
 _MAX_KEPT_HEAD = 256
 _MAX_CACHED_CONNECTIONS = 16384
@@ -124,10 +126,8 @@ class KernelExchangeDecoder:
     def on_record(self, buf, offset: int, size: int) -> None:
         if size < _HDR_SIZE:
             raise DecodeError("exchange record of %d bytes is shorter than its header" % size)
-        (_, role, source, minor, tgid, tid, fd, gen, start, end, req_size, resp_size,
-         status, _family, lport, rport, head_len, method_len, target_off, target_len,
-         host_off, host_len, ua_off, ua_len, tp_off, tp_len, ts_off, ts_len
-         ) = _unpack_lean(buf, offset)
+        (role, source, minor, tgid, tid, fd, gen, start, end, req_size, resp_size, status,
+         lport, rport, head_len) = _unpack_lean(buf, offset)
         if head_len > size - _HDR_SIZE or role > 2 or not role or source > 1 or minor > 1:
             raise DecodeError("exchange record with inconsistent lengths (head %d of %d bytes)"
                               % (head_len, size - _HDR_SIZE))
@@ -141,6 +141,8 @@ class KernelExchangeDecoder:
             fields = entry[7]
         else:
             fields = None
+            (method_len, target_off, target_len, host_off, host_len, ua_off, ua_len, tp_off,
+             tp_len, ts_off, ts_len) = _unpack_fields(buf, base - _FIELDS_SIZE + 2)
             if (not method_len or not target_len
                     or max(target_off + target_len, host_off + host_len, ua_off + ua_len,
                            tp_off + tp_len, ts_off + ts_len) > head_len):
