@@ -190,7 +190,11 @@ class RingReader:
                  handlers: Mapping[int, RecordHandler] | None = None) -> None:
         self._on_event = on_event
         self._stats = stats
-        self._handlers = dict(handlers or {})
+        # Indexed by the record's kind byte (0-255): one subscript per record.
+        by_kind: list[RecordHandler | None] = [None] * 256
+        for kind, handler in (handlers or {}).items():
+            by_kind[kind] = handler
+        self._handlers = tuple(by_kind)
         self.events = 0
         self.decode_errors = 0
         self.callback_errors = 0
@@ -212,9 +216,9 @@ class RingReader:
             kind = buf[offset]
             if type(kind) is bytes:  # a ctypes char array yields bytes of length 1
                 kind = kind[0]
-            handler = self._handlers.get(kind)
+            handler = self._handlers[kind]
             if handler is not None:
-                self.events += 1
+                events = self.events = self.events + 1
                 try:
                     handler(buf, offset, size)
                 except DecodeError:
@@ -224,7 +228,7 @@ class RingReader:
                     self._log_once(type(exc).__name__, "record handler raised %r; record "
                                    "dropped, capture continues (logged once per exception "
                                    "type)", exc)
-                return not (not self.events & 255 and _monotonic() > self.deadline)
+                return not (not events & 255 and _monotonic() > self.deadline)
             if kind == _EVENT_DATA and size >= _HDR_SIZE:
                 h = _unpack_hdr(buf, offset)
                 start = offset + _HDR_SIZE
