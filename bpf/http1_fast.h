@@ -671,6 +671,22 @@ static __always_inline int fast_chunk(struct conn_key_t *key, struct conn_t *con
         reason = CNT_FB_OVERRUN;
         goto fall;
     }
+    p->resp_body = body;
+    p->status = status;
+    if (size == hl + body) {
+        /* The whole response in this chunk (nginx's writev of head and body): emit
+         * now. The response head is kept in p->resp only for a later hand-over, and
+         * after this record there is none. */
+        if (source == SOURCE_OPENSSL)
+            conn->tls_pos[d] = pos + size;
+        else
+            conn->pos[d] = pos + size;
+        fast_emit(key, conn, p, now);
+        pending.delete(key);
+        conn->fast = FAST_IDLE;
+        conn->fast_left = 0;
+        return FP_DONE;
+    }
     __u32 rn = n & ((RESP_HEAD_MAX << 1) - 1);
     if (rn > RESP_HEAD_MAX)
         rn = RESP_HEAD_MAX;
@@ -678,8 +694,6 @@ static __always_inline int fast_chunk(struct conn_key_t *key, struct conn_t *con
         goto fall;
     p->resp_cap = rn;
     p->resp_pos = pos;
-    p->resp_body = body;
-    p->status = status;
     conn->fast = FAST_RESP;
     conn->fast_left = hl + body - size;
     conn->fast_ts = now;

@@ -194,28 +194,30 @@ static __always_inline int emit_data_at(__u32 tgid, __u32 tid, __s32 fd, __u64 g
 }
 
 /* The best addresses known for a connection: the struct sock's 4-tuple when a
- * tracepoint gave it to us, else what accept/connect saw (remote only). */
+ * tracepoint gave it to us, else what accept/connect saw (remote only). The 4-tuple,
+ * once found, is copied into the connection (CONN_ADDRS_SK): conn->sk never changes
+ * for an entry (a different sk replaces the entry) and neither does the tuple of a
+ * struct sock, so later records skip the sk_addrs lookup. */
 static __always_inline void conn_addrs(struct conn_t *conn, __u16 *family, __u16 *lport,
                                        __u16 *rport, __u8 *laddr, __u8 *raddr)
 {
-    struct sk_addr_t *a = 0;
-    if (conn->sk) {
+    if (!(conn->flags & CONN_ADDRS_SK) && conn->sk) {
         __u64 sk = conn->sk;
-        a = sk_addrs.lookup(&sk);
+        struct sk_addr_t *a = sk_addrs.lookup(&sk);
+        if (a && a->family) {
+            conn->family = a->family;
+            conn->local_port = a->local_port;
+            conn->remote_port = a->remote_port;
+            __builtin_memcpy(conn->local_addr, a->local_addr, 16);
+            __builtin_memcpy(conn->remote_addr, a->remote_addr, 16);
+            conn->flags |= CONN_ADDRS_SK;
+        }
     }
-    if (a && a->family) {
-        *family = a->family;
-        *lport = a->local_port;
-        *rport = a->remote_port;
-        __builtin_memcpy(laddr, a->local_addr, 16);
-        __builtin_memcpy(raddr, a->remote_addr, 16);
-    } else {
-        *family = conn->family;
-        *lport = conn->local_port;
-        *rport = conn->remote_port;
-        __builtin_memcpy(laddr, conn->local_addr, 16);
-        __builtin_memcpy(raddr, conn->remote_addr, 16);
-    }
+    *family = conn->family;
+    *lport = conn->local_port;
+    *rport = conn->remote_port;
+    __builtin_memcpy(laddr, conn->local_addr, 16);
+    __builtin_memcpy(raddr, conn->remote_addr, 16);
 }
 
 /* Emit the connection's CONN_OPEN once, with the best addresses known now and where

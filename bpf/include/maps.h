@@ -29,6 +29,7 @@
 #define CONN_SELECT_DONE 2 /* the port selection's verdict is made (conn_select) */
 #define CONN_IGNORED 4 /* deselected by port in the kernel: nothing of it is emitted */
 #define CONN_RESET 8   /* a read/write returned ECONNRESET/EPIPE: its CONN_CLOSE says reset */
+#define CONN_ADDRS_SK 16 /* family, ports and addresses below are the struct sock's 4-tuple */
 
 /* conn_t.fast: the kernel fast path (http1_fast.h). Only connections created by
  * accept/connect while config[CFG_FAST_PATH] is set start FAST_IDLE; the rest, and
