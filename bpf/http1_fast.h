@@ -53,6 +53,12 @@
 #define H_CONTENT_LENGTH 4
 #define H_TRANSFER_ENCODING 5
 
+/* Bit (c | 0x20) & 63 for the first letter c of each name head_parse looks for, either
+ * case ('c' is 0x63, bit 35): lines starting otherwise are not compared at all. */
+#define LETTER_BIT(c) (1ULL << ((c) & 63))
+#define FIRST_LETTERS_RESPONSE (LETTER_BIT('c') | LETTER_BIT('t'))
+#define FIRST_LETTERS_REQUEST (FIRST_LETTERS_RESPONSE | LETTER_BIT('h') | LETTER_BIT('u'))
+
 /* Per-CPU work area: the pending entry being built (p.req is the parse buffer for
  * request and response heads alike, so the parser's loops exist once per program)
  * and the parser's results. */
@@ -73,6 +79,7 @@ struct fast_scratch_t {
     __u32 sp0;                /* line0_count: spaces and tabs on line 0 */
     __u32 ht0;
     __u32 m;                  /* method length */
+    __u64 first;              /* pass 2: FIRST_LETTERS_* of this head */
     /* fast_chunk's inputs, parked across the parse (READ_BACK) */
     __u64 a_size;
     __u64 a_cap;
@@ -136,10 +143,11 @@ static __always_inline __u64 opaque(__u64 x)
     return x;
 }
 
-/* index of the byte holding the single bit `low` (a 0x80 bit) */
+/* index of the byte holding the single bit `low` (a 0x80 bit; 0 for none): the
+ * multiply moves byte k of 0x0001..07, which is k, to the top */
 static __always_inline __u32 swar_index(__u64 low)
 {
-    return swar_count((low - 1) & HIGHS8);
+    return (__u32)(((low >> 7) * 0x0001020304050607ULL) >> 56);
 }
 
 /* The mask is what bounds the access for the verifier; the empty asm before it keeps
@@ -298,15 +306,22 @@ static __always_inline __u32 head_parse(struct fast_scratch_t *fs)
     fs->end = READ_BACK(fs->e2_base) + swar_index(e2 & -e2) + 1;
     __u32 end;
 
-    /* Pass 2: header lines 1 .. nl-2 (line nl-1 is the empty one). */
+    /* Pass 2: header lines 1 .. nl-2 (line nl-1 is the empty one). A line whose first
+     * letter starts none of the names wanted (a response wants Content-Length and
+     * Transfer-Encoding only) is passed over before the name compares: most of a
+     * response's lines (Server, Date, ETag, ...). */
     fs->seen = 0;
+    fs->first = READ_BACK(fs->a_response) ? FIRST_LETTERS_RESPONSE : FIRST_LETTERS_REQUEST;
 #pragma clang loop unroll(disable)
     for (__u32 l = 1; l < HEAD_LINES_MAX - 1; l++) {
         if (l + 1 >= READ_BACK(fs->nl))
             break;
         __u32 s = fs->lf[(l - 1) & (HEAD_LINES_MAX - 1)] + 1;
         __u32 e = fs->lf[l & (HEAD_LINES_MAX - 1)] - 1; /* the CR */
-        __u64 w0 = head_word(fs, s), w1 = head_word(fs, s + 8), w2 = head_word(fs, s + 16);
+        __u64 w0 = head_word(fs, s);
+        if (!((READ_BACK(fs->first) >> ((w0 | 0x20) & 63)) & 1))
+            continue;
+        __u64 w1 = head_word(fs, s + 8), w2 = head_word(fs, s + 16);
         /* at most one matches: id + 1 and the name's length, or 0 and 0 */
         __u64 m_cl = NAME_IS(w0, w1, w2, "content-length:");
         __u64 m_te = NAME_IS(w0, w1, w2, "transfer-encoding:");
