@@ -958,12 +958,33 @@ TRACEPOINT_PROBE(sock, inet_sock_set_state)
 #endif
 
 #ifdef HAVE_TCP_RCV_SPACE_ADJUST
+/* Per CPU, struct socks whose tuple sk_addrs holds, direct-mapped by pointer: this
+ * tracepoint runs in every TCP receive of the machine (twice per exchange in
+ * bpf_cost, ours and the client's), and a slot compare costs no hash lookup. Every
+ * SK_SEEN_RECHECK-th hit looks sk_addrs up anyway: the lookup keeps a busy socket's
+ * entry recent for the LRU, and refills it if it was evicted. */
+#define SK_SEEN_SLOTS 256
+#define SK_SEEN_RECHECK 64
+struct sk_seen_t {
+    __u64 sk;
+    __u64 hits;
+};
+BPF_PERCPU_ARRAY(sk_seen, struct sk_seen_t, SK_SEEN_SLOTS);
+
 /* Inside tcp_recvmsg: gives the tuple of sockets established before we attached. */
 TRACEPOINT_PROBE(tcp, tcp_rcv_space_adjust)
 {
     if (args->family != OTEL_AF_INET && args->family != OTEL_AF_INET6)
         return 0;
     __u64 sk = (__u64)args->skaddr;
+    __u32 slot = ((sk * 0x9e3779b97f4a7c15ULL) >> 56) & (SK_SEEN_SLOTS - 1);
+    struct sk_seen_t *seen = sk_seen.lookup(&slot);
+    if (seen) {
+        if (seen->sk == sk && (++seen->hits % SK_SEEN_RECHECK))
+            return 0;
+        seen->sk = sk;
+        seen->hits = 0;
+    }
     if (sk_addrs.lookup(&sk))
         return 0;
     struct sk_addr_t a = {};
