@@ -254,7 +254,8 @@ static __always_inline __u32 head_parse(struct fast_scratch_t *fs)
     __u32 nl = 0;
 
     /* Pass 1, a word at a time: find the empty line, record every LF, and refuse NUL
-     * and other controls, bare CR or LF, and obs-fold. Bytes after the head (a body in
+     * and other controls, bare CR or LF (obs-fold, a line starting with SP or HT, is
+     * pass 2's: it reads every line's first byte anyway). Bytes after the head (a body in
      * the same chunk) are not looked at. Branch-free but for the exit: one pending
      * branch per word for the verifier, and its states at the loop head differ only in
      * the counter. Every instruction here runs once per 8 bytes of every head (~14 ns
@@ -278,11 +279,9 @@ static __always_inline __u32 head_parse(struct fast_scratch_t *fs)
         cr &= hm;
         fs->e2 = e2;
         fs->e2_base = base;
-        __u64 sp = swar_eq(w, ' ') & hm;
         __u64 ht = swar_eq(w, '\t') & hm;
         bad |= (swar_lt(w, 0x20) | swar_eq(w, 0x7f)) & hm & ~(cr | lf | ht);
         bad |= lf ^ (((cr << 8) | (carry_cr >> 56)) & hm); /* CR iff LF follows */
-        bad |= ((lf << 8) | (carry_lf >> 56)) & (sp | ht); /* obs-fold */
         /* Record the word's LFs: at most three when it is not refused (every CR LF
          * but the empty line's ends a line of at least one byte, so LFs are three or
          * more bytes apart, the empty line's two). Slots past the count are scratch. */
@@ -319,7 +318,10 @@ static __always_inline __u32 head_parse(struct fast_scratch_t *fs)
         __u32 s = fs->lf[(l - 1) & (HEAD_LINES_MAX - 1)] + 1;
         __u32 e = fs->lf[l & (HEAD_LINES_MAX - 1)] - 1; /* the CR */
         __u64 w0 = head_word(fs, s);
-        if (!((READ_BACK(fs->first) >> ((w0 | 0x20) & 63)) & 1))
+        __u8 c0 = w0;
+        if (c0 == ' ' || c0 == '\t')
+            return 0; /* obs-fold: a continuation line */
+        if (!((READ_BACK(fs->first) >> ((c0 | 0x20) & 63)) & 1))
             continue;
         __u64 w1 = head_word(fs, s + 8), w2 = head_word(fs, s + 16);
         /* at most one matches: id + 1 and the name's length, or 0 and 0 */
