@@ -321,20 +321,35 @@ static __always_inline __u32 head_parse(struct fast_scratch_t *fs)
         __u8 c0 = w0;
         if (c0 == ' ' || c0 == '\t')
             return 0; /* obs-fold: a continuation line */
-        if (!((READ_BACK(fs->first) >> ((c0 | 0x20) & 63)) & 1))
+        __u32 lc = c0 | 0x20;
+        if (!((READ_BACK(fs->first) >> (lc & 63)) & 1))
             continue;
         __u64 w1 = head_word(fs, s + 8), w2 = head_word(fs, s + 16);
-        /* at most one matches: id + 1 and the name's length, or 0 and 0 */
-        __u64 m_cl = NAME_IS(w0, w1, w2, "content-length:");
-        __u64 m_te = NAME_IS(w0, w1, w2, "transfer-encoding:");
-        __u64 m_host = NAME_IS(w0, w1, w2, "host:");
-        __u64 m_ua = NAME_IS(w0, w1, w2, "user-agent:");
-        __u64 m_tp = NAME_IS(w0, w1, w2, "traceparent:");
-        __u64 m_ts = NAME_IS(w0, w1, w2, "tracestate:");
-        __u64 id1 = m_cl * (H_CONTENT_LENGTH + 1) + m_te * (H_TRANSFER_ENCODING + 1) +
-                    m_host * (H_HOST + 1) + m_ua * (H_USER_AGENT + 1) +
-                    m_tp * (H_TRACEPARENT + 1) + m_ts * (H_TRACESTATE + 1);
-        __u32 n = m_cl * 15 + m_te * 18 + m_host * 5 + m_ua * 11 + m_tp * 12 + m_ts * 11;
+        /* only the names that start with the line's first letter: at most one
+         * matches, giving id + 1 and the name's length, or 0 and 0 (a byte that
+         * merely shares the letter's bit above fails the whole-name compare) */
+        __u64 id1;
+        __u32 n;
+        if (lc == 'c') {
+            __u64 m_cl = NAME_IS(w0, w1, w2, "content-length:");
+            id1 = m_cl * (H_CONTENT_LENGTH + 1);
+            n = m_cl * 15;
+        } else if (lc == 't') {
+            __u64 m_te = NAME_IS(w0, w1, w2, "transfer-encoding:");
+            __u64 m_tp = NAME_IS(w0, w1, w2, "traceparent:");
+            __u64 m_ts = NAME_IS(w0, w1, w2, "tracestate:");
+            id1 = m_te * (H_TRANSFER_ENCODING + 1) + m_tp * (H_TRACEPARENT + 1) +
+                  m_ts * (H_TRACESTATE + 1);
+            n = m_te * 18 + m_tp * 12 + m_ts * 11;
+        } else if (lc == 'h') {
+            __u64 m_host = NAME_IS(w0, w1, w2, "host:");
+            id1 = m_host * (H_HOST + 1);
+            n = m_host * 5;
+        } else {
+            __u64 m_ua = NAME_IS(w0, w1, w2, "user-agent:");
+            id1 = m_ua * (H_USER_AGENT + 1);
+            n = m_ua * 11;
+        }
         if (!id1)
             continue;
         int id = (id1 - 1) & 7;
