@@ -42,7 +42,6 @@ import ctypes
 import mmap
 import os
 import select
-import struct
 
 BUSY = 1 << 31
 DISCARD = 1 << 30
