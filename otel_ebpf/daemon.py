@@ -139,10 +139,10 @@ def reported_only(emit: Callable[[HttpExchange], None], processes: ProcessResolv
     # For a caller that keeps the verdict per connection (KernelExchangeDecoder): the
     # unfiltered output, verdict(), the resolver's own cache lookup (one dict lookup per
     # exchange tells whether a kept verdict still holds) and the drop count.
-    cache = getattr(processes, "_cache", None)  # a stand-in resolver may have none
-    if isinstance(cache, dict):
+    lookup = getattr(processes, "cached_lookup", None)  # a stand-in resolver may have none
+    if lookup is not None:
         emit_reported.reported_only = (  # type: ignore[attr-defined]
-            emit, verdict, cache.get, drop)
+            emit, verdict, lookup, drop)
     return emit_reported
 
 

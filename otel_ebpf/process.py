@@ -277,6 +277,13 @@ class ProcessResolver:
         """The cached ProcessInfo of pid, without resolving it."""
         return self._cache.get(pid)
 
+    @property
+    def cached_lookup(self) -> Callable[[int], ProcessInfo | None]:
+        """`cached` without its Python frame (the cache's own dict.get), for callers that
+        check a kept verdict per exchange. It stays valid for the resolver's lifetime:
+        the cache is only ever changed in place, never replaced."""
+        return self._cache.get
+
     def start_ticks(self, pid: int) -> int | None:
         """The kernel start time of pid (None when gone): with pid, the process's identity."""
         return self._start_ticks(pid)
