@@ -1,9 +1,9 @@
 """Vectored calls (writev, sendmsg, readv, recvmsg) on the chunk stream: one DATA record
-per call that fits one record's capture (max_capture_bytes), its segments' bytes
-concatenated; a segment larger than that keeps a record of its own, captured as before
-(its first max_capture_bytes), the small segments around it gathered in their own
-records. Positions, sizes and captured bytes are exact; the truncation counters count
-the big segments only.
+per call that fits one record's capture (max_capture_bytes; 8 KiB runs when it is
+16 KiB), its segments' bytes concatenated; a segment larger than that keeps a record of
+its own, captured as before (its first max_capture_bytes), the small segments around it
+gathered in their own records. Positions, sizes and captured bytes are exact; the
+truncation counters count the big segments only.
 
 One child process holds both ends of each loopback connection (a server fd from
 accept, a client fd from connect), on HTTP/2 (prior knowledge: the client's preface)
@@ -17,7 +17,6 @@ import os
 import subprocess
 import sys
 import textwrap
-from collections import defaultdict
 
 import pytest
 
@@ -27,17 +26,19 @@ from otel_ebpf.stats import Stats
 
 from .peers import poll_until_quiet
 
-CAP = 4096  # max_capture_bytes of this capture
 
-
-@pytest.fixture(scope="module")
-def capture(bpf_available):
+# max_capture_bytes of the capture, and the bytes one run gathers (bpf/syscalls.c
+# IOV_RUN_BYTES: max_capture_bytes up to 8 KiB)
+@pytest.fixture(scope="module", params=[(4096, 4096), (16384, 8192)], ids=["4k", "16k"])
+def capture(bpf_available, request):
     events: list = []
+    cap_bytes, run_bytes = request.param
     # Our own pid is never traced: nothing is, until the test names its child.
-    cap = Capture(CaptureOptions(tls=False, fast_path=False, max_capture_bytes=CAP,
+    cap = Capture(CaptureOptions(tls=False, fast_path=False, max_capture_bytes=cap_bytes,
                                  pids=(os.getpid(),)), Stats())
     cap.start(events.append)
     cap.events = events  # type: ignore[attr-defined]
+    cap.cap_bytes, cap.run_bytes = cap_bytes, run_bytes  # type: ignore[attr-defined]
     yield cap
     cap.close()
 
@@ -124,19 +125,19 @@ def shape(records: list[DataEvent]) -> list[tuple[int, int]]:
     return [(e.size, len(e.data)) for e in records]
 
 
-def expected_records(segments: list[bytes]) -> list[tuple[int, bytes]]:
+def expected_records(segments: list[bytes], cap: int, run_max: int) -> list[tuple[int, bytes]]:
     """(size, captured bytes) of each record the kernel is to emit for one call: runs
-    of segments that fit CAP together; a larger segment alone, its first CAP bytes."""
+    of segments that fit run_max together; a larger segment alone, its first cap bytes."""
     out: list[tuple[int, bytes]] = []
     run = b""
     for seg in segments:
         if not seg:
             continue
-        if run and len(run) + len(seg) > CAP:
+        if run and len(run) + len(seg) > run_max:
             out.append((len(run), run))
             run = b""
-        if len(seg) > CAP:
-            out.append((len(seg), seg[:CAP]))
+        if len(seg) > run_max:
+            out.append((len(seg), seg[:cap]))
         else:
             run += seg
     if run:
@@ -144,8 +145,9 @@ def expected_records(segments: list[bytes]) -> list[tuple[int, bytes]]:
     return out
 
 
-def check(records: list[DataEvent], calls: list[list[bytes]]) -> None:
-    want = [r for segs in calls for r in expected_records(segs)]
+def check(capture, records: list[DataEvent], calls: list[list[bytes]]) -> None:
+    want = [r for segs in calls for r in expected_records(segs, capture.cap_bytes,
+                                                          capture.run_bytes)]
     assert [(e.size, e.data) for e in records] == want
 
 
@@ -155,9 +157,11 @@ def test_http2_frames_in_writev_and_recvmsg_are_one_record_per_call(capture):
     data_small = frame(0, 1, 1, b"d" * 616)  # DATA, END_STREAM (nginx's index.html)
     # 20 frames: 40 segments, past the 16 the syscall's program walks (a tail call)
     many = [s for i in range(20) for s in frame(0, 0, 3, bytes([65 + i]) * 20)]
-    exact = frame(0, 0, 5, b"e" * (CAP - 9))  # header + payload = CAP: still one record
-    over = frame(0, 0, 5, b"o" * (CAP - 8))  # CAP + 1: header, then payload alone
-    big = frame(0, 0, 7, os.urandom(10000)) + frame(0, 1, 7, b"t" * 50)
+    cap, run = capture.cap_bytes, capture.run_bytes
+    exact = frame(0, 0, 5, b"e" * (run - 9))  # header + payload = a run: still one record
+    over = frame(0, 0, 5, b"o" * (run - 8))  # one byte more: header, then payload alone
+    big_size = 2 * cap + 1808  # truncated (10000 bytes with a 4 KiB capture)
+    big = frame(0, 0, 7, os.urandom(big_size)) + frame(0, 1, 7, b"t" * 50)
     gaps = [b"", *frame(8, 0, 0, b"\x00\x00\x10\x00"), b""]  # empty segments skipped
     writes = [settings + headers + data_small, many, exact, over, big, gaps]
     calls = []
@@ -165,23 +169,23 @@ def test_http2_frames_in_writev_and_recvmsg_are_one_record_per_call(capture):
         total = sum(map(len, segs))
         # a call that fits: the reader's buffers split it elsewhere than the writer's
         # segments (readv once, recvmsg otherwise); else the writer's segment sizes
-        read = [1, 7, total - 8] if total <= CAP else [len(s) for s in segs if s]
+        read = [1, 7, total - 8] if total <= run else [len(s) for s in segs if s]
         calls.append({"write": segs, "read": read, "readv": i == 1})
     fds, moved, (events, diff) = run_child(capture, PREFACE + b"".join(settings), (24, 30), calls)
     assert [n for n, _ in moved] == [m for _, m in moved] == [sum(map(len, s)) for s in writes]
     server = stream_records(events, fds["server"], Direction.EGRESS)
-    check(server, writes)
-    assert shape(server) == [(743, 743), (580, 580), (CAP, CAP), (9, 9), (CAP - 8, CAP - 8),
-                             (9, 9), (10000, CAP), (59, 59), (13, 13)]
+    check(capture, server, writes)
+    assert shape(server) == [(743, 743), (580, 580), (run, run), (9, 9), (run - 8, run - 8),
+                             (9, 9), (big_size, cap), (59, 59), (13, 13)]
     client = stream_records(events, fds["client"], Direction.INGRESS)
-    check(client, writes)
+    check(capture, client, writes)
     assert shape(client) == shape(server)
     # the client's first write (preface, SETTINGS in two pieces: a sendmsg of three
     # segments): one record
     first = stream_records(events, fds["client"], Direction.EGRESS)
     assert [(e.position, e.data) for e in first] == [(0, PREFACE + b"".join(settings))]
-    # truncated: exactly the 10000-byte segment, once per side
-    assert diff == {"truncated_events": 2, "truncated_bytes": 2 * (10000 - CAP),
+    # truncated: exactly the big segment, once per side
+    assert diff == {"truncated_events": 2, "truncated_bytes": 2 * (big_size - cap),
                     "read_fault": 0, "iovec_skipped": 0, "ringbuf_full": 0}
 
 
