@@ -36,8 +36,9 @@
  * space uses a hint only at the position where its own framing expects a header.
  *
  * Not walked: HTTP/2 after an h2c Upgrade (the kernel's protocol stays HTTP/1),
- * vectored calls (each segment is its own record, a header alone in its segment is
- * captured whole; the stream is marked H2_LOST).
+ * vectored calls (syscalls.c handle_iov: a call that fits one record is captured
+ * whole; a segment larger than that gets a record of its own, so a header in a segment
+ * of its own is captured whole; the stream is marked H2_LOST).
  */
 #ifndef OTEL_EBPF_HTTP2_WALK_H
 #define OTEL_EBPF_HTTP2_WALK_H

@@ -9,8 +9,9 @@
  *      struct sock, read from tracepoint fields only: we never dereference kernel
  *      structs, whose layout differs between the 6.1 headers and the running kernel).
  * Out: ring buffer `events` of the records in include/events.h: one CONN_OPEN right
- *      before a connection's first data event, DATA per chunk (per iovec segment for
- *      vectored calls), CONN_CLOSE at close(2) for connections that were opened.
+ *      before a connection's first data event, DATA per chunk (a vectored call's
+ *      segments concatenated, one record per run that fits: handle_iov), CONN_CLOSE at
+ *      close(2) for connections that were opened.
  * Dropped and counted (include/events.h CNT_*): ring buffer full, truncated bytes,
  *      table full, iovec segments past 16 + 33 * 32, mmsg messages after the first.
  *      MSG_PEEK reads are not data (the bytes are read again).
@@ -454,16 +455,33 @@ static __always_inline void handle_chunk(void *ctx, struct conn_key_t *key,
               SOURCE_SYSCALL, ubuf, size, pos);
 }
 
-/* Vectored calls: one DATA event per iovec segment actually moved (bounded by the
- * return value), so framing written in separate segments (Node.js chunk headers) keeps
- * its positions. The walk state lives in a per-CPU map: the syscall's program walks
- * MAX_IOVECS segments, then tail-calls `iov_continue` (IOV_BATCH segments per call, up
- * to the kernel's 33 tail calls: 16 + 33 * 32 >= IOV_MAX 1024). Whatever is left after
- * that goes out as one uncaptured chunk: positions stay exact, the skip is counted.
- * Inference looks at the first segment only: running it inside the loop multiplies
- * the verifier's paths per iteration past its 1M-instruction budget. */
+/* Vectored calls: the segments actually moved (bounded by the return value) go out in
+ * runs, one DATA record per run: consecutive segments are concatenated while the run
+ * fits in IOV_RUN_BYTES, so a call that fits (nginx's HTTP/2 frames: a 9-byte header
+ * and its payload in separate buffers, one writev per frame or several) is one record,
+ * the same bytes a write() of the concatenation would give. A segment that does not
+ * fit starts a new run; one larger than the run capacity is captured as before, its
+ * first MAX_CAPTURE_BYTES, in a run of its own. So every byte captured per segment
+ * before still is (Node.js's chunk-size lines stay visible, an HTTP/2 frame header in
+ * its own segment before a large payload too), at the same position, with fewer
+ * records; a segment the kernel cannot read ends its run uncaptured, as it was.
+ * The walk state lives in a per-CPU map: the syscall's program walks MAX_IOVECS
+ * segments, then tail-calls `iov_continue` (IOV_BATCH segments per call, up to the
+ * kernel's 33 tail calls: 16 + 33 * 32 >= IOV_MAX 1024); the run being built carries
+ * over. Whatever is left after that goes out as one uncaptured chunk: positions stay
+ * exact, the skip is counted. Inference looks at the first segment only: running it
+ * inside the loop multiplies the verifier's paths per iteration past its
+ * 1M-instruction budget. */
 #ifndef IOV_BATCH
 #define IOV_BATCH 32
+#endif
+/* Bytes one run gathers. A segment is copied at an offset below it with a length up to
+ * it, so the buffer is twice that (the verifier bounds offset and length separately),
+ * and a per-CPU map value must stay under 32 KiB: 8 KiB at most. */
+#if MAX_CAPTURE_BYTES > 8192
+#define IOV_RUN_BYTES 8192
+#else
+#define IOV_RUN_BYTES MAX_CAPTURE_BYTES
 #endif
 
 struct iov_state_t {
@@ -471,14 +489,100 @@ struct iov_state_t {
     __u64 iov;
     __u64 iovcnt;
     __u64 left;
-    __u64 next; /* index of the next segment to read */
+    __u64 next;     /* index of the next segment to read */
+    __u64 run_pos;  /* stream position of the run's first byte */
+    __u64 run_size; /* bytes the run's segments moved; 0: no run */
+    __u32 run_cap;  /* of them captured (the first run_cap); < run_size: run closed */
     __u32 tid;
     __u8 dir;
     __u8 emit;
-    __u8 _pad[2];
+    __u8 _pad[6];
 };
 BPF_PERCPU_ARRAY(iov_state, struct iov_state_t, 1);
 BPF_PROG_ARRAY(iov_tail, 1);
+
+/* The run's DATA record as it is built (only header + captured bytes go out). */
+struct iov_run_t {
+    struct data_event_hdr hdr;
+    __u8 data[2 * IOV_RUN_BYTES];
+};
+BPF_PERCPU_ARRAY(iov_run, struct iov_run_t, 1);
+
+/* Emit the run gathered so far as one DATA record. */
+static __always_inline void iov_flush(void *ctx, struct iov_state_t *s, struct conn_t *conn)
+{
+    __u64 size = s->run_size;
+    if (size == 0)
+        return;
+    s->run_size = 0;
+    __u32 zero = 0;
+    struct iov_run_t *r = iov_run.lookup(&zero);
+    if (!r)
+        return;
+    r->hdr.kind = EVENT_DATA;
+    r->hdr.direction = s->dir & 1;
+    r->hdr.source = SOURCE_SYSCALL;
+    r->hdr.role = conn->role;
+    r->hdr.tgid = s->key.tgid;
+    r->hdr.tid = s->tid;
+    r->hdr.fd = s->key.fd;
+    r->hdr.generation = conn->generation;
+    r->hdr.timestamp_ns = bpf_ktime_get_ns();
+    r->hdr.position = s->run_pos;
+    r->hdr.size = size;
+    r->hdr.frame_hints = 0;
+    r->hdr._pad0 = 0;
+    /* from map memory, as in emit_data_core: keeps the loop variables imprecise */
+    __u32 len = *(volatile __u32 *)&s->run_cap;
+    len &= (MAX_CAPTURE_BYTES << 1) - 1;
+    if (len > MAX_CAPTURE_BYTES)
+        len = MAX_CAPTURE_BYTES;
+    r->hdr.captured_len = len;
+    counter_add(CNT_TRUNCATED_EVENTS, len < size);
+    counter_add(CNT_TRUNCATED_BYTES, size - len);
+    __u64 total = sizeof(struct data_event_hdr) + len;
+    if (total > sizeof(struct iov_run_t))
+        return;
+    if (events.ringbuf_output(r, total, rb_flags()) != 0)
+        counter_add(CNT_RINGBUF_FULL, 1);
+}
+
+/* Add n bytes at user address base (stream position pos) to the run: a new run when
+ * the current one is closed or has no room for all n. */
+static __always_inline void iov_append(void *ctx, struct iov_state_t *s, struct conn_t *conn,
+                                       __u64 base, __u64 n, __u64 pos)
+{
+    __u64 off = s->run_size;
+    if (off && (s->run_cap < off || off + n > IOV_RUN_BYTES)) {
+        iov_flush(ctx, s, conn);
+        off = 0;
+    }
+    __u32 zero = 0;
+    struct iov_run_t *r = iov_run.lookup(&zero);
+    if (!r)
+        return;
+    long err;
+    __u32 len;
+    if (off == 0) {
+        s->run_pos = pos;
+        len = n < MAX_CAPTURE_BYTES ? (__u32)n : MAX_CAPTURE_BYTES;
+        len &= (MAX_CAPTURE_BYTES << 1) - 1;
+        if (len > MAX_CAPTURE_BYTES)
+            len = MAX_CAPTURE_BYTES;
+        err = bpf_probe_read_user(r->data, len, (void *)base);
+    } else { /* off + n <= IOV_RUN_BYTES, so off < IOV_RUN_BYTES and n <= IOV_RUN_BYTES */
+        len = (__u32)n & ((IOV_RUN_BYTES << 1) - 1);
+        if (len > IOV_RUN_BYTES)
+            len = IOV_RUN_BYTES;
+        err = bpf_probe_read_user(r->data + (off & (IOV_RUN_BYTES - 1)), len, (void *)base);
+    }
+    if (err != 0) {
+        counter_add(CNT_READ_FAULT, 1);
+        len = 0; /* the run ends here, these bytes uncaptured */
+    }
+    s->run_size = off + n;
+    s->run_cap = (__u32)off + len;
+}
 
 static __always_inline void iov_segment(void *ctx, struct iov_state_t *s,
                                         struct conn_t *conn)
@@ -498,16 +602,17 @@ static __always_inline void iov_segment(void *ctx, struct iov_state_t *s,
     conn->pos[d] = pos + n;
     s->left -= n;
     if (s->emit)
-        emit_data(ctx, s->key.tgid, s->tid, s->key.fd, conn->generation, conn->role, d,
-                  SOURCE_SYSCALL, (const void *)seg.base, n, pos);
+        iov_append(ctx, s, conn, seg.base, n, pos);
 }
 
 /* Continue in iov_continue while segments remain; when the tail call is impossible
- * (chain limit, program not installed), finish with one uncaptured chunk. */
+ * (chain limit, program not installed), finish with one uncaptured chunk. The run
+ * goes out first: records leave in stream order. */
 static __always_inline void iov_finish(void *ctx, struct iov_state_t *s, struct conn_t *conn)
 {
     if (s->left && s->next < s->iovcnt)
         iov_tail.call(ctx, 0); /* does not return when it succeeds */
+    iov_flush(ctx, s, conn);
     if (s->left) {
         counter_add(CNT_IOVEC_SKIPPED, 1);
         __u8 d = s->dir & 1;
@@ -568,6 +673,8 @@ static __always_inline void handle_iov(void *ctx, struct conn_key_t *key,
     s->iovcnt = iovcnt;
     s->left = total;
     s->next = 0;
+    s->run_size = 0;
+    s->run_cap = 0;
     s->tid = tid;
     s->dir = d;
     s->emit = emit;

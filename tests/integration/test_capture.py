@@ -197,18 +197,17 @@ NODE_SERVER = textwrap.dedent("""
 """)
 
 
-def test_node_writev_one_event_per_iovec(capture, tmp_path):
+def test_node_writev_one_event_per_call(capture, tmp_path):
     with node_script(tmp_path, "server.js", NODE_SERVER) as (proc, port):
         drain(capture, quiet_s=0.1)
         curl_pid, lines = run_curl(port, "/", N)
         assert all(line.startswith("200 ") for line in lines) and len(lines) == N
         events = drain(capture)
     out = data(of_pid(events, proc.pid), Direction.EGRESS)
-    # Node writes "8", "\r\n", "chunked ", "\r\n", ..., "0\r\n\r\n" as separate iovecs.
+    # Node writes "8", "\r\n", "chunked ", "\r\n", ..., "0\r\n\r\n" as separate iovecs
+    # of one writev: the kernel hands over the call's bytes concatenated, one record.
     payloads = [e.data for e in out]
-    assert payloads.count(b"8") == N
-    assert payloads.count(b"chunked ") == N
-    assert payloads.count(b"0\r\n\r\n") == N
+    assert payloads.count(b"8\r\nchunked \r\n6\r\nworld\n\r\n0\r\n\r\n") == N
     assert all(e.size == len(e.data) for e in out)  # small segments: nothing truncated
     assert_positions_contiguous(out)
     # Reassembled per connection, the stream is the exact chunked response.
@@ -442,11 +441,12 @@ def test_sendmsg_iovecs_and_sendfile_sizes(capture, tmp_path):
         by_conn[e.key].append(e)
     assert len(by_conn) == N
     for chunks in by_conn.values():
-        assert [c.data for c in chunks[:3]] == [
-            b"HTTP/1.1 200 OK\r\n", b"Content-Length: 300000\r\n", b"\r\n"]
+        # the three buffers of one sendmsg: one record of their bytes
+        assert chunks[0].data == b"HTTP/1.1 200 OK\r\nContent-Length: 300000\r\n\r\n"
+        assert chunks[0].size == len(chunks[0].data)
         assert sum(c.size for c in chunks) == header_bytes + 300_000
-        assert all(c.data == b"" for c in chunks[3:])  # sendfile bytes are not visible
-        assert sum(c.size for c in chunks[3:]) == 300_000
+        assert all(c.data == b"" for c in chunks[1:])  # sendfile bytes are not visible
+        assert sum(c.size for c in chunks[1:]) == 300_000
     assert_positions_contiguous(out)
 
 
@@ -573,7 +573,8 @@ NODE_BIG_CHUNKED = textwrap.dedent("""
 def test_writev_with_hundreds_of_iovecs_keeps_every_segment(capture, tmp_path, total):
     """Node queues all chunks and writes them with one writev of 4 iovecs per chunk
     (29 for 100 kB, hundreds for 3 MB): every segment is walked (tail calls), so the
-    chunk-size lines are all visible."""
+    chunk-size lines are all visible, the small segments between two data pieces in one
+    record."""
     with node_script(tmp_path, "big.js", NODE_BIG_CHUNKED) as (proc, port):
         drain(capture, quiet_s=0.1)
         before = capture.loss_counters()
@@ -585,7 +586,12 @@ def test_writev_with_hundreds_of_iovecs_keeps_every_segment(capture, tmp_path, t
     out = data(of_pid(events, proc.pid), Direction.EGRESS)
     assert_positions_contiguous(out)
     full_pieces = total // 16384
-    assert [e.data for e in out].count(b"4000") == full_pieces - 1  # first size is in iovec 1
+    # "\r\n", "4000", "\r\n" (three iovecs) are one record between two data segments,
+    # each of those captured as before (its first max_capture_bytes)
+    assert [e.data for e in out].count(b"\r\n4000\r\n") == full_pieces - 1  # 1st: the head's
+    assert sum(e.data.count(b"4000\r\n") for e in out) == full_pieces
+    assert [e.size for e in out].count(16384) == full_pieces
+    assert all(len(e.data) == 4096 for e in out if e.size == 16384)
     assert sum(e.size for e in out) > total
     assert after["iovec_skipped"] == before["iovec_skipped"]
 
