@@ -47,19 +47,62 @@ MAX_TABLE_SIZE = 64 * 1024
 
 
 class _ObserverTable(HeaderTable):
-    """A HeaderTable that answers unknown dynamic indices with UNKNOWN and never shrinks."""
+    """A HeaderTable that answers unknown dynamic indices with UNKNOWN and never shrinks.
+
+    It also tells the block cache what a decoding depended on and did: `dynamic_lookups`
+    and `size_updates` count references to dynamic entries and table size updates, and
+    while `added` is a list every insertion is appended to it.
+    """
 
     def __init__(self) -> None:
         super().__init__()
         self.unknown_lookups = 0
+        self.dynamic_lookups = 0
+        self.size_updates = 0
+        self.added: list[tuple[bytes, bytes]] | None = None
         self.generation = 0  # bumped by every change of the entries (see the block cache)
 
     def add(self, name: bytes, value: bytes) -> None:
+        # HeaderTable.add without its per-eviction debug logging (also the replay path of
+        # the block cache): an entry costs 32 + len(name) + len(value) (RFC 7541 4.1); one
+        # larger than the table empties it (4.4).
         self.generation += 1
-        super().add(name, value)
+        added = self.added
+        if added is not None:
+            added.append((name, value))
+        entries = self.dynamic_entries
+        size = 32 + len(name) + len(value)
+        maxsize = self._maxsize
+        if size > maxsize:
+            entries.clear()
+            self._current_size = 0
+            return
+        entries.appendleft((name, value))
+        size += self._current_size
+        while size > maxsize:
+            evicted_name, evicted_value = entries.pop()
+            size -= 32 + len(evicted_name) + len(evicted_value)
+        self._current_size = size
+
+    def replay(self, insertions: tuple[tuple[bytes, bytes], ...], size: int) -> None:
+        """Insert these entries, oldest first, as `add` one by one would; `size` is their
+        total entry size. Evicting once at the end leaves what evicting after each would:
+        the oldest entries go first either way, and what is kept is the newest entries
+        that fit (none of those before an entry larger than the table, as `add`'s
+        emptying the table gives)."""
+        self.generation += 1
+        entries = self.dynamic_entries
+        entries.extendleft(insertions)  # the last inserted ends up first (index 62)
+        size += self._current_size
+        maxsize = self._maxsize
+        while size > maxsize:
+            evicted_name, evicted_value = entries.pop()
+            size -= 32 + len(evicted_name) + len(evicted_value)
+        self._current_size = size
 
     def get_by_index(self, index: int) -> tuple[bytes, bytes]:
         if index > _STATIC_LENGTH:
+            self.dynamic_lookups += 1
             dynamic = index - _STATIC_LENGTH - 1
             entries = self.dynamic_entries
             if dynamic < len(entries):
@@ -75,6 +118,7 @@ class _ObserverTable(HeaderTable):
     @maxsize.setter
     def maxsize(self, newmax: int) -> None:
         # Grow to the largest size seen (capped); never shrink: see the module docstring.
+        self.size_updates += 1
         newmax = min(int(newmax), MAX_TABLE_SIZE)
         if newmax > self._maxsize:
             self._maxsize = newmax
@@ -86,22 +130,31 @@ class _ObserverTable(HeaderTable):
         self._current_size = 0
 
 
-# Decoded blocks remembered per direction (see HeaderBlockDecoder.decode).
+# Decoded blocks remembered per direction, of each kind (see HeaderBlockDecoder).
 BLOCK_CACHE_SIZE = 32
 
 
 class HeaderBlockDecoder:
     """Decodes the header blocks of one direction, in order; see the module docstring.
 
-    Block cache: in steady traffic most header blocks repeat byte for byte and only
-    refer to table entries (an all-indexed block: same request, same response). Such a
-    block does not change the table, so while the table is unchanged its decoding is the
-    same: `decode` keeps the last few results, keyed by the block's bytes, until any
-    table change (insertion, reset). This skips hpack's per-field Python work, most of
-    the per-exchange cost.
+    Block caches: in steady traffic most header blocks repeat byte for byte, and
+    decoding them again in hpack's pure Python is most of the per-exchange cost. A
+    block's decoding is the same whenever what it depends on is, so `decode` keeps the
+    results of the last few blocks of two kinds, keyed by the block's bytes:
+
+    - Self-contained blocks: no reference to a dynamic entry and no table size update
+      (nginx's responses: static names, literal values, each *inserted* into the
+      dynamic table every time, and the same bytes for a whole second, as the Date
+      header changes once a second). Their fields do not depend on the table, and what
+      they do to it is a fixed list of insertions: a hit replays those insertions
+      (`_ObserverTable.add`, the same evictions and sizes as decoding would give) and
+      returns the fields. Kept across table changes.
+    - Blocks that refer to dynamic entries without changing the table (an all-indexed
+      block: nghttp2's repeated requests): valid while the table is unchanged, so kept
+      until any table change (insertion, reset).
     """
 
-    __slots__ = ("_decoder", "_table", "_cache", "_cache_generation")
+    __slots__ = ("_decoder", "_table", "_cache", "_cache_generation", "_self_contained")
 
     def __init__(self, max_header_list_size: int) -> None:
         decoder = Decoder(max_header_list_size=max_header_list_size)
@@ -113,6 +166,10 @@ class HeaderBlockDecoder:
         self._table = table
         self._cache: dict[bytes, tuple[list[tuple[bytes, bytes]], int]] = {}
         self._cache_generation = 0
+        # block -> (fields, insertions to replay, their total entry size)
+        self._self_contained: dict[
+            bytes, tuple[list[tuple[bytes, bytes]], tuple[tuple[bytes, bytes], ...], int]
+        ] = {}
 
     def decode(self, block: bytes) -> tuple[list[tuple[bytes, bytes]] | None, int]:
         """-> (fields with known names as raw bytes pairs, count of unknown fields).
@@ -121,6 +178,12 @@ class HeaderBlockDecoder:
         returned may be shared with later calls: callers must not change it.
         """
         table = self._table
+        known_block = self._self_contained.get(block)
+        if known_block is not None:
+            fields, insertions, size = known_block
+            if insertions:
+                table.replay(insertions, size)
+            return fields, 0
         generation = table.generation
         cache = self._cache
         if self._cache_generation == generation:
@@ -128,6 +191,10 @@ class HeaderBlockDecoder:
             if cached is not None:
                 return cached
         before = table.unknown_lookups
+        dynamic_before = table.dynamic_lookups
+        updates_before = table.size_updates
+        added: list[tuple[bytes, bytes]] = []
+        table.added = added
         try:
             fields = self._decoder.decode(block, raw=True)
         except HPACKError:
@@ -136,6 +203,18 @@ class HeaderBlockDecoder:
         except (IndexError, ValueError):  # defensive: a malformed block the library missed
             table.reset()
             return None, 0
+        finally:
+            table.added = None
+        if table.dynamic_lookups == dynamic_before and table.size_updates == updates_before:
+            # Self-contained (so no unknown field either): see the class docstring.
+            contained = self._self_contained
+            if len(contained) >= BLOCK_CACHE_SIZE:
+                contained.clear()
+            size = sum([32 + len(name) + len(value) for name, value in added])
+            contained[block] = (fields, tuple(added), size)
+            if added:
+                self._invalidate()
+            return fields, 0
         if table.unknown_lookups == before:
             result = (fields, 0)
         else:
@@ -144,13 +223,17 @@ class HeaderBlockDecoder:
         if table.generation != generation or self._cache_generation != generation:
             # The table changed (this block inserted entries): earlier results are stale,
             # and this block is not all-indexed, so it is not worth keeping either.
-            cache.clear()
-            self._cache_generation = table.generation
+            self._invalidate()
         else:
             if len(cache) >= BLOCK_CACHE_SIZE:
                 cache.clear()
             cache[block] = result  # type: ignore[assignment]
         return result  # type: ignore[return-value]
+
+    def _invalidate(self) -> None:
+        """The table changed: results that depended on its entries are stale."""
+        self._cache.clear()
+        self._cache_generation = self._table.generation
 
     def lost_block(self) -> None:
         """A header block (or part of one) was not seen: its insertions are unknown."""
