@@ -169,3 +169,31 @@ def test_random_mixes_of_cached_and_fresh_blocks():
     pool.append(NGINX_RESPONSE)
     for _ in range(5):
         _same_as_reference([rng.choice(pool) for _ in range(300)])
+
+
+def test_repeated_heads_read_from_the_same_fields_give_each_stream_its_own_values():
+    # h2's encoder indexes what it sent: a repeated request or response is all-indexed,
+    # served from the block cache as the same list, whose head the session reads once.
+    from otel_ebpf.exchange import Role
+    from tests.unit.test_http2_support import H2Pair, make_session, replay
+
+    pair = H2Pair()
+    plan = [("/a", 200), ("/a", 200), ("/b", 404), ("/a", 200), ("/a", 103)]
+    for path, status in plan:
+        sid = pair.request(path, extra=[("user-agent", "ua/1"), ("x-req", path)])
+        if status == 103:  # an interim head first, then the final one
+            pair.server.send_headers(sid, [(":status", "103")])
+            status = 200
+        pair.respond(sid, status, body=b"x" * (len(path) + status % 7),
+                     extra=[("server", "s/1"), ("x-resp", str(status))])
+    session = make_session(Role.SERVER, capture_request_headers=["x-req"],
+                           capture_response_headers=["x-resp"])
+    out = replay(session, pair.chunks)
+    final = [(path, 200 if status == 103 else status) for path, status in plan]
+    assert [(x.target, x.status_code, x.request_headers, x.response_headers,
+             x.response_body_size) for x in out] == [
+        (path, status, (("x-req", path),), (("x-resp", str(status)),), len(path) + status % 7)
+        for path, status in final
+    ]
+    assert [x.stream_id for x in out] == [1, 3, 5, 7, 9]
+    assert all(x.user_agent == "ua/1" and x.method == "GET" for x in out)

@@ -118,6 +118,52 @@ def _grpc_status(value: bytes | None) -> int | None:
     return int(value) if value is not None and value.isdigit() and len(value) < 10 else None
 
 
+def _request_head(fields: list[tuple[bytes, bytes]], unknown: int,
+                  capture: frozenset[bytes]) -> tuple | None:
+    """What a stream takes from its request header block: (method, target, host, scheme,
+    user_agent, traceparent, tracestate, captured headers, gRPC decision); None for a
+    block without pseudo-header (trailers of a stream whose request was not seen)."""
+    found = dict(fields)
+    if not (b":method" in found or b":path" in found or b":scheme" in found
+            or b":authority" in found):
+        return None
+    method = found.get(b":method")
+    path = found.get(b":path")
+    authority = found.get(b":authority")
+    content_type = found.get(b"content-type")
+    if content_type is not None:
+        grpc = _GRPC if content_type.startswith(GRPC_CONTENT_TYPE) else _NOT_GRPC
+    else:
+        grpc = _MAYBE_GRPC if unknown else _NOT_GRPC  # it may be among the unknown fields
+    return (
+        method.decode("latin-1") if method is not None else "",
+        path.decode("latin-1") if path is not None else "",
+        _text(authority if authority is not None else found.get(b"host")),
+        _text(found.get(b":scheme")),
+        _text(found.get(b"user-agent")),
+        _text(found.get(b"traceparent")),
+        _text(found.get(b"tracestate")),
+        tuple((n.decode("latin-1"), v.decode("latin-1")) for n, v in fields if n in capture)
+        if capture else (),
+        grpc,
+    )
+
+
+def _response_head(fields: list[tuple[bytes, bytes]], capture: frozenset[bytes]) -> tuple:
+    """What a stream takes from its (first) response header block: (status code or None,
+    captured headers, content-type or None, grpc-status or None)."""
+    found = dict(fields)
+    status = found.get(b":status")
+    code = int(status) if status is not None and status.isdigit() and len(status) == 3 else None
+    return (
+        code,
+        tuple((n.decode("latin-1"), v.decode("latin-1")) for n, v in fields if n in capture)
+        if capture else (),
+        found.get(b"content-type"),
+        _grpc_status(found.get(b"grpc-status")),
+    )
+
+
 class _Stream:
     """One request/response exchange in progress."""
 
@@ -194,6 +240,8 @@ class Http2Session:
         "prefix_limit",
         "max_buffer",
         "disabled",
+        "request_head",
+        "response_head",
     )
 
     def __init__(self, conn: ConnectionInfo, ctx: SessionContext, strict: bool) -> None:
@@ -233,6 +281,11 @@ class Http2Session:
         self.prefix_limit = options.body_prefix_bytes
         self.max_buffer = options.max_buffer_bytes
         self.disabled: str | None = None
+        # The last header block's fields list and what was taken from it: the HPACK
+        # decoder's caches return the same list for a repeated block, so a repeated
+        # request or response head is read once (the lists are never changed).
+        self.request_head: tuple | None = None  # (fields, unknown, _request_head(...))
+        self.response_head: tuple | None = None  # (fields, _response_head(...))
 
     @classmethod
     def upgraded(
@@ -533,15 +586,19 @@ class Http2Session:
             return
         if sid <= self.last_request_sid:
             return  # trailers of a stream already reported
-        found = dict(fields) if fields is not None else None
-        if found is not None and not (
-            b":method" in found or b":path" in found or b":scheme" in found
-            or b":authority" in found
-        ):
-            # No pseudo-header: the trailers of a stream whose request we did not see
-            # (it began before the attach or in lost bytes), not a new request.
-            self.count("http2.unpaired_trailers")
-            return
+        head = None
+        if fields is not None:
+            cached = self.request_head
+            if cached is not None and cached[0] is fields and cached[1] == unknown:
+                head = cached[2]
+            else:
+                head = _request_head(fields, unknown, self.ctx.capture_request)
+                self.request_head = (fields, unknown, head)
+            if head is None:
+                # No pseudo-header: the trailers of a stream whose request we did not see
+                # (it began before the attach or in lost bytes), not a new request.
+                self.count("http2.unpaired_trailers")
+                return
         self.last_request_sid = sid
         if len(streams) >= self.ctx.max_pending and not self._drop_timed_out():
             self.count("http2.streams_over_limit")
@@ -549,33 +606,13 @@ class Http2Session:
         s = _Stream(sid, start_ts, tid)
         if end_stream:
             s.request_ended = True
-        if fields is None or found is None:
+        if head is None:
             s.truncated = "gap_in_headers"
         else:
-            method = found.get(b":method")
-            path = found.get(b":path")
-            if method is not None:
-                s.method = method.decode("latin-1")
-            if path is not None:
-                s.target = path.decode("latin-1")
-            authority = found.get(b":authority")
-            s.host = _text(authority if authority is not None else found.get(b"host"))
-            s.scheme = _text(found.get(b":scheme"))
-            s.user_agent = _text(found.get(b"user-agent"))
-            s.traceparent = _text(found.get(b"traceparent"))
-            s.tracestate = _text(found.get(b"tracestate"))
-            capture = self.ctx.capture_request
-            if capture:
-                s.request_headers = tuple(
-                    (n.decode("latin-1"), v.decode("latin-1")) for n, v in fields if n in capture
-                )
-            content_type = found.get(b"content-type")
-            if content_type is not None:
-                if content_type.startswith(GRPC_CONTENT_TYPE):
-                    s.grpc = _GRPC
-            elif unknown:
-                s.grpc = _MAYBE_GRPC  # the content-type may be among the unknown fields
-            if s.grpc != _NOT_GRPC:
+            (s.method, s.target, s.host, s.scheme, s.user_agent, s.traceparent, s.tracestate,
+             s.request_headers, grpc) = head
+            if grpc != _NOT_GRPC:
+                s.grpc = grpc
                 s.request_messages = MessageCounter()
                 s.response_messages = MessageCounter()
         self._open(s)
@@ -615,25 +652,24 @@ class Http2Session:
             if s.truncated is None:
                 s.truncated = "gap_in_headers"
         elif not s.responded:
-            found = dict(fields)
-            status = found.get(b":status")
-            if status is not None and status.isdigit() and len(status) == 3:
-                code = int(status)
+            cached = self.response_head
+            if cached is not None and cached[0] is fields:
+                head = cached[1]
+            else:
+                head = _response_head(fields, self.ctx.capture_response)
+                self.response_head = (fields, head)
+            code, response_headers, content_type, grpc_status = head
+            if code is not None:
                 if code < 200:
                     return  # interim (100 Continue, 103 Early Hints): the final follows
                 s.status = code
             s.responded = True
-            capture = self.ctx.capture_response
-            if capture:
-                s.response_headers = tuple(
-                    (n.decode("latin-1"), v.decode("latin-1")) for n, v in fields if n in capture
-                )
+            s.response_headers = response_headers
             if s.grpc == _MAYBE_GRPC:
-                content_type = found.get(b"content-type")
                 if content_type is not None:
                     s.grpc = _GRPC if content_type.startswith(GRPC_CONTENT_TYPE) else _NOT_GRPC
             if s.grpc != _NOT_GRPC:
-                s.grpc_status = _grpc_status(found.get(b"grpc-status"))  # trailers-only
+                s.grpc_status = grpc_status  # trailers-only
         elif s.grpc != _NOT_GRPC:  # trailers
             for name, value in fields:
                 if name == b"grpc-status":
