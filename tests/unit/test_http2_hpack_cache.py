@@ -65,7 +65,20 @@ def _same_as_reference(blocks: list[bytes]) -> HeaderBlockDecoder:
 
 def test_repeated_nginx_responses_replay_their_insertions():
     ours = _same_as_reference([NGINX_RESPONSE] * 50)
-    assert len(ours._self_contained) == 1  # decoded once, replayed 49 times
+    assert NGINX_RESPONSE in ours._self_contained
+
+
+def test_self_contained_blocks_are_shared_by_decoders_with_the_same_list_limit():
+    first, second = HeaderBlockDecoder(1_000_003), HeaderBlockDecoder(1_000_003)
+    assert first.decode(NGINX_RESPONSE) == second.decode(NGINX_RESPONSE)
+    assert first._self_contained is second._self_contained
+    assert len(first._self_contained) == 1  # decoded once
+    assert list(first._table.dynamic_entries) == list(second._table.dynamic_entries)
+    assert first.table_bytes() == second.table_bytes() > 0
+    # a smaller limit is another cache: its decoding may fail where this one did not
+    small = HeaderBlockDecoder(100)
+    assert small._self_contained is not first._self_contained
+    assert small.decode(NGINX_RESPONSE) == (None, 0)
 
 
 def test_replays_evict_exactly_as_decoding_does():
@@ -99,7 +112,7 @@ def test_a_table_size_update_is_never_replayed():
     block = b"\x3f\xe1\x1f" + inserting(58, b"agent")  # size update to 4096, then a literal
     for _ in range(3):
         assert ours.decode(block) == ([(b"user-agent", b"agent")], 0)
-    assert not ours._self_contained
+    assert block not in ours._self_contained
 
 
 # RFC 7541 Appendix C: C.3/C.4 requests (without/with Huffman), C.5/C.6 responses

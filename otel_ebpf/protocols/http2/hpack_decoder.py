@@ -130,8 +130,16 @@ class _ObserverTable(HeaderTable):
         self._current_size = 0
 
 
-# Decoded blocks remembered per direction, of each kind (see HeaderBlockDecoder).
+# Table-dependent decoded blocks remembered per direction (see HeaderBlockDecoder).
 BLOCK_CACHE_SIZE = 32
+# Self-contained blocks remembered, shared by every connection (see HeaderBlockDecoder);
+# only blocks up to SELF_CONTAINED_MAX_BLOCK bytes, so this holds a few MiB at most.
+SELF_CONTAINED_CACHE_SIZE = 512
+SELF_CONTAINED_MAX_BLOCK = 2048
+# header list limit -> {block: (fields, insertions to replay, their total entry size)}
+_SELF_CONTAINED: dict[
+    int, dict[bytes, tuple[list[tuple[bytes, bytes]], tuple[tuple[bytes, bytes], ...], int]]
+] = {}
 
 
 class HeaderBlockDecoder:
@@ -148,7 +156,9 @@ class HeaderBlockDecoder:
       header changes once a second). Their fields do not depend on the table, and what
       they do to it is a fixed list of insertions: a hit replays those insertions
       (`_ObserverTable.add`, the same evictions and sizes as decoding would give) and
-      returns the fields. Kept across table changes.
+      returns the fields. Kept across table changes, and shared by all connections
+      (per header list limit, the only other input of their decoding): many clients of
+      one server receive the same response bytes within a second.
     - Blocks that refer to dynamic entries without changing the table (an all-indexed
       block: nghttp2's repeated requests): valid while the table is unchanged, so kept
       until any table change (insertion, reset).
@@ -166,10 +176,7 @@ class HeaderBlockDecoder:
         self._table = table
         self._cache: dict[bytes, tuple[list[tuple[bytes, bytes]], int]] = {}
         self._cache_generation = 0
-        # block -> (fields, insertions to replay, their total entry size)
-        self._self_contained: dict[
-            bytes, tuple[list[tuple[bytes, bytes]], tuple[tuple[bytes, bytes], ...], int]
-        ] = {}
+        self._self_contained = _SELF_CONTAINED.setdefault(max_header_list_size, {})
 
     def decode(self, block: bytes) -> tuple[list[tuple[bytes, bytes]] | None, int]:
         """-> (fields with known names as raw bytes pairs, count of unknown fields).
@@ -207,11 +214,12 @@ class HeaderBlockDecoder:
             table.added = None
         if table.dynamic_lookups == dynamic_before and table.size_updates == updates_before:
             # Self-contained (so no unknown field either): see the class docstring.
-            contained = self._self_contained
-            if len(contained) >= BLOCK_CACHE_SIZE:
-                contained.clear()
-            size = sum([32 + len(name) + len(value) for name, value in added])
-            contained[block] = (fields, tuple(added), size)
+            if len(block) <= SELF_CONTAINED_MAX_BLOCK:
+                contained = self._self_contained
+                if len(contained) >= SELF_CONTAINED_CACHE_SIZE:
+                    contained.clear()
+                size = sum([32 + len(name) + len(value) for name, value in added])
+                contained[block] = (fields, tuple(added), size)
             if added:
                 self._invalidate()
             return fields, 0
