@@ -1,14 +1,16 @@
-"""HPACK decoding for a passive observer, on top of the `hpack` library.
+"""HPACK decoding for a passive observer, on the `hpack` library's table.
 
 One `HeaderBlockDecoder` per connection direction (each direction has its own encoder
-and dynamic table). The `hpack` library (python-hyper) does the decoding: integers,
-Huffman, literals, the static table and the dynamic table's insertions and evictions.
+and dynamic table). The `hpack` library (python-hyper) gives the static table, the
+dynamic table's insertions and evictions (`HeaderTable`) and the errors; the block walk
+(`decode_block`: integers, literals) and the Huffman decoder (huffman.py) are ours, the
+same decoding as hpack's `Decoder` (tested against it) at a third of its cost.
 What an observer needs beyond a normal decoder, and how it gets it:
 
 - **An unknown dynamic table.** A connection seen mid-stream (or after bytes of a
-  header block were lost) has dynamic table entries we never saw inserted. `hpack`
-  cannot decode partially: an unknown index raises and the block is lost. So the
-  decoder's table is replaced by `_ObserverTable`, whose lookup answers an index it does
+  header block were lost) has dynamic table entries we never saw inserted. A normal
+  decoder cannot decode partially: an unknown index raises and the block is lost. So
+  the decoder's table is `_ObserverTable`, whose lookup answers an index it does
   not know with the `UNKNOWN` marker instead of raising. The block then decodes in full;
   fields whose name is `UNKNOWN` are dropped and counted, never guessed.
 
@@ -33,8 +35,15 @@ unknown from then on.
 
 from __future__ import annotations
 
-from hpack import Decoder, HPACKError
+from hpack import (
+    HPACKDecodingError,
+    HPACKError,
+    InvalidTableSizeError,
+    OversizedHeaderListError,
+)
 from hpack.table import HeaderTable
+
+from otel_ebpf.protocols.http2.huffman import decode_huffman
 
 # Marker for a header name or value we cannot know (NUL is never valid in a field name).
 UNKNOWN = b"\x00unknown"
@@ -130,6 +139,110 @@ class _ObserverTable(HeaderTable):
         self._current_size = 0
 
 
+# Table size updates are accepted up to this (what hpack's decoder was allowed: the
+# limit is between the peers, not ours to check; beyond 32 bits no SETTINGS can say it).
+_MAX_TABLE_SIZE_UPDATE = 1 << 32
+# Longest integer accepted, in bytes after the prefix (hpack's limit: enough for 32 bits).
+_VARINT_MAX_LENGTH = 5
+
+
+def _integer(data: bytes, pos: int, number: int) -> tuple[int, int]:
+    """An integer whose prefix was all ones (`number`): add the continuation bytes
+    from `pos` on (RFC 7541 5.1). -> (value, position after it)."""
+    shift = 0
+    count = 0
+    try:
+        while True:
+            byte = data[pos]
+            pos += 1
+            count += 1
+            number += (byte & 0x7F) << shift
+            if byte < 0x80:
+                return number, pos
+            shift += 7
+            if count >= _VARINT_MAX_LENGTH:
+                raise HPACKDecodingError("HPACK integer too long")
+    except IndexError:
+        raise HPACKDecodingError("Truncated HPACK integer") from None
+
+
+def _string(data: bytes, pos: int) -> tuple[bytes, int]:
+    """A string literal at `pos` (RFC 7541 5.2). -> (bytes, position after it)."""
+    try:
+        first = data[pos]
+    except IndexError:
+        raise HPACKDecodingError("Truncated header block") from None
+    length = first & 0x7F
+    pos += 1
+    if length == 0x7F:
+        length, pos = _integer(data, pos, length)
+    end = pos + length
+    if end > len(data):
+        raise HPACKDecodingError("Truncated header block")
+    if first & 0x80:
+        return decode_huffman(data[pos:end]), end
+    return data[pos:end], end
+
+
+def decode_block(data: bytes, table: _ObserverTable, max_list: int) -> list[tuple[bytes, bytes]]:
+    """The fields of one header block, in order, inserting into `table` as the block
+    says (RFC 7541 6). Raises an HPACKError where hpack's Decoder does: a truncated
+    block or integer, invalid Huffman, index 0, a table size update after a field, a
+    decoded list larger than `max_list` (32 + name + value per field, as hpack counts).
+
+    hpack's Decoder decoded the same, a field at a time through memoryview slices and
+    copies of the block's rest; this is the same walk without them (and without its
+    per-field debug logging), with the byte-at-a-time Huffman decoder of huffman.py."""
+    fields: list[tuple[bytes, bytes]] = []
+    append = fields.append
+    get_by_index = table.get_by_index
+    inflated = 0
+    pos = 0
+    end = len(data)
+    while pos < end:
+        first = data[pos]
+        pos += 1
+        if first & 0x80:  # indexed field (6.1)
+            index = first & 0x7F
+            if index == 0x7F:
+                index, pos = _integer(data, pos, index)
+            field = get_by_index(index)
+        elif first & 0x40 or not first & 0x20:
+            # literal with incremental indexing (6.2.1; 6-bit index), without indexing
+            # (6.2.2) or never indexed (6.2.3; 4-bit index)
+            if first & 0x40:
+                index = first & 0x3F
+                if index == 0x3F:
+                    index, pos = _integer(data, pos, index)
+            else:
+                index = first & 0x0F
+                if index == 0x0F:
+                    index, pos = _integer(data, pos, index)
+            if index:
+                name = get_by_index(index)[0]
+            else:
+                name, pos = _string(data, pos)
+            value, pos = _string(data, pos)
+            field = (name, value)
+            if first & 0x40:
+                table.add(name, value)
+        else:  # dynamic table size update (6.3): only before the first field
+            if fields:
+                raise HPACKDecodingError("Table size update not at the start of the block")
+            size = first & 0x1F
+            if size == 0x1F:
+                size, pos = _integer(data, pos, size)
+            if size > _MAX_TABLE_SIZE_UPDATE:
+                raise InvalidTableSizeError("Table size update beyond any SETTINGS value")
+            table.maxsize = size
+            continue
+        append(field)
+        inflated += 32 + len(field[0]) + len(field[1])
+        if inflated > max_list:
+            raise OversizedHeaderListError(f"A header list larger than {max_list}")
+    return fields
+
+
 # Table-dependent decoded blocks remembered per direction (see HeaderBlockDecoder).
 BLOCK_CACHE_SIZE = 32
 # Self-contained blocks remembered, shared by every connection (see HeaderBlockDecoder);
@@ -164,16 +277,11 @@ class HeaderBlockDecoder:
       until any table change (insertion, reset).
     """
 
-    __slots__ = ("_decoder", "_table", "_cache", "_cache_generation", "_self_contained")
+    __slots__ = ("_max_list", "_table", "_cache", "_cache_generation", "_self_contained")
 
     def __init__(self, max_header_list_size: int) -> None:
-        decoder = Decoder(max_header_list_size=max_header_list_size)
-        table = _ObserverTable()
-        decoder.header_table = table
-        # Accept any table size update: the limit is between the peers, not ours to check.
-        decoder.max_allowed_table_size = 1 << 32
-        self._decoder = decoder
-        self._table = table
+        self._max_list = max_header_list_size
+        self._table = _ObserverTable()
         self._cache: dict[bytes, tuple[list[tuple[bytes, bytes]], int]] = {}
         self._cache_generation = 0
         self._self_contained = _SELF_CONTAINED.setdefault(max_header_list_size, {})
@@ -203,11 +311,11 @@ class HeaderBlockDecoder:
         added: list[tuple[bytes, bytes]] = []
         table.added = added
         try:
-            fields = self._decoder.decode(block, raw=True)
+            fields = decode_block(block, table, self._max_list)
         except HPACKError:
             table.reset()
             return None, 0
-        except (IndexError, ValueError):  # defensive: a malformed block the library missed
+        except (IndexError, ValueError):  # defensive: a malformed block missed above
             table.reset()
             return None, 0
         finally:
