@@ -29,7 +29,9 @@
  * so bounded loops the verifier walks once per iteration: a word-at-a-time pass over
  * the head (SWAR: every check of the 8 bytes is arithmetic, a handful of branches per
  * word, so REQ_HEAD_MAX 4096 stays far from the verifier's 8192 pending-branch limit),
- * then one pass over the header lines with 24-byte case-insensitive name compares.
+ * then one pass over the header lines: a line whose first letter starts none of the
+ * names wanted is passed over, the others are compared (24 bytes, case-insensitive)
+ * with the names that start with that letter only.
  *
  * Compile-time flags: REQ_HEAD_MAX (events.h), RESP_HEAD_MAX, MAX_PENDING.
  */
