@@ -259,6 +259,16 @@ class FrameReader:
                     pos += 9
                     self.frame_ts = ts
                     self.frame_tid = tid
+                    length = hi << 16 | lo
+                    if (ftype <= HEADERS and pos + length <= n and not flags & PADDED
+                            and not self.in_block and sid & 0x7FFFFFFF
+                            and (length <= self.max_frame or not self.limit_frames)):
+                        # The whole frame is in this chunk (most are): handled here as
+                        # _frame and the states after it would, without going through them.
+                        pos = self._whole_frame(data, pos, length, ftype, flags,
+                                                sid & 0x7FFFFFFF, ts, tid)
+                        state = self.state
+                        continue
                 else:
                     if not hbuf:
                         self.hdr_ts = ts
@@ -440,6 +450,42 @@ class FrameReader:
             self._frame_done(ts)
 
     # -- frames -----------------------------------------------------------------------------
+
+    def _whole_frame(self, data: bytes, pos: int, length: int, ftype: int, flags: int,
+                     sid: int, ts: int, tid: int) -> int:
+        """An unpadded DATA or HEADERS frame on a stream, outside a header block, whose
+        payload is all in this chunk from `pos` on (checked by feed): the same calls and
+        end state as _frame and the DATA_BODY / BUFFER states give it. -> position after."""
+        self.ftype = ftype
+        self.flags = flags
+        self.sid = sid
+        self.remaining = 0
+        self.payload_lost = False
+        session = self.session
+        end = pos + length
+        if ftype == DATA:
+            self.pad = 0
+            if length:
+                session.on_data(self, sid, data, pos, end)
+            self.state = HEADER
+            session.on_data_end(self, sid, flags & END_STREAM, ts)
+            return end
+        if (not flags & END_HEADERS or flags & PRIORITY_FLAG or length > self.max_header):
+            # a header block that goes on in CONTINUATION frames, a priority field, or
+            # a block too large: the general path
+            self._frame(length, ftype, flags, sid, ts)
+            return pos
+        self.block = None
+        self.block_sid = sid
+        self.block_type = HEADERS
+        self.block_flags = flags
+        self.block_ts = ts
+        self.block_tid = tid
+        self.block_lost = False
+        self.state = HEADER
+        session.on_header_block(self, sid, HEADERS, flags & END_STREAM, data[pos:end], ts,
+                                tid, ts)
+        return end
 
     def _frame(self, length: int, ftype: int, flags: int, sid: int, ts: int) -> None:
         """A frame header was read (frame_ts/frame_tid: the chunk of its first byte)."""
