@@ -210,3 +210,15 @@ def test_repeated_heads_read_from_the_same_fields_give_each_stream_its_own_value
     ]
     assert [x.stream_id for x in out] == [1, 3, 5, 7, 9]
     assert all(x.user_agent == "ua/1" and x.method == "GET" for x in out)
+
+
+def test_only_small_self_contained_blocks_are_kept():
+    from otel_ebpf.protocols.http2 import hpack_decoder
+
+    ours = HeaderBlockDecoder(1_000_033)
+    many = indexed(2) * (hpack_decoder.SELF_CONTAINED_MAX_FIELDS + 1)
+    large = inserting(58, b"u" * hpack_decoder.SELF_CONTAINED_MAX_BLOCK, huffman=False)
+    for block in (many, large, many, large):
+        fields, unknown = ours.decode(block)
+        assert unknown == 0 and fields
+    assert not ours._self_contained

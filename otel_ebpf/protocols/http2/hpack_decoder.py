@@ -246,9 +246,12 @@ def decode_block(data: bytes, table: _ObserverTable, max_list: int) -> list[tupl
 # Table-dependent decoded blocks remembered per direction (see HeaderBlockDecoder).
 BLOCK_CACHE_SIZE = 32
 # Self-contained blocks remembered, shared by every connection (see HeaderBlockDecoder);
-# only blocks up to SELF_CONTAINED_MAX_BLOCK bytes, so this holds a few MiB at most.
+# only blocks up to SELF_CONTAINED_MAX_BLOCK bytes and SELF_CONTAINED_MAX_FIELDS fields
+# (an entry then holds at most ~15 KiB: the block, its decoded strings, 64 tuples), so
+# this holds under 8 MiB even for hostile blocks; real ones are a few hundred bytes.
 SELF_CONTAINED_CACHE_SIZE = 512
 SELF_CONTAINED_MAX_BLOCK = 2048
+SELF_CONTAINED_MAX_FIELDS = 64
 # header list limit -> {block: (fields, insertions to replay, their total entry size)}
 _SELF_CONTAINED: dict[
     int, dict[bytes, tuple[list[tuple[bytes, bytes]], tuple[tuple[bytes, bytes], ...], int]]
@@ -322,7 +325,8 @@ class HeaderBlockDecoder:
             table.added = None
         if table.dynamic_lookups == dynamic_before and table.size_updates == updates_before:
             # Self-contained (so no unknown field either): see the class docstring.
-            if len(block) <= SELF_CONTAINED_MAX_BLOCK:
+            if (len(block) <= SELF_CONTAINED_MAX_BLOCK
+                    and len(fields) <= SELF_CONTAINED_MAX_FIELDS):
                 contained = self._self_contained
                 if len(contained) >= SELF_CONTAINED_CACHE_SIZE:
                     contained.clear()
