@@ -87,10 +87,12 @@ class Agent:
         argv += extra_args or []
         # gRPC (HTTP/2) for our own export traffic: an HTTP/1 exporter would be traced
         # by the daemon itself when it runs host-wide (--scope host).
-        # Each run's own export spool: what one run could not send must not reach the
-        # next run's collector.
+        # Each daemon's own export spool (named after its unique health port): what one
+        # could not send by its exit must not reach a later one's collector first (the
+        # freshness section measured 13.9 s when it inherited the memory section's spool).
         self.env = {"PYTHONUNBUFFERED": "1",
-                    "OTEL_EBPF_EXPORT_SPOOL_DIRECTORY": str(workdir / (name + "-spool")),
+                    "OTEL_EBPF_EXPORT_SPOOL_DIRECTORY": str(
+                        workdir / ("%s-%d-spool" % (name, self.health_port))),
                     **(env or {})}
         if exporter == "otlp":
             if not endpoint:
