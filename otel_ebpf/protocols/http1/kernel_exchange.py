@@ -164,17 +164,13 @@ class KernelExchangeDecoder:
                 self._drop()
                 return
         if fields is None:
+            # Only when the connection's last head differs (its fields are kept below).
             head = buf[base:base + head_len]
-            fields = (
-                head[:method_len].decode("latin-1"),
-                head[target_off:target_off + target_len].decode("latin-1"),
-                head[host_off:host_off + host_len].decode("latin-1") if host_len else None,
-                head[ua_off:ua_off + ua_len].decode("latin-1") if ua_len else None,
-                head[tp_off:tp_off + tp_len].decode("latin-1") if tp_len else None,
-                head[ts_off:ts_off + ts_len].decode("latin-1") if ts_len else None,
-                captured_headers(head, head.find(b"\r\n"), self._capture)
-                if self._capture else (),
-            )
+            fields = (*_head_fields(head, method_len, target_off, target_len, host_off,
+                                    host_len, ua_off, ua_len, tp_off, tp_len, ts_off,
+                                    ts_len),
+                      captured_headers(head, head.find(b"\r\n"), self._capture)
+                      if self._capture else ())
             if head_len <= _MAX_KEPT_HEAD:
                 entry[6] = key
                 entry[7] = fields
