@@ -366,7 +366,7 @@ class Telemetry:
             self._pending_bytes = 0
             self._batch_since = None
         count = sum(len(b) for b in groups.values())
-        payload = _trace_request(
+        payload = enc.encode_trace_request(
             [(self._resource(pid), spans) for pid, spans in groups.items()])
         self._stats.add("telemetry.spans", count)
         self._sink.export_traces(payload, count)
@@ -469,27 +469,6 @@ class Telemetry:
         if fields:
             groups.append((self._daemon_resource, fields))
         return enc.encode_metrics_request(groups)
-
-
-_RESOURCE_SPANS_TAG = enc.tag(1, 2)  # ExportTraceServiceRequest.resource_spans(1)
-_SCOPE_SPANS_TAG = enc.tag(2, 2)  # ResourceSpans.scope_spans(2)
-
-
-def _trace_request(groups: list[tuple[bytes, list[bytes]]]) -> bytes:
-    """enc.encode_trace_request(groups), the same bytes, in one join: the lengths are
-    summed first, so the spans are copied once. Nesting them field by field copies a
-    whole batch (~230 KB for 512 spans) at each level, and each fresh block that size
-    is page-faulted in anew: ~330 us against ~45 us per batch, ~0.55 us per span."""
-    out = []
-    for resource_body, spans in groups:
-        resource = enc._ld(1, resource_body)  # ResourceSpans.resource(1)
-        scope_len = len(enc.SCOPE_FIELD) + sum(map(len, spans))
-        scope_head = _SCOPE_SPANS_TAG + enc.varint(scope_len)
-        out.append(b"".join((
-            _RESOURCE_SPANS_TAG, enc.varint(len(resource) + len(scope_head) + scope_len),
-            resource, scope_head, enc.SCOPE_FIELD)))
-        out += spans
-    return b"".join(out)
 
 
 def _gauge_names(stats) -> frozenset[str]:
